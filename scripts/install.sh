@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Installs Sparkles and its requirements into the active Python environment.
+# On a machine without a GPU the CPU-tested torch/torchvision pair is installed first;
+# GPU users install the torch build matching their CUDA before running this.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if ! "$PY" -c "import torch, torchvision" >/dev/null 2>&1; then
+  echo "[install] torch/torchvision not found: installing torch==2.14.1 torchvision==0.29.1"
+  "$PY" -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
+fi
+echo "[install] installing sparkles with its dev extra (pip install -e '.[dev]')"
+"$PY" -m pip install -q -e ".[dev]"

@@ -1,0 +1,1 @@
+"""Shared infrastructure: registry, configuration, paths, distributed helpers."""
