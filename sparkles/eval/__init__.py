@@ -1,0 +1,1 @@
+"""Evaluation: BISON, NLVR2 and the GPT-judged SparklesEval."""
