@@ -1,0 +1,174 @@
+"""Run configuration: OmegaConf YAML with ``model`` / ``datasets`` / ``run`` roots, strictly typed.
+
+Each registered model or dataset builder names a dataclass schema (``config_class``) that holds every
+default exactly once, plus an optional preset YAML (``default_config_path``) with the values of a named
+variant (``model_type``). Loading merges, in the upstream order: the run section, then for the model its
+schema → preset → the run file's ``model`` section, then for every dataset its schema → preset → the run
+file's entry, then ``--options key=value`` overrides. An unknown key, a wrong type or a missing required
+value is a :class:`ConfigError` naming the key and the file it came from.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .registry import DATASETS, MODELS
+
+ROOT_SECTIONS = ("model", "datasets", "run")
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key and where it came from."""
+
+
+@dataclass
+class RunConfig:
+    """The ``run`` section: optimisation, schedule, distributed and output settings."""
+
+    task: str = "image_text_pretrain"
+    runner: str = "runner_base"
+    lr_sched: str = "linear_warmup_cosine_lr"
+    init_lr: float = 3e-5
+    min_lr: float = 1e-5
+    warmup_lr: float = 1e-6
+    warmup_steps: int = 0
+    # Upstream measures the cosine from step 0, so the lr jumps down at the end of warmup.
+    cosine_after_warmup: bool = False
+    lr_decay_rate: Optional[float] = None
+    weight_decay: float = 0.05
+    beta2: float = 0.999
+    max_epoch: int = 1
+    iters_per_epoch: int = 100
+    batch_size_train: int = 1
+    batch_size_eval: int = 1
+    accum_grad_iters: int = 1
+    grad_clip: Optional[float] = None
+    num_workers: int = 0
+    seed: int = 42
+    output_dir: str = "outputs/run"
+    amp: bool = False
+    amp_dtype: str = "bfloat16"
+    resume_ckpt_path: Optional[str] = None
+    evaluate: bool = False
+    train_splits: list = field(default_factory=lambda: ["train"])
+    valid_splits: list = field(default_factory=list)
+    test_splits: list = field(default_factory=list)
+    device: str = "auto"
+    world_size: int = 1
+    dist_url: str = "env://"
+    distributed: bool = False
+    dist_backend: str = "auto"
+    use_dist_eval_sampler: bool = True
+    log_freq: int = 50
+    tensorboard: bool = True
+    max_length: int = 1024
+    skip_bad_records: bool = False
+    vision_feature_cache: bool = False
+
+
+def _load_yaml(path: str | os.PathLike) -> DictConfig:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        cfg = OmegaConf.load(p)
+    except Exception as exc:  # yaml syntax errors carry line numbers; keep them
+        raise ConfigError(f"{p}: cannot parse YAML: {exc}") from exc
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"{p}: the top level must be a mapping")
+    return cfg
+
+
+def _merge(base: DictConfig, other: Any, *, source: str, section: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, other)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or getattr(exc, "key", None) or "?"
+        msg = str(exc).splitlines()[0]
+        raise ConfigError(f"{source}: {section}.{key}: {msg}") from None
+
+
+def _structured(schema: type) -> DictConfig:
+    cfg = OmegaConf.structured(schema)
+    OmegaConf.set_struct(cfg, True)
+    return cfg
+
+
+def build_model_config(section: Any, *, source: str = "<model section>") -> DictConfig:
+    """Merge a model section over its schema and the preset of its ``model_type``."""
+    arch = section.get("arch") if section is not None else None
+    if not arch:
+        raise ConfigError(f"{source}: model.arch is required (known: {', '.join(MODELS.names())})")
+    try:
+        model_cls = MODELS.get(arch)
+    except KeyError as exc:
+        raise ConfigError(f"{source}: model.arch: {exc}") from None
+    cfg = _structured(model_cls.config_class)
+    model_type = section.get("model_type") or cfg.get("model_type")
+    preset = model_cls.default_config_path(model_type)
+    if preset is not None:
+        cfg = _merge(cfg, _load_yaml(preset), source=str(preset), section="model")
+    return _merge(cfg, section, source=source, section="model")
+
+
+def build_dataset_config(name: str, section: Any, *, source: str = "<datasets section>") -> DictConfig:
+    try:
+        builder = DATASETS.get(name)
+    except KeyError as exc:
+        raise ConfigError(f"{source}: datasets.{name}: {exc}") from None
+    cfg = _structured(builder.config_class)
+    preset = builder.default_config_path() if hasattr(builder, "default_config_path") else None
+    if preset is not None:
+        cfg = _merge(cfg, _load_yaml(preset), source=str(preset), section=f"datasets.{name}")
+    return _merge(cfg, section or {}, source=source, section=f"datasets.{name}")
+
+
+def parse_options(options: Sequence[str] | None) -> DictConfig:
+    """``["run.init_lr=1e-4", "model.freeze_vit=False"]`` → a config to merge last."""
+    options = list(options or [])
+    for opt in options:
+        if "=" not in opt:
+            raise ConfigError(f"--options: {opt!r} is not of the form key=value")
+    try:
+        return OmegaConf.from_dotlist(options)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"--options: {exc}") from None
+
+
+def load_config(cfg_path: str | os.PathLike, options: Sequence[str] | None = None) -> DictConfig:
+    """Load and validate a run config (``model``, ``datasets``, ``run``) with ``--options`` applied."""
+    source = str(cfg_path)
+    raw = _load_yaml(cfg_path)
+    unknown = [k for k in raw.keys() if k not in ROOT_SECTIONS]
+    if unknown:
+        raise ConfigError(f"{source}: unknown top-level key(s) {unknown}; expected {list(ROOT_SECTIONS)}")
+    run = _merge(_structured(RunConfig), raw.get("run") or {}, source=source, section="run")
+    model = build_model_config(raw.get("model"), source=source)
+    datasets = {}
+    for name, section in (raw.get("datasets") or {}).items():
+        datasets[name] = build_dataset_config(name, section, source=source)
+    cfg = OmegaConf.create({"model": model, "datasets": datasets, "run": run})
+    overrides = parse_options(options)
+    for key in overrides.keys():
+        if key not in ROOT_SECTIONS:
+            raise ConfigError(f"--options: unknown section {key!r}; expected one of {list(ROOT_SECTIONS)}")
+        if key == "datasets":
+            for name in overrides.datasets.keys():
+                if name not in datasets:
+                    raise ConfigError(f"--options: datasets.{name} is not a dataset of {source}")
+    cfg = _merge(cfg, overrides, source="--options", section="")
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"{source}: required value(s) missing: {', '.join(missing)}")
+    return cfg
+
+
+def to_container(cfg: DictConfig | ListConfig) -> Any:
+    """Plain dict/list (for JSON logs and checkpoints)."""
+    return OmegaConf.to_container(cfg, resolve=True)

@@ -1,0 +1,1 @@
+"""The conversation template, the single renderer for training and inference, and the chat engine."""

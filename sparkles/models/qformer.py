@@ -1,0 +1,31 @@
+"""The BLIP-2 Q-Former on ``transformers``' ``Blip2QFormerModel``, used on the query-only path.
+
+Learned query tokens self-attend, cross-attend to every vision token in every ``cross_attention_freq``-th
+layer (0, 2, 4, ...), and use the query feed-forward pair; no text enters, so the word/position embeddings,
+the text feed-forward and the LM head of the BLIP-2 checkpoint are not part of this module.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def build_qformer(*, hidden: int, layers: int, heads: int, intermediate: int, encoder_width: int,
+                  cross_attention_freq: int = 2) -> nn.Module:
+    from transformers import Blip2QFormerConfig, Blip2QFormerModel
+
+    config = Blip2QFormerConfig(
+        hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=intermediate,
+        encoder_hidden_size=encoder_width, cross_attention_frequency=cross_attention_freq, layer_norm_eps=1e-12,
+        hidden_act="gelu", vocab_size=1, max_position_embeddings=1, use_qformer_text_input=False,
+    )
+    config._attn_implementation = "sdpa"
+    return Blip2QFormerModel(config)
+
+
+def run_qformer(qformer: nn.Module, query_tokens: torch.Tensor, vision_tokens: torch.Tensor) -> torch.Tensor:
+    """Queries ``[1, nq, H]`` attending to ``vision_tokens [N, L, W]`` → ``[N, nq, H]``."""
+    queries = query_tokens.expand(vision_tokens.shape[0], -1, -1)
+    out = qformer(query_embeds=queries, encoder_hidden_states=vision_tokens)
+    return out.last_hidden_state

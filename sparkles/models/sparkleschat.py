@@ -1,0 +1,313 @@
+"""SparklesChat: EVA-ViT-g + Q-Former (frozen) → linear projection (trainable) → LLaMA/Vicuna (frozen).
+
+Images become ``num_query_token`` soft tokens each; they enter the decoder's input embeddings through
+``masked_scatter`` on a boolean image-slot mask produced by :mod:`sparkles.conversation.render`, so no
+image placeholder id ever goes through the embedding table. All images of a batch are encoded in one pass.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from omegaconf import MISSING
+from torch import nn
+
+from ..common.registry import MODELS
+from .qformer import build_qformer, run_qformer
+from .vision import VisionTower, build_eva_vit, ln_vision
+
+log = logging.getLogger(__name__)
+
+PRESET_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"
+IGNORE_INDEX = -100
+
+
+@dataclass
+class SparklesChatConfig:
+    """Every model default, once. Presets (``configs/models/sparkleschat_<model_type>.yaml``) override."""
+
+    arch: str = "sparkleschat"
+    model_type: str = "pretrain_vicuna"
+    # --- vision tower (EVA-ViT-g) ---
+    vit_model: str = "eva_clip_g"
+    vit_weights: str = ""  # eva_vit_g.pth; "" = random init
+    image_size: int = 224
+    vit_patch_size: int = 14
+    vit_width: int = 1408
+    vit_depth: int = 39
+    vit_heads: int = 16
+    vit_mlp_dim: int = 6144
+    drop_path_rate: float = 0.0
+    use_grad_checkpoint: bool = False
+    vit_precision: str = "fp16"  # applied on CUDA only; CPU runs float32
+    freeze_vit: bool = True
+    # --- Q-Former ---
+    q_former_model: str = ""  # blip2_pretrained_flant5xxl.pth; "" = random init
+    num_query_token: int = 32
+    qformer_hidden: int = 768
+    qformer_layers: int = 12
+    qformer_heads: int = 12
+    qformer_intermediate: int = 3072
+    qformer_cross_attention_freq: int = 2
+    freeze_qformer: bool = True
+    # --- decoder ---
+    llama_model: str = MISSING  # HF directory (Vicuna v0 for the paper)
+    tokenizer_path: str = ""  # defaults to llama_model
+    llm_from_scratch: bool = False  # build the decoder from the llm_* sizes instead of loading weights
+    llm_hidden: int = 256
+    llm_layers: int = 4
+    llm_heads: int = 4
+    llm_intermediate: int = 688
+    llm_max_positions: int = 2048
+    freeze_llm: bool = True
+    low_resource: bool = False  # 8-bit decoder through bitsandbytes (CUDA only)
+    device_8bit: int = 0
+    dtype: str = "auto"  # decoder dtype: auto | float32 | bfloat16 | float16
+    # --- weights of the projection (MiniGPT-4 / SparklesChat .pth) or of a whole trained model ---
+    ckpt: str = ""
+    # --- text (upstream keys; the single-image caption path reads them) ---
+    max_txt_len: int = 32
+    end_sym: str = "\n"
+    prompt: str = ""
+    prompt_path: str = ""
+    prompt_template: str = ""
+    # --- conversation layout (see sparkles.conversation.template) ---
+    system_text: Optional[str] = None  # None = the template's default system text
+    train_with_system: bool = False  # upstream trains without the system text and infers with it
+
+    @property
+    def image_embed_dim(self) -> int:
+        return self.qformer_hidden
+
+
+def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
+    device = torch.device(device)
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32  # CPUs of this class run half precision several times slower
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if name not in table:
+        raise ValueError(f"model.dtype: unknown dtype {name!r}; use auto, float32, bfloat16 or float16")
+    return table[name]
+
+
+@MODELS.register("sparkleschat")
+class SparklesChat(nn.Module):
+    """The multi-image chat model. Build it with :meth:`from_config` or directly from modules."""
+
+    config_class = SparklesChatConfig
+
+    @classmethod
+    def default_config_path(cls, model_type: str | None) -> Path | None:
+        if not model_type:
+            return None
+        path = PRESET_DIR / f"sparkleschat_{model_type}.yaml"
+        if not path.is_file():
+            known = sorted(p.stem.removeprefix("sparkleschat_") for p in PRESET_DIR.glob("sparkleschat_*.yaml"))
+            raise KeyError(f"unknown model_type {model_type!r} for arch sparkleschat; known: {', '.join(known)}")
+        return path
+
+    def __init__(self, cfg: SparklesChatConfig, llama_model: nn.Module) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.visual_encoder = VisionTower(build_eva_vit(
+            image_size=cfg.image_size, patch_size=cfg.vit_patch_size, width=cfg.vit_width, depth=cfg.vit_depth,
+            heads=cfg.vit_heads, mlp_dim=cfg.vit_mlp_dim, drop_path_rate=cfg.drop_path_rate,
+            grad_checkpointing=cfg.use_grad_checkpoint))
+        self.ln_vision = ln_vision(cfg.vit_width)
+        self.Qformer = build_qformer(
+            hidden=cfg.qformer_hidden, layers=cfg.qformer_layers, heads=cfg.qformer_heads,
+            intermediate=cfg.qformer_intermediate, encoder_width=cfg.vit_width,
+            cross_attention_freq=cfg.qformer_cross_attention_freq)
+        self.query_tokens = nn.Parameter(torch.zeros(1, cfg.num_query_token, cfg.qformer_hidden))
+        nn.init.normal_(self.query_tokens, std=0.02)
+        self.llama_model = llama_model
+        self.llama_proj = nn.Linear(cfg.qformer_hidden, llama_model.config.hidden_size)
+        self.tokenizer = None  # attached by from_config; not a module
+        self.apply_freezing()
+
+    # ------------------------------------------------------------------ construction helpers
+    @property
+    def num_query_token(self) -> int:
+        return self.cfg.num_query_token
+
+    @property
+    def device(self) -> torch.device:
+        return self.llama_proj.weight.device
+
+    def frozen_modules(self) -> list[nn.Module]:
+        mods: list[nn.Module] = []
+        if self.cfg.freeze_vit:
+            mods += [self.visual_encoder, self.ln_vision]
+        if self.cfg.freeze_qformer:
+            mods.append(self.Qformer)
+        if self.cfg.freeze_llm:
+            mods.append(self.llama_model)
+        return mods
+
+    def apply_freezing(self) -> None:
+        for mod in self.frozen_modules():
+            for p in mod.parameters():
+                p.requires_grad_(False)
+            mod.eval()
+        self.query_tokens.requires_grad_(not self.cfg.freeze_qformer)
+
+    def train(self, mode: bool = True) -> "SparklesChat":
+        super().train(mode)
+        for mod in self.frozen_modules():  # frozen towers stay in eval mode (dropout/drop-path off)
+            mod.eval()
+        return self
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Only the trainable parameters (``llama_proj.*`` for the paper recipe), upstream checkpoint layout."""
+        return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
+
+    # ------------------------------------------------------------------ images
+    def _autocast(self, device: torch.device):
+        if device.type == "cuda" and self.cfg.vit_precision in ("fp16", "bf16"):
+            dtype = torch.float16 if self.cfg.vit_precision == "fp16" else torch.bfloat16
+            return torch.autocast("cuda", dtype=dtype)
+        return contextlib.nullcontext()
+
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``[N, 3, H, W]`` → Q-Former outputs ``[N, nq, qformer_hidden]`` (before the projection)."""
+        pixels = pixels.to(self.device)
+        with self._autocast(pixels.device):
+            vis = self.visual_encoder(pixels.to(self.visual_encoder.vit.patch_embed.proj.weight.dtype))
+            vis = self.ln_vision(vis.float()).to(vis.dtype)  # upcast like LAVIS' fp16-safe LayerNorm
+        return run_qformer(self.Qformer, self.query_tokens, vis.float())
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        return self.llama_proj(features.to(self.llama_proj.weight.dtype))
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``[N, 3, H, W]`` → decoder-space image tokens ``[N, nq, llm_hidden]``, one pass for all N."""
+        if pixels.ndim != 4:
+            raise ValueError(f"encode_images expects [N, 3, H, W], got shape {tuple(pixels.shape)}")
+        return self.project(self.image_features(pixels))
+
+    # ------------------------------------------------------------------ text + images
+    def embed_inputs(self, input_ids: torch.Tensor, image_slot_mask: torch.Tensor,
+                     image_embeds: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings with every image slot replaced, in reading order, by the image tokens."""
+        embed = self.llama_model.get_input_embeddings()
+        inputs_embeds = embed(input_ids)
+        n_slots = int(image_slot_mask.sum())
+        n_given = 0 if image_embeds is None else image_embeds.shape[0] * image_embeds.shape[1]
+        if n_slots != n_given:
+            n_img = 0 if image_embeds is None else image_embeds.shape[0]
+            raise ValueError(f"image slots and images disagree: {n_slots} slot positions "
+                             f"({n_slots / self.num_query_token:g} images of {self.num_query_token} tokens) "
+                             f"but {n_img} image(s) given")
+        if n_slots:
+            mask = image_slot_mask.unsqueeze(-1).expand_as(inputs_embeds)
+            inputs_embeds = inputs_embeds.masked_scatter(mask, image_embeds.to(inputs_embeds.dtype))
+        return inputs_embeds
+
+    def forward(self, *, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_slot_mask: torch.Tensor,
+                images: torch.Tensor | None = None, image_embeds: torch.Tensor | None = None,
+                image_features: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> dict:
+        """Training/scoring forward. Give ``images`` (pixels), cached ``image_features`` or ``image_embeds``.
+
+        Returns ``{"loss", "logits", "num_target_tokens"}``; the loss is the mean next-token cross-entropy
+        over positions whose label is not -100, computed in float32.
+        """
+        if image_embeds is None:
+            if image_features is not None:
+                image_embeds = self.project(image_features.to(self.device))
+            elif images is not None and images.numel():
+                image_embeds = self.encode_images(images)
+        inputs_embeds = self.embed_inputs(input_ids.to(self.device), image_slot_mask.to(self.device), image_embeds)
+        out = self.llama_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask.to(self.device),
+                               use_cache=False)
+        logits = out.logits
+        result = {"logits": logits}
+        if labels is not None:
+            labels = labels.to(logits.device)
+            shift_logits = logits[:, :-1].float()
+            shift_labels = labels[:, 1:]
+            n = int((shift_labels != IGNORE_INDEX).sum())
+            if n == 0:
+                raise ValueError("no target tokens in this batch (every label is -100)")
+            loss = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
+                                   ignore_index=IGNORE_INDEX)
+            result["loss"] = loss
+            result["num_target_tokens"] = n
+        return result
+
+    # ------------------------------------------------------------------ building from config
+    @classmethod
+    def from_config(cls, cfg, *, root: str | os.PathLike | None = None, device: str | torch.device = "cpu",
+                    load_tokenizer: bool = True, verbose: bool = True) -> "SparklesChat":
+        """Build from a model config (dict, OmegaConf or dataclass), loading every configured weight file."""
+        from omegaconf import OmegaConf
+
+        from ..common.paths import resolve_path
+        from . import loaders
+
+        if not isinstance(cfg, SparklesChatConfig):
+            cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SparklesChatConfig), cfg))
+        device = torch.device(device)
+        if cfg.low_resource and device.type != "cuda":
+            raise ValueError("model.low_resource=True loads the decoder in 8-bit with bitsandbytes, which needs a "
+                             "CUDA device; set model.low_resource=False to run on CPU")
+
+        def path_of(value: str, what: str) -> Path:
+            return resolve_path(value, root, what=what)
+
+        llm_dir = path_of(cfg.llama_model, "model.llama_model (decoder directory)") if cfg.llama_model else None
+        tokenizer = None
+        if load_tokenizer:
+            from .tokenizer import load_tokenizer as _load_tok
+
+            tok_dir = path_of(cfg.tokenizer_path, "model.tokenizer_path") if cfg.tokenizer_path else llm_dir
+            tokenizer = _load_tok(tok_dir)
+        llm_dtype = resolve_dtype(cfg.dtype, device)
+        if cfg.llm_from_scratch:
+            llama = loaders.build_llama_from_sizes(cfg, vocab_size=len(tokenizer) if tokenizer is not None else None,
+                                                   llm_dir=llm_dir)
+        else:
+            llama = loaders.load_llama(llm_dir, dtype=llm_dtype, low_resource=cfg.low_resource,
+                                       device_8bit=cfg.device_8bit)
+        model = cls(cfg, llama)
+        reports = []
+        if cfg.vit_weights:
+            reports.append(loaders.load_eva_vit(model, path_of(cfg.vit_weights, "model.vit_weights")))
+        if cfg.q_former_model:
+            reports.append(loaders.load_blip2(model, path_of(cfg.q_former_model, "model.q_former_model")))
+        if cfg.ckpt:
+            reports.append(loaders.load_sparkles_checkpoint(model, path_of(cfg.ckpt, "model.ckpt")))
+        if verbose:
+            for report in reports:
+                log.info("%s", report.summary())
+        model.tokenizer = tokenizer
+        model.load_reports = reports
+        return model.place(device)
+
+    def place(self, device: str | torch.device) -> "SparklesChat":
+        """Move to ``device``; on CUDA cast the ViT to ``vit_precision`` and the decoder to ``dtype``."""
+        device = torch.device(device)
+        if self.cfg.low_resource:  # 8-bit decoder already sits on its device; move the rest
+            for name, mod in self.named_children():
+                if name != "llama_model":
+                    mod.to(device)
+            self.query_tokens.data = self.query_tokens.data.to(device)
+            return self
+        self.to(device)
+        if device.type == "cuda":
+            if self.cfg.vit_precision in ("fp16", "bf16"):
+                vit_dtype = torch.float16 if self.cfg.vit_precision == "fp16" else torch.bfloat16
+                for mod in self.visual_encoder.modules():
+                    if isinstance(mod, (nn.Linear, nn.Conv2d)):
+                        mod.to(vit_dtype)
+            self.llama_model.to(resolve_dtype(self.cfg.dtype, device))
+        return self
