@@ -31,6 +31,9 @@ class ConfigError(ValueError):
 class RunConfig:
     """The ``run`` section: optimisation, schedule, distributed and output settings."""
 
+    # Default Sparkles root for this config (relative to the working directory); --sparkles_root and
+    # $SPARKLES_ROOT take precedence. Lets the tiny configs work without any flag.
+    sparkles_root: Optional[str] = None
     task: str = "image_text_pretrain"
     runner: str = "runner_base"
     lr_sched: str = "linear_warmup_cosine_lr"
@@ -167,6 +170,16 @@ def load_config(cfg_path: str | os.PathLike, options: Sequence[str] | None = Non
     if missing:
         raise ConfigError(f"{source}: required value(s) missing: {', '.join(missing)}")
     return cfg
+
+
+def resolve_config_root(cfg: DictConfig, cli_root: str | os.PathLike | None = None) -> Path:
+    """The Sparkles root for a loaded config: the CLI value, else ``$SPARKLES_ROOT``, else ``run.sparkles_root``."""
+    from .paths import ENV_VAR, MissingPathError
+
+    for value in (cli_root, os.environ.get(ENV_VAR), cfg.run.get("sparkles_root")):
+        if value:
+            return Path(value).expanduser()
+    raise MissingPathError(f"no Sparkles root: pass --sparkles_root DIR, set {ENV_VAR}, or set run.sparkles_root")
 
 
 def to_container(cfg: DictConfig | ListConfig) -> Any:
