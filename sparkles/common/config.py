@@ -113,8 +113,12 @@ def build_model_config(section: Any, *, source: str = "<model section>") -> Dict
     except KeyError as exc:
         raise ConfigError(f"{source}: model.arch: {exc}") from None
     cfg = _structured(model_cls.config_class)
-    model_type = section.get("model_type") or cfg.get("model_type")
-    preset = model_cls.default_config_path(model_type)
+    # An explicit empty model_type means "no preset": every value comes from the schema and the file.
+    model_type = section.get("model_type") if "model_type" in section else cfg.get("model_type")
+    try:
+        preset = model_cls.default_config_path(model_type)
+    except KeyError as exc:
+        raise ConfigError(f"{source}: model.model_type: {exc.args[0]}") from None
     if preset is not None:
         cfg = _merge(cfg, _load_yaml(preset), source=str(preset), section="model")
     return _merge(cfg, section, source=source, section="model")

@@ -1,0 +1,141 @@
+"""SparklesChat forward/backward, freezing, the image splice, and the chat engine's generation paths."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sparkles.conversation.chat import Chat, ChatError, generate_batch
+from sparkles.conversation.render import Message, Renderer, collate
+from sparkles.conversation.template import TRAIN_LAYOUT
+from sparkles.models.tiny import build_tiny_model
+
+
+def _images(n, size=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(3, size, size, generator=g) for _ in range(n)]
+
+
+def test_frozen_parts_get_no_gradient_and_stay_in_eval_mode(tmp_path):
+    model = build_tiny_model(tmp_path, freeze_vit=True, freeze_qformer=True, freeze_llm=True)
+    model.train()
+    assert not model.visual_encoder.training and not model.Qformer.training and not model.llama_model.training
+    assert sorted(model.trainable_state_dict()) == ["llama_proj.bias", "llama_proj.weight"]
+    renderer = Renderer(model.tokenizer, model.num_query_token)
+    r = renderer.render([Message("user", "See IMAGE#1<Img><ImageHere></Img>.")], TRAIN_LAYOUT, target="a red circle")
+    batch = collate([r], pad_id=renderer.pad_id)
+    out = model(**batch, images=torch.stack(_images(1)))
+    out["loss"].backward()
+    assert model.llama_proj.weight.grad is not None and model.llama_proj.weight.grad.abs().sum() > 0
+    for name, p in model.named_parameters():
+        if not name.startswith("llama_proj."):
+            assert p.grad is None, name
+
+
+def test_batch_images_encoded_in_one_pass_match_one_by_one(tiny_model):
+    imgs = torch.stack(_images(3))
+    with torch.no_grad():
+        together = tiny_model.encode_images(imgs)
+        alone = torch.cat([tiny_model.encode_images(imgs[i:i + 1]) for i in range(3)])
+    assert together.shape == (3, tiny_model.num_query_token, tiny_model.llama_model.config.hidden_size)
+    assert torch.allclose(together, alone, atol=1e-5)
+
+
+def test_slot_and_image_count_mismatch_is_an_error(tiny_model):
+    renderer = Renderer(tiny_model.tokenizer, tiny_model.num_query_token)
+    r = renderer.render([Message("user", "IMAGE#1<Img><ImageHere></Img> and IMAGE#2<Img><ImageHere></Img>")],
+                        TRAIN_LAYOUT, target="x")
+    batch = collate([r], pad_id=renderer.pad_id)
+    with pytest.raises(ValueError, match="2 images of .* but 1 image"):
+        tiny_model(**batch, images=torch.stack(_images(1)))
+
+
+def test_image_content_changes_the_loss(tiny_model):
+    renderer = Renderer(tiny_model.tokenizer, tiny_model.num_query_token)
+    r = renderer.render([Message("user", "IMAGE#1<Img><ImageHere></Img>")], TRAIN_LAYOUT, target="two red circles")
+    batch = collate([r], pad_id=renderer.pad_id)
+    with torch.no_grad():
+        a = tiny_model(**batch, images=torch.stack(_images(1, seed=1)))["loss"]
+        b = tiny_model(**batch, images=torch.stack(_images(1, seed=2)))["loss"]
+    assert abs(float(a) - float(b)) > 1e-4
+
+
+@pytest.fixture(scope="module")
+def chat(tiny_model):
+    return Chat(tiny_model)
+
+
+def _dialogue(chat, imgs, *, reuse: bool, turns: int = 3):
+    s = chat.session()
+    answers = []
+    questions = ["Compare IMAGE#1✨ with IMAGE#2⭐.", "And IMAGE#3✨ next to IMAGE#1?", "Which is larger?"]
+    for t in range(turns):
+        if t == 0:
+            s.add_image(imgs[0]), s.add_image(imgs[1])
+        if t == 1:
+            s.add_image(imgs[2])
+        s.ask(questions[t])
+        if not reuse:
+            s._state = None  # force a full re-prefill of the whole history
+        answers.append(s.answer(max_new_tokens=10))
+    return answers, s.stats
+
+
+def test_kv_cache_reuse_across_turns_equals_full_reprefill(chat):
+    imgs = _images(3)
+    reused, stats = _dialogue(chat, imgs, reuse=True)
+    full, full_stats = _dialogue(chat, imgs, reuse=False)
+    assert reused == full
+    assert len(set(reused)) > 1  # the answers differ between turns: the comparison is not vacuous
+    assert stats["reused_tokens"] > 0
+    assert stats["prefill_tokens"] < full_stats["prefill_tokens"]
+
+
+def test_batched_generation_equals_one_by_one(chat):
+    imgs = _images(4, seed=3)
+    prompts = [("Describe IMAGE#1✨.", imgs[:1]), ("Compare IMAGE#1✨ and IMAGE#2✨ in detail please.", imgs[1:3]),
+               ("What about IMAGE#1⭐?", imgs[3:4])]
+    batched = generate_batch(chat, prompts, max_new_tokens=8)
+    single = [generate_batch(chat, [p], max_new_tokens=8)[0] for p in prompts]
+    assert batched == single
+    assert len(set(batched)) > 1
+
+
+def test_streaming_yields_growing_text_and_stores_the_answer(chat):
+    s = chat.session()
+    s.add_image(_images(1)[0])
+    s.ask("What is in IMAGE#1✨?")
+    chunks = list(s.stream(max_new_tokens=6))
+    assert 1 <= len(chunks) <= 6
+    assert chunks[-1] == s.messages[-1].content
+    assert all(chunks[i + 1].startswith(chunks[i].rstrip()) or not chunks[i].strip() for i in range(len(chunks) - 1))
+
+
+def test_slot_mismatch_in_chat_is_explained(chat):
+    s = chat.session()
+    s.add_image(_images(1)[0])
+    s.ask("Compare ✨ with ⭐")
+    with pytest.raises(ChatError, match="2 image slot"):
+        s.answer(max_new_tokens=2)
+
+
+def test_context_overflow_drops_old_turns_with_a_warning(chat):
+    s = chat.session()
+    s.add_image(_images(1)[0])
+    s.ask("Look at IMAGE#1✨ " + "and tell me more " * 20)
+    s.answer(max_new_tokens=4)
+    s.ask("short follow-up")
+    s.answer(max_new_tokens=4, max_length=80)
+    assert s.last_warning and "oldest 1 turn" in s.last_warning
+
+
+def test_sampling_is_reproducible_with_a_seed(chat):
+    prompts = [("Describe IMAGE#1✨.", _images(1))]
+    a = generate_batch(chat, prompts, max_new_tokens=8, do_sample=True, temperature=1.5, top_p=0.95, seed=7)
+    b = generate_batch(chat, prompts, max_new_tokens=8, do_sample=True, temperature=1.5, top_p=0.95, seed=7)
+    assert a == b
+
+
+def test_beam_search_runs_through_transformers(chat):
+    out = generate_batch(chat, [("Describe IMAGE#1✨.", _images(1))], max_new_tokens=5, num_beams=2)
+    assert isinstance(out[0], str)
