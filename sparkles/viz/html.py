@@ -1,0 +1,431 @@
+"""Self-contained HTML pages for SparklesDialogue, SparklesEval results and BISON/NLVR2 results.
+
+Pages carry their CSS and JavaScript inline (no CDN), escape every piece of text that comes from data
+(captions, prompts and GPT replies routinely contain ``<Img>`` markers and may contain anything else), give
+every element a unique id, and load images lazily so a 4,521-dialogue file stays usable; the ``write_*``
+helpers also split long files into pages. A Content-Security-Policy admits only the page's own script (by
+hash), so even a text that slipped past escaping could not run.
+
+Library API (the evaluation merge step writes ``.html`` next to merged results with these):
+
+``render_dialogue_page(items, image_url_fn=None, *, title="SparklesDialogue", model_name=None,
+                       summary=None, start_index=0, pages=None) -> str``
+    ``items``: SparklesDialogue records (UPSTREAM_FACTS §12.1) or SparklesEval annotation/result records
+    (§12.4/§12.5, judge entries such as ``"gpt-4": {"A1_C123_scores": [...], ...}`` are shown).
+    ``image_url_fn(image_id: str) -> str`` maps an image id to the URL written into the page; default
+    ``relative_image_url()`` = ``../images/<image_id>.jpg``. ``summary``: extra ``{label: value}`` rows for
+    the page header (per-judge means are added automatically). ``start_index``/``pages``: used by the
+    writer for pagination.
+
+``render_choice_results_page(items, accuracy=None, *, image_url_fn=None, title="Results",
+                             model_name=None, summary=None, start_index=0, pages=None) -> str``
+    ``items``: BISON/NLVR2 result records (§12.6: label, predict, prompt, response, sentence, img_paths,
+    evaluation_id). ``accuracy`` defaults to ``choice_accuracy(items)`` (all items, not just this page).
+    ``image_url_fn(img_path: str) -> str``; default ``relative_path_url()`` = ``../images/<file name>``.
+
+``write_dialogue_page(items, path, *, image_url_fn=None, relative_dir="../images", page_size=500, **kw)``
+``write_choice_results_page(items, path, accuracy=None, *, image_url_fn=None, relative_dir="../images",
+                            page_size=500, **kw)``
+    Write ``path`` (and ``<stem>_page<k>.html`` beside it when there are more than ``page_size`` items,
+    linked from each other); return the written paths. Writes are atomic (temp file + rename).
+
+``relative_image_url(relative_dir="../images", ext=".jpg")``, ``relative_path_url(relative_dir="../images")``,
+``choice_accuracy(items) -> float``, ``judge_summary(items) -> dict`` are public helpers.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import math
+import os
+import re
+import tempfile
+import urllib.parse
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path, PurePath
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+from sparkles.conversation.template import IMAGE_MARKER as SLOT
+
+CAPTION_PREVIEW_CHARS = 100
+DEFAULT_PAGE_SIZE = 500
+JUDGE_KEYS = ("A1_C123_scores", "A2_C123_scores")
+
+__all__ = [
+    "render_dialogue_page", "render_choice_results_page", "write_dialogue_page", "write_choice_results_page",
+    "relative_image_url", "relative_path_url", "choice_accuracy", "judge_summary", "page_paths",
+]
+
+
+# --------------------------------------------------------------------------------------------------------
+# URL helpers
+# --------------------------------------------------------------------------------------------------------
+def relative_image_url(relative_dir: str = "../images", ext: str = ".jpg") -> Callable[[str], str]:
+    """URL maker for dialogue images: ``<relative_dir>/<image_id><ext>`` (the id is percent-encoded)."""
+    base = relative_dir.rstrip("/")
+
+    def url(image_id: str) -> str:
+        name = urllib.parse.quote(f"{image_id}{ext}")
+        return f"{base}/{name}" if base else name
+
+    return url
+
+
+def relative_path_url(relative_dir: str = "../images") -> Callable[[str], str]:
+    """URL maker for result files whose ``img_paths`` are absolute paths on the machine that ran evaluation."""
+    base = relative_dir.rstrip("/")
+
+    def url(img_path: str) -> str:
+        # Result files record paths of the evaluation machine; only the file name is portable.
+        name = urllib.parse.quote(PurePath(str(img_path).replace("\\", "/")).name)
+        return f"{base}/{name}" if base else name
+
+    return url
+
+
+# --------------------------------------------------------------------------------------------------------
+# Text → segments (the templates render each kind; all escaping happens in Jinja's autoescape)
+# --------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Segment:
+    kind: str  # "text" | "slot" (inline thumbnail) | "orphan" (marker without an image) | "mention"
+    text: str
+    url: str | None = None
+    image_id: str | None = None
+
+
+def _mention_pattern(image_ids: Iterable[str]) -> re.Pattern[str] | None:
+    ids = sorted({str(i) for i in image_ids if str(i)}, key=len, reverse=True)
+    if not ids:
+        return None
+    alternatives = "|".join(re.escape(i) for i in ids)
+    # The look-ahead makes matches whole-id: "#14" must not light up inside "#1417".
+    return re.compile(r"(?:IMAGE\s?)?#(?P<id>" + alternatives + r")(?![0-9A-Za-z_])", re.IGNORECASE)
+
+
+def split_text(text: str, slot_images: Sequence[tuple[str, str]], mention_urls: Mapping[str, str]) -> list[Segment]:
+    """Split ``text`` into plain text, slot thumbnails (k-th marker ↔ ``slot_images[k]``) and id mentions.
+
+    ``slot_images`` holds ``(image_id, url)`` pairs in order; ``mention_urls`` maps an id to its URL (ids are
+    matched case-insensitively, whole ids only).
+    """
+    mention_re = _mention_pattern(mention_urls)
+    lower_urls = {k.lower(): (k, v) for k, v in mention_urls.items()}
+    segments: list[Segment] = []
+    slot_index = 0
+
+    def add_text(chunk: str) -> None:
+        if not chunk:
+            return
+        if mention_re is None:
+            segments.append(Segment("text", chunk))
+            return
+        pos = 0
+        for m in mention_re.finditer(chunk):
+            if m.start() > pos:
+                segments.append(Segment("text", chunk[pos:m.start()]))
+            image_id, url = lower_urls[m.group("id").lower()]
+            segments.append(Segment("mention", m.group(0), url=url, image_id=image_id))
+            pos = m.end()
+        if pos < len(chunk):
+            segments.append(Segment("text", chunk[pos:]))
+
+    parts = text.split(SLOT)
+    for k, part in enumerate(parts):
+        add_text(part)
+        if k == len(parts) - 1:
+            break
+        if slot_index < len(slot_images):
+            image_id, url = slot_images[slot_index]
+            segments.append(Segment("slot", SLOT, url=url, image_id=image_id))
+        else:
+            # More markers than images: show the marker itself so the mismatch is visible, not hidden.
+            segments.append(Segment("orphan", SLOT))
+        slot_index += 1
+    return segments
+
+
+# --------------------------------------------------------------------------------------------------------
+# Item preparation
+# --------------------------------------------------------------------------------------------------------
+def _fmt_score(value: Any) -> str:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return f"{float(value):g}"
+    return str(value)
+
+
+def _judge_entries(item: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
+    return [(k, v) for k, v in item.items()
+            if isinstance(v, Mapping) and any(key in v for key in JUDGE_KEYS)]
+
+
+def _short(text: str, limit: int = CAPTION_PREVIEW_CHARS) -> tuple[str, bool]:
+    if len(text) <= limit:
+        return text, False
+    return text[:limit] + "...", True
+
+
+def _prepare_dialogue(index: int, item: Any, image_url_fn: Callable[[str], str]) -> dict[str, Any]:
+    if not isinstance(item, Mapping) or not isinstance(item.get("dialogue"), list):
+        raise ValueError(f"record {index}: expected an object with a 'dialogue' list")
+    images: list[dict[str, Any]] = []
+    seen: dict[str, str] = {}
+    messages = []
+    # First pass: every image of the dialogue, so a turn-2 mention of a turn-1 image still links.
+    for j, msg in enumerate(item["dialogue"]):
+        if not isinstance(msg, Mapping):
+            raise ValueError(f"record {index}: message {j} is not an object")
+        msg_images = msg.get("images") or []
+        if not isinstance(msg_images, list):
+            raise ValueError(f"record {index}: message {j}: field 'images' is not a list")
+        for k, img in enumerate(msg_images):
+            if not isinstance(img, Mapping) or "image_id" not in img:
+                raise ValueError(f"record {index}: message {j}: images[{k}] has no 'image_id'")
+            image_id = str(img["image_id"])
+            url = image_url_fn(image_id)
+            caption = "" if img.get("caption") is None else str(img.get("caption"))
+            short, truncated = _short(caption)
+            images.append({"id": image_id, "url": url, "caption": caption, "short": short,
+                           "truncated": truncated, "message": j})
+            seen.setdefault(image_id, url)
+    for j, msg in enumerate(item["dialogue"]):
+        for field in ("role", "content"):
+            if field not in msg:
+                raise ValueError(f"record {index}: message {j} has no '{field}'")
+        slot_images = [(str(img["image_id"]), image_url_fn(str(img["image_id"])))
+                       for img in (msg.get("images") or [])]
+        role = str(msg["role"])
+        messages.append({"role": role, "is_user": role.lower() in ("user", "human"),
+                         "segments": split_text(str(msg["content"]), slot_images, seen)})
+    judges = []
+    for name, entry in _judge_entries(item):
+        turns = []
+        for turn, key in ((1, "A1_C123_scores"), (2, "A2_C123_scores")):
+            scores = entry.get(key)
+            if isinstance(scores, (list, tuple)) and scores:
+                labels = [f"A{turn}"] + [f"C{c}" for c in range(1, len(scores))]
+                turns.append({"turn": turn, "scores": [(lab, _fmt_score(s)) for lab, s in zip(labels, scores)]})
+        response = "" if entry.get("response") is None else str(entry.get("response"))
+        short, truncated = _short(response)
+        judges.append({"name": str(name), "turns": turns, "response": response, "short": short,
+                       "truncated": truncated})
+    return {"index": index, "evaluation_id": item.get("evaluation_id"), "images": images,
+            "messages": messages, "judges": judges}
+
+
+def _is_correct(item: Mapping[str, Any]) -> bool:
+    predict, label = item.get("predict"), item.get("label")
+    if predict is None or label is None:
+        return False
+    return str(predict).strip().lower() == str(label).strip().lower()
+
+
+def choice_accuracy(items: Sequence[Mapping[str, Any]]) -> float:
+    """Share of items whose ``predict`` equals ``label`` (case-insensitive); 0.0 for no items."""
+    return sum(_is_correct(it) for it in items) / len(items) if items else 0.0
+
+
+def _prepare_choice(index: int, item: Any, image_url_fn: Callable[[str], str]) -> dict[str, Any]:
+    if not isinstance(item, Mapping):
+        raise ValueError(f"record {index}: expected an object")
+    paths = item.get("img_paths") or []
+    if not isinstance(paths, list):
+        raise ValueError(f"record {index}: field 'img_paths' is not a list")
+    urls = [image_url_fn(str(p)) for p in paths]
+    # In the prompts, IMAGE#1 / IMAGE#2 name positions, so mentions map to the k-th image.
+    mention_urls = {str(k + 1): u for k, u in enumerate(urls)}
+    slot_images = [(str(k + 1), u) for k, u in enumerate(urls)]
+    def text(field: str) -> str:
+        value = item.get(field)
+        return "" if value is None else str(value)
+    return {
+        "index": index, "evaluation_id": item.get("evaluation_id"), "correct": _is_correct(item),
+        "sentence": text("sentence"), "label": text("label"),
+        "predict": "(none)" if item.get("predict") is None else text("predict"),
+        "prompt": split_text(text("prompt"), slot_images, mention_urls),
+        "response": split_text(text("response"), [], mention_urls),
+        "images": [{"url": u, "name": PurePath(str(p).replace("\\", "/")).name, "position": k + 1}
+                   for k, (p, u) in enumerate(zip(paths, urls))],
+    }
+
+
+def judge_summary(items: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per judge model: item count, mean A1/A2 vectors and A1, A2, overall as in UPSTREAM_FACTS §11.5.
+
+    A turn's score is the mean of its C1–C3 means (the judge's own overall is shown, not used), and overall
+    is the mean of the two turns. Display only: the evaluation merge step owns the reported number.
+    """
+    vectors: dict[str, dict[str, list[list[float]]]] = {}
+    for item in items:
+        for name, entry in _judge_entries(item):
+            per = vectors.setdefault(str(name), {k: [] for k in JUDGE_KEYS})
+            for key in JUDGE_KEYS:
+                scores = entry.get(key)
+                if isinstance(scores, (list, tuple)) and len(scores) == 4:
+                    per[key].append([float(s) for s in scores])
+    out: dict[str, dict[str, Any]] = {}
+    for name, per in vectors.items():
+        row: dict[str, Any] = {"n": max(len(per[k]) for k in JUDGE_KEYS)}
+        turn_scores = []
+        for key, label in zip(JUDGE_KEYS, ("A1", "A2")):
+            rows = per[key]
+            if not rows:
+                continue
+            mean = [sum(col) / len(rows) for col in zip(*rows)]
+            row[f"{label}_vector"] = mean
+            row[label] = sum(mean[1:]) / 3
+            turn_scores.append(row[label])
+        if len(turn_scores) == 2:
+            row["overall"] = sum(turn_scores) / 2
+        out[name] = row
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------
+# Jinja environment and page assembly
+# --------------------------------------------------------------------------------------------------------
+@lru_cache(maxsize=1)
+def _env():
+    import jinja2  # lazily: importing sparkles.viz must stay cheap
+
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(Path(__file__).parent / "templates")),
+        autoescape=True,  # every {{ }} is escaped; no template uses |safe on data
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+
+
+@lru_cache(maxsize=1)
+def _assets() -> tuple[str, str, str]:
+    """(css, js, CSP hash of js). The script is static, so hashing it once pins the only code that may run."""
+    env = _env()
+    css = env.get_template("_style.html.j2").render()
+    js = env.get_template("_script.html.j2").render()
+    digest = base64.b64encode(hashlib.sha256(js.encode("utf-8")).digest()).decode("ascii")
+    return css, js, f"sha256-{digest}"
+
+
+def _render(template: str, **context: Any) -> str:
+    import markupsafe
+
+    css, js, js_hash = _assets()
+    return _env().get_template(template).render(
+        css=markupsafe.Markup(css), js=markupsafe.Markup(js), js_hash=js_hash, **context)
+
+
+def _summary_rows(summary: Mapping[str, Any] | None) -> list[tuple[str, str]]:
+    if not summary:
+        return []
+    return [(str(k), _fmt_score(v) if isinstance(v, float) else str(v)) for k, v in summary.items()]
+
+
+def _judge_rows(items: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for name, row in judge_summary(items).items():
+        def vec(key: str) -> str:
+            return ", ".join(f"{v:.2f}" for v in row[key]) if key in row else "–"
+        rows.append({"name": name, "n": row["n"], "A1_vector": vec("A1_vector"), "A2_vector": vec("A2_vector"),
+                     "A1": f"{row['A1']:.2f}" if "A1" in row else "–",
+                     "A2": f"{row['A2']:.2f}" if "A2" in row else "–",
+                     "overall": f"{row['overall']:.2f}" if "overall" in row else "–"})
+    return rows
+
+
+def render_dialogue_page(items: Sequence[Mapping[str, Any]], image_url_fn: Callable[[str], str] | None = None, *,
+                         title: str = "SparklesDialogue", model_name: str | None = None,
+                         summary: Mapping[str, Any] | None = None, start_index: int = 0,
+                         pages: Sequence[Mapping[str, Any]] | None = None,
+                         judge_rows: Sequence[Mapping[str, Any]] | None = None) -> str:
+    """One HTML page of dialogues (see the module docstring)."""
+    url_fn = image_url_fn or relative_image_url()
+    dialogues = [_prepare_dialogue(start_index + i, it, url_fn) for i, it in enumerate(items)]
+    return _render("dialogue.html.j2", title=title, model_name=model_name, dialogues=dialogues,
+                   summary=_summary_rows(summary), pages=list(pages or []),
+                   judges=list(judge_rows) if judge_rows is not None else _judge_rows(items),
+                   total=len(items))
+
+
+def render_choice_results_page(items: Sequence[Mapping[str, Any]], accuracy: float | None = None, *,
+                               image_url_fn: Callable[[str], str] | None = None, title: str = "Results",
+                               model_name: str | None = None, summary: Mapping[str, Any] | None = None,
+                               start_index: int = 0, pages: Sequence[Mapping[str, Any]] | None = None,
+                               total: int | None = None, correct: int | None = None) -> str:
+    """One HTML page of BISON/NLVR2 results with the accuracy on top (see the module docstring)."""
+    url_fn = image_url_fn or relative_path_url()
+    prepared = [_prepare_choice(start_index + i, it, url_fn) for i, it in enumerate(items)]
+    if accuracy is None:
+        accuracy = choice_accuracy(items)
+    return _render("choice.html.j2", title=title, model_name=model_name, items=prepared,
+                   accuracy=f"{accuracy:.3f}", summary=_summary_rows(summary), pages=list(pages or []),
+                   total=len(items) if total is None else total,
+                   correct=sum(p["correct"] for p in prepared) if correct is None else correct)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Writers (pagination, atomic writes)
+# --------------------------------------------------------------------------------------------------------
+def page_paths(path: str | os.PathLike, n_items: int, page_size: int = DEFAULT_PAGE_SIZE) -> list[Path]:
+    """The files a writer produces: ``path`` then ``<stem>_page2.html``, ``<stem>_page3.html``, ..."""
+    if page_size < 1:
+        raise ValueError(f"page_size must be >= 1, got {page_size}")
+    path = Path(path)
+    n_pages = max(1, math.ceil(n_items / page_size))
+    return [path] + [path.with_name(f"{path.stem}_page{k}{path.suffix or '.html'}") for k in range(2, n_pages + 1)]
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _nav(paths: list[Path], current: int, page_size: int, n_items: int) -> list[dict[str, Any]]:
+    if len(paths) == 1:
+        return []
+    return [{"label": f"{k + 1}", "href": urllib.parse.quote(p.name), "current": k == current,
+             "range": f"{k * page_size + 1}–{min((k + 1) * page_size, n_items)}"} for k, p in enumerate(paths)]
+
+
+def write_dialogue_page(items: Sequence[Mapping[str, Any]], path: str | os.PathLike, *,
+                        image_url_fn: Callable[[str], str] | None = None, relative_dir: str = "../images",
+                        page_size: int = DEFAULT_PAGE_SIZE, title: str | None = None, **kwargs: Any) -> list[Path]:
+    """Write a dialogue page (paginated); returns the paths written. ``kwargs`` go to ``render_dialogue_page``."""
+    url_fn = image_url_fn or relative_image_url(relative_dir)
+    paths = page_paths(path, len(items), page_size)
+    judges = _judge_rows(items)  # header numbers cover the whole file, not one page
+    for k, p in enumerate(paths):
+        chunk = items[k * page_size:(k + 1) * page_size]
+        page_title = title or Path(path).stem
+        html = render_dialogue_page(chunk, url_fn, title=page_title, start_index=k * page_size,
+                                    pages=_nav(paths, k, page_size, len(items)), judge_rows=judges, **kwargs)
+        _atomic_write(p, html)
+    return paths
+
+
+def write_choice_results_page(items: Sequence[Mapping[str, Any]], path: str | os.PathLike,
+                              accuracy: float | None = None, *, image_url_fn: Callable[[str], str] | None = None,
+                              relative_dir: str = "../images", page_size: int = DEFAULT_PAGE_SIZE,
+                              title: str | None = None, **kwargs: Any) -> list[Path]:
+    """Write a BISON/NLVR2 results page (paginated); returns the paths written."""
+    url_fn = image_url_fn or relative_path_url(relative_dir)
+    if accuracy is None:
+        accuracy = choice_accuracy(items)
+    correct = sum(_is_correct(it) for it in items)
+    paths = page_paths(path, len(items), page_size)
+    for k, p in enumerate(paths):
+        chunk = items[k * page_size:(k + 1) * page_size]
+        html = render_choice_results_page(chunk, accuracy, image_url_fn=url_fn, title=title or Path(path).stem,
+                                          start_index=k * page_size, pages=_nav(paths, k, page_size, len(items)),
+                                          total=len(items), correct=correct, **kwargs)
+        _atomic_write(p, html)
+    return paths
