@@ -1,0 +1,167 @@
+"""Token and cost accounting: a per-model price table and a thread-safe usage ledger.
+
+Prices are USD per one million tokens (input, output). The defaults are list prices at the time of writing
+and will drift: pass your own table (``GPTConfig.prices`` or a JSON file ``{"gpt-4": {"input_per_1m": 30,
+"output_per_1m": 60}}``) for exact numbers. A model with no price is reported as unpriced — its tokens are
+counted but its cost is never silently taken as zero.
+
+The ledger separates paid calls (answered by the API in this run) from cached ones (answered by the response
+cache: their tokens and cost are what the cache saved).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+DEFAULT_PRICES_PER_1M: dict[str, tuple[float, float]] = {
+    "gpt-4": (30.0, 60.0),
+    "gpt-4-32k": (60.0, 120.0),
+    "gpt-4-turbo": (10.0, 30.0),
+    "gpt-4o": (2.5, 10.0),
+    "gpt-4o-mini": (0.15, 0.6),
+    "gpt-4.1": (2.0, 8.0),
+    "gpt-4.1-mini": (0.4, 1.6),
+    "gpt-4.1-nano": (0.1, 0.4),
+    "gpt-3.5-turbo": (0.5, 1.5),
+    "gpt-35-turbo": (0.5, 1.5),
+}
+
+# Dated snapshots ("gpt-4-0613", "gpt-4o-2024-08-06") cost what their family costs.
+_SNAPSHOT_SUFFIX = re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{4})$")
+
+
+@dataclass(frozen=True)
+class Price:
+    input_per_1m: float
+    output_per_1m: float
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        return (prompt_tokens * self.input_per_1m + completion_tokens * self.output_per_1m) / 1_000_000
+
+
+class PriceTable:
+    """Model name → ``Price``; exact names first, then the name without a snapshot date."""
+
+    def __init__(self, prices: Mapping[str, Any] | None = None, *, include_defaults: bool = True) -> None:
+        self._prices: dict[str, Price] = {}
+        if include_defaults:
+            self._prices.update({m: Price(*p) for m, p in DEFAULT_PRICES_PER_1M.items()})
+        for model, value in (prices or {}).items():
+            self._prices[model] = _to_price(model, value)
+
+    @classmethod
+    def from_file(cls, path: str | Path, *, include_defaults: bool = True) -> "PriceTable":
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ValueError(f"price table {path}: cannot read JSON ({exc})") from exc
+        if not isinstance(data, dict):
+            raise ValueError(f"price table {path}: expected an object mapping model names to prices")
+        return cls(data, include_defaults=include_defaults)
+
+    def lookup(self, model: str) -> Price | None:
+        if model in self._prices:
+            return self._prices[model]
+        family = _SNAPSHOT_SUFFIX.sub("", model)
+        return self._prices.get(family)
+
+    def to_dict(self, models: list[str] | None = None) -> dict[str, dict[str, float]]:
+        names = models if models is not None else sorted(self._prices)
+        out = {}
+        for m in names:
+            p = self.lookup(m)
+            if p is not None:
+                out[m] = {"input_per_1m": p.input_per_1m, "output_per_1m": p.output_per_1m}
+        return out
+
+
+def _to_price(model: str, value: Any) -> Price:
+    try:
+        if isinstance(value, Mapping):
+            return Price(float(value["input_per_1m"]), float(value["output_per_1m"]))
+        inp, out = value
+        return Price(float(inp), float(out))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"price for model {model!r} must be {{'input_per_1m': x, 'output_per_1m': y}} "
+                         f"or a pair (input, output); got {value!r}") from exc
+
+
+@dataclass
+class _ModelUsage:
+    calls: int = 0
+    cached_calls: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_prompt_tokens: int = 0
+    cached_completion_tokens: int = 0
+
+
+class UsageLedger:
+    """Counts calls and tokens per model (thread-safe) and prices them with a ``PriceTable``."""
+
+    def __init__(self, prices: PriceTable | None = None) -> None:
+        self.prices = prices or PriceTable()
+        self._lock = threading.Lock()
+        self._models: dict[str, _ModelUsage] = {}
+
+    def record(self, model: str, prompt_tokens: int, completion_tokens: int, *, cached: bool) -> float | None:
+        """Add one call; returns its cost in USD (None when the model has no price)."""
+        with self._lock:
+            u = self._models.setdefault(model, _ModelUsage())
+            if cached:
+                u.cached_calls += 1
+                u.cached_prompt_tokens += prompt_tokens
+                u.cached_completion_tokens += completion_tokens
+            else:
+                u.calls += 1
+                u.prompt_tokens += prompt_tokens
+                u.completion_tokens += completion_tokens
+        price = self.prices.lookup(model)
+        return price.cost(prompt_tokens, completion_tokens) if price else None
+
+    def summary(self) -> dict[str, Any]:
+        """Machine-readable totals: per model and overall; costs in USD (None where unpriced)."""
+        with self._lock:
+            models = {m: _ModelUsage(**vars(u)) for m, u in self._models.items()}
+        per_model: dict[str, Any] = {}
+        total = {"calls": 0, "cached_calls": 0, "prompt_tokens": 0, "completion_tokens": 0,
+                 "cost_usd": 0.0, "saved_usd": 0.0}
+        unpriced = []
+        for model in sorted(models):
+            u = models[model]
+            price = self.prices.lookup(model)
+            cost = price.cost(u.prompt_tokens, u.completion_tokens) if price else None
+            saved = price.cost(u.cached_prompt_tokens, u.cached_completion_tokens) if price else None
+            per_model[model] = {**vars(u), "cost_usd": cost, "saved_usd": saved,
+                                "price_per_1m": self.prices.to_dict([model]).get(model)}
+            for k in ("calls", "cached_calls", "prompt_tokens", "completion_tokens"):
+                total[k] += getattr(u, k)
+            if price is None:
+                unpriced.append(model)
+            else:
+                total["cost_usd"] += cost
+                total["saved_usd"] += saved
+        return {"currency": "USD", "models": per_model, "total": total, "unpriced_models": unpriced}
+
+    def format(self) -> str:
+        """A small human-readable table of the summary."""
+        s = self.summary()
+        rows = [f"{'model':<24}{'calls':>7}{'cached':>8}{'prompt tok':>12}{'compl. tok':>12}{'cost $':>11}"]
+        for model, u in s["models"].items():
+            cost = "unpriced" if u["cost_usd"] is None else f"{u['cost_usd']:.4f}"
+            rows.append(f"{model:<24}{u['calls']:>7}{u['cached_calls']:>8}{u['prompt_tokens']:>12}"
+                        f"{u['completion_tokens']:>12}{cost:>11}")
+        t = s["total"]
+        rows.append(f"{'total':<24}{t['calls']:>7}{t['cached_calls']:>8}{t['prompt_tokens']:>12}"
+                    f"{t['completion_tokens']:>12}{t['cost_usd']:>11.4f}")
+        if t["saved_usd"]:
+            rows.append(f"cache saved ${t['saved_usd']:.4f} on {t['cached_calls']} call(s)")
+        if s["unpriced_models"]:
+            rows.append("no price for: " + ", ".join(s["unpriced_models"]) + " (add them to the price table)")
+        return "\n".join(rows)
