@@ -1,0 +1,1 @@
+"""Data for Sparkles: dialogue datasets, and the procedurally generated CPU world (``sparkles.data.synthetic``)."""

@@ -1,0 +1,316 @@
+"""Question kinds of the synthetic world: how each question is written, parsed back, and answered from scenes.
+
+A ``Task`` names its images by key (the image id as a string) and carries its arguments; ``question`` writes it
+(``IMAGE#<id><Img><ImageHere></Img>`` at the first mention of an image new in that turn, plain ``IMAGE#<id>``
+afterwards), ``parse_question`` inverts that, and ``answer`` is the deterministic reference answer. The reference
+judge re-derives the reference answer of a SparklesEval question with ``parse_question`` + ``answer``.
+
+Turn-1 kinds: describe, total, compare (more / the most), where, size, bison, nlvr2.
+Turn-2 kinds (one new image compared with an earlier one): more2, total2, describe2.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Mapping
+
+from sparkles.eval.prompts import (BISON_ANSWER_PHRASE, BISON_TEMPLATE, NLVR2_ANSWER_PHRASE, NLVR2_TEMPLATE,
+                                   REASONING_OPENER, SLOT, bison_prompt, nlvr2_prompt)
+
+from .language import (COLOUR_RE, COUNT_RE, SHAPE_RE, QUAL_RE, WORD_VALUES, Qual, count_phrase, describe,
+                       join_items, number_word, parse_items, parse_qual)
+from .scenes import POSITION_PHRASES, Scene
+
+TURN1_KINDS = ("describe", "total", "compare", "where", "size", "bison", "nlvr2")
+TURN2_KINDS = ("more2", "total2", "describe2")
+NLVR2_TEMPLATES = ("total", "both", "more", "contains", "none")
+
+
+class InvalidTask(ValueError):
+    """The task does not have a well-defined answer on these scenes (e.g. a tie for 'the most')."""
+
+
+@dataclass(frozen=True)
+class Task:
+    kind: str
+    ids: tuple[str, ...]                 # images in the order the question names them
+    qual: Qual | None = None             # total / compare / more2 / total2
+    target: str | None = None            # where / size: the image asked about
+    obj: tuple[str, str] | None = None   # where / size: (colour, shape)
+    text: str | None = None              # bison caption / nlvr2 statement
+
+
+def image_name(key: str) -> str:
+    return f"IMAGE#{key}"
+
+
+# --- writing questions ----------------------------------------------------------------------------
+
+class _Refs:
+    """Writes image references: the first mention of an image that is new in this turn carries the slot."""
+
+    def __init__(self, names: Mapping[str, str], new: set[str]):
+        self.names, self.pending = names, set(new)
+
+    def __call__(self, key: str) -> str:
+        if key in self.pending:
+            self.pending.discard(key)
+            return self.names[key] + SLOT
+        return self.names[key]
+
+    def list(self, keys) -> str:
+        return join_items([self(k) for k in keys])
+
+
+def question(task: Task, names: Mapping[str, str], new: set[str]) -> str:
+    """The user message for ``task``; ``new`` are the images introduced in this turn (they get slots)."""
+    r = _Refs(names, new)
+    k = task.kind
+    if k == "describe":
+        return f"What do you see in {r.list(task.ids)}?"
+    if k == "total":
+        tail = " in total" if len(task.ids) > 1 else ""
+        return f"How many {task.qual.plural} are there in {r.list(task.ids)}{tail}?"
+    if k == "compare":
+        rel = "more" if len(task.ids) == 2 else "the most"
+        return f"Which of {r.list(task.ids)} has {rel} {task.qual.plural}?"
+    if k in ("where", "size"):
+        c, s = task.obj
+        intro = f"Look at {r.list(task.ids)}. " if len(task.ids) > 1 else ""
+        if k == "where":
+            return f"{intro}Where is the {c} {s} in {r(task.target)}?"
+        return f"{intro}Is the {c} {s} in {r(task.target)} large or small?"
+    if k == "more2":
+        new_key, old_key = task.ids
+        return f"Now look at {r(new_key)}. Does it have more {task.qual.plural} than {r(old_key)}?"
+    if k == "total2":
+        new_key, old_key = task.ids
+        return f"Now look at {r(new_key)}. How many {task.qual.plural} are there in it and {r(old_key)} together?"
+    if k == "describe2":
+        new_key, old_key = task.ids
+        return f"Now look at {r(new_key)}. Describe it and {r(old_key)}."
+    if k == "bison":
+        return bison_prompt(task.text)
+    if k == "nlvr2":
+        return nlvr2_prompt(task.text)
+    raise ValueError(f"unknown task kind {k!r}")
+
+
+# --- parsing questions ----------------------------------------------------------------------------
+
+_REF = r"IMAGE#[0-9A-Za-z_-]+(?:<Img><ImageHere></Img>)?"
+_LIST = rf"{_REF}(?:(?:, | and ){_REF})*"
+_REF_NAME = re.compile(r"IMAGE#([0-9A-Za-z_-]+)")
+
+
+def _template_regex(template: str, field: str) -> re.Pattern:
+    head, tail = template.split("{" + field + "}")
+    return re.compile(re.escape(head) + r"(?P<text>.+)" + re.escape(tail), re.DOTALL)
+
+
+_QUESTION_PATTERNS: list[tuple[str, re.Pattern]] = [
+    ("describe", re.compile(rf"What do you see in (?P<L>{_LIST})\?")),
+    ("total", re.compile(rf"How many (?P<q>{QUAL_RE}) are there in (?P<L>{_LIST})(?: in total)?\?")),
+    ("compare", re.compile(rf"Which of (?P<L>{_LIST}) has (?:more|the most) (?P<q>{QUAL_RE})\?")),
+    ("where", re.compile(rf"(?:Look at (?P<L>{_LIST})\. )?Where is the (?P<c>{COLOUR_RE}) (?P<s>{SHAPE_RE}) "
+                         rf"in (?P<t>{_REF})\?")),
+    ("size", re.compile(rf"(?:Look at (?P<L>{_LIST})\. )?Is the (?P<c>{COLOUR_RE}) (?P<s>{SHAPE_RE}) "
+                        rf"in (?P<t>{_REF}) large or small\?")),
+    ("more2", re.compile(rf"Now look at (?P<a>{_REF})\. Does it have more (?P<q>{QUAL_RE}) than (?P<b>{_REF})\?")),
+    ("total2", re.compile(rf"Now look at (?P<a>{_REF})\. How many (?P<q>{QUAL_RE}) are there in it and "
+                          rf"(?P<b>{_REF}) together\?")),
+    ("describe2", re.compile(rf"Now look at (?P<a>{_REF})\. Describe it and (?P<b>{_REF})\.")),
+    ("bison", _template_regex(BISON_TEMPLATE, "caption")),
+    ("nlvr2", _template_regex(NLVR2_TEMPLATE, "statement")),
+]
+
+
+def ref_names(text: str) -> list[str]:
+    """The image names (what follows ``IMAGE#``) in order of mention, repeats included."""
+    return _REF_NAME.findall(text)
+
+
+def parse_question(text: str) -> Task | None:
+    """Invert ``question``: a Task whose ids are the names written after ``IMAGE#``; None if no kind matches."""
+    text = text.strip()
+    for kind, pattern in _QUESTION_PATTERNS:
+        m = pattern.fullmatch(text)
+        if not m:
+            continue
+        g = m.groupdict()
+        if kind in ("bison", "nlvr2"):
+            return Task(kind, ("1", "2"), text=g["text"])
+        qual = parse_qual(g["q"]) if g.get("q") else None
+        if kind in ("more2", "total2", "describe2"):
+            return Task(kind, (ref_names(g["a"])[0], ref_names(g["b"])[0]), qual=qual)
+        if kind in ("where", "size"):
+            target = ref_names(g["t"])[0]
+            ids = tuple(ref_names(g["L"])) if g.get("L") else (target,)
+            return Task(kind, ids, target=target, obj=(g["c"], g["s"]))
+        return Task(kind, tuple(ref_names(g["L"])), qual=qual)
+    return None
+
+
+# --- NLVR2 statements -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Statement:
+    template: str
+    qual: Qual                 # what is counted in each image
+    side: str | None = None    # "left" / "right" for more / contains / none
+    n: int | None = None       # total
+
+    def truth(self, left: Scene, right: Scene) -> bool:
+        a, b = self.qual.count(left), self.qual.count(right)
+        mine, other = (a, b) if self.side == "left" else (b, a)
+        if self.template == "total":
+            return a + b == self.n
+        if self.template == "both":
+            return a > 0 and b > 0
+        if self.template == "more":
+            return mine > other
+        if self.template == "contains":
+            return mine > 0
+        if self.template == "none":
+            return mine == 0
+        raise ValueError(f"unknown NLVR2 template {self.template!r}")
+
+    def text(self) -> str:
+        q = self.qual
+        if self.template == "total":
+            verb = "is" if self.n == 1 else "are"
+            return f"There {verb} exactly {number_word(self.n)} {q.noun(self.n)} in total."
+        if self.template == "both":
+            return f"Both images contain a {q.colour} {q.shape}."
+        other = "right" if self.side == "left" else "left"
+        if self.template == "more":
+            return f"The {self.side} image has more {q.plural} than the {other} image."
+        if self.template == "contains":
+            return f"The {self.side} image contains a {q.colour} {q.shape}."
+        if self.template == "none":
+            return f"The {self.side} image contains no {q.colour} objects."
+        raise ValueError(f"unknown NLVR2 template {self.template!r}")
+
+
+_STATEMENT_PATTERNS = [
+    ("total", re.compile(rf"There (?:is|are) exactly (?P<n>{COUNT_RE}) (?P<q>{QUAL_RE}) in total\.")),
+    ("both", re.compile(rf"Both images contain a (?P<c>{COLOUR_RE}) (?P<s>{SHAPE_RE})\.")),
+    ("more", re.compile(rf"The (?P<side>left|right) image has more (?P<q>{QUAL_RE}) than the (?:left|right) image\.")),
+    ("contains", re.compile(rf"The (?P<side>left|right) image contains a (?P<c>{COLOUR_RE}) (?P<s>{SHAPE_RE})\.")),
+    ("none", re.compile(rf"The (?P<side>left|right) image contains no (?P<c>{COLOUR_RE}) objects\.")),
+]
+
+
+def parse_statement(text: str) -> Statement:
+    for template, pattern in _STATEMENT_PATTERNS:
+        m = pattern.fullmatch(text.strip())
+        if not m:
+            continue
+        g = m.groupdict()
+        if g.get("q"):
+            qual = parse_qual(g["q"])
+        elif template == "none":
+            qual = Qual(g["c"], None)
+        else:
+            qual = Qual(g["c"], g["s"])
+        n = WORD_VALUES[g["n"]] if g.get("n") else None
+        return Statement(template, qual, g.get("side"), n)
+    raise ValueError(f"not an NLVR2 statement of the synthetic world: {text!r}")
+
+
+# --- BISON captions -------------------------------------------------------------------------------
+
+def caption_position_of(caption: str) -> tuple[str, str] | None:
+    """The (colour, shape) whose position a BISON caption states, if any."""
+    positioned = [it for it in parse_items(caption) if it.position]
+    if len(positioned) > 1:
+        raise ValueError(f"a BISON caption positions at most one object: {caption!r}")
+    return (positioned[0].colour, positioned[0].shape) if positioned else None
+
+
+def caption_matches(caption: str, scene: Scene) -> bool:
+    """True when ``caption`` is exactly what the world would say about ``scene`` in the caption's style."""
+    try:
+        return describe(scene, caption_position_of(caption)) == caption
+    except ValueError:
+        return False
+
+
+# --- answers --------------------------------------------------------------------------------------
+
+def _fact(names, key, scenes, qual) -> str:
+    return f"{names[key]} shows {count_phrase(qual.count(scenes[key]), qual)}."
+
+
+def answer(task: Task, scenes: Mapping[str, Scene], names: Mapping[str, str]) -> str:
+    """The reference answer: a deterministic function of the scenes (raises InvalidTask when undefined)."""
+    k, ids, q = task.kind, task.ids, task.qual
+    try:
+        sc = {key: scenes[key] for key in ids}
+    except KeyError as exc:
+        raise InvalidTask(f"{k}: no scene for image {exc.args[0]!r}") from None
+    if k in ("describe", "describe2"):
+        return " ".join(f"{names[key]} shows {describe(sc[key])}." for key in ids)
+    if k in ("total", "total2"):
+        parts = [_fact(names, key, sc, q) for key in ids]
+        if len(ids) > 1:
+            parts.append(f"That makes {count_phrase(sum(q.count(sc[key]) for key in ids), q)} in total.")
+        return " ".join(parts)
+    if k == "compare":
+        parts = [_fact(names, key, sc, q) for key in ids]
+        counts = [q.count(sc[key]) for key in ids]
+        best = max(counts)
+        winners = [key for key, n in zip(ids, counts) if n == best]
+        if len(ids) == 2:
+            if len(winners) == 2:
+                parts.append(f"So {names[ids[0]]} and {names[ids[1]]} have the same number of {q.plural}.")
+            else:
+                parts.append(f"So {names[winners[0]]} has more {q.plural}.")
+        else:
+            if len(winners) != 1:
+                raise InvalidTask("compare: no single image has the most")
+            parts.append(f"So {names[winners[0]]} has the most {q.plural}.")
+        return " ".join(parts)
+    if k in ("where", "size"):
+        c, s = task.obj
+        objs = sc[task.target].find(c, s)
+        if len(objs) != 1:
+            raise InvalidTask(f"{k}: {names[task.target]} has {len(objs)} {c} {s}s, not exactly one")
+        value = POSITION_PHRASES[objs[0].position] if k == "where" else objs[0].size
+        return f"In {names[task.target]} the {c} {s} is {value}."
+    if k == "more2":
+        new_key, old_key = ids
+        a, b = q.count(sc[new_key]), q.count(sc[old_key])
+        parts = [_fact(names, new_key, sc, q), _fact(names, old_key, sc, q)]
+        if a > b:
+            parts.append(f"So yes, {names[new_key]} has more {q.plural} than {names[old_key]}.")
+        else:
+            parts.append(f"So no, {names[new_key]} does not have more {q.plural} than {names[old_key]}.")
+        return " ".join(parts)
+    if k == "bison":
+        try:
+            pos = caption_position_of(task.text)
+        except ValueError as exc:
+            raise InvalidTask(str(exc)) from None
+        matches = [caption_matches(task.text, sc[key]) for key in ids]
+        if matches.count(True) != 1:
+            raise InvalidTask(f"bison: caption {task.text!r} matches {matches.count(True)} of the two images")
+        descs = []
+        for key in ids:
+            try:
+                descs.append(describe(sc[key], pos))
+            except ValueError:
+                descs.append(describe(sc[key]))
+        choice = names[ids[matches.index(True)]]
+        return (f"{REASONING_OPENER} {names[ids[0]]} shows {descs[0]}. {names[ids[1]]} shows {descs[1]}. "
+                f"{BISON_ANSWER_PHRASE} {choice}.")
+    if k == "nlvr2":
+        st = parse_statement(task.text)
+        left, right = sc[ids[0]], sc[ids[1]]
+        parts = [REASONING_OPENER, _fact(names, ids[0], sc, st.qual), _fact(names, ids[1], sc, st.qual)]
+        if st.template == "total":
+            parts.append(f"That makes {count_phrase(st.qual.count(left) + st.qual.count(right), st.qual)} in total.")
+        parts.append(f"{NLVR2_ANSWER_PHRASE} {'TRUE' if st.truth(left, right) else 'FALSE'}.")
+        return " ".join(parts)
+    raise ValueError(f"unknown task kind {k!r}")

@@ -1,0 +1,218 @@
+"""Writes a built world to a Sparkles root in the upstream formats and layout, and reads it back.
+
+Files (paths from ``SparklesLayout``):
+
+- ``data/SparklesDialogue{CC,VG}/annotations/SparklesDialogue{CC,VG}.json`` and the turn-split files
+  ``SparklesDialogue{CC,VG}_turn{1,2}_{n}img.json``; images ``data/SparklesDialogue{CC,VG}/images/<id>.jpg``
+- ``evaluation/{SparklesEval,BISON,NLVR2}/annotations/sparkles_evaluation_<name>_annotations.json`` + images
+- ``world/scenes.json``: every image's scene record (read with ``load_scenes``)
+
+JSON is written with sorted-free, fixed formatting so the same seed gives byte-identical files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterator
+
+from sparkles.common.paths import SparklesLayout
+from sparkles.eval.prompts import bison_prompt, nlvr2_prompt
+
+from .build import World
+from .language import caption, describe
+from .scenes import (ALL_COLOURS, ALL_SHAPES, BACKGROUND_RGB, POSITION_PHRASES, SIZES, Scene)
+
+FORMAT = "sparkles-synthetic-world"
+FORMAT_VERSION = 1
+# Split files the upstream training config names; each must be non-empty.
+EXPECTED_SPLITS = {"CC": {(1, 1), (1, 2), (1, 3), (2, 2), (2, 3), (2, 4)},
+                   "VG": {(1, 2), (1, 3), (2, 3), (2, 4)}}
+HUMAN, ASSISTANT, END = "###Human: ", "###Assistant: ", "###"
+
+
+def scenes_file(root: str | os.PathLike) -> Path:
+    return Path(root) / "world" / "scenes.json"
+
+
+def write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def turn_instruction(q1: str, a1: str | None = None, q2: str | None = None) -> str:
+    """Upstream §12.2 instruction: ``###Human: <Q1>###Assistant: `` (+ ``<A1>###Human: <Q2>###Assistant: ``)."""
+    if q2 is None:
+        return f"{HUMAN}{q1}{ASSISTANT}"
+    return f"{HUMAN}{q1}{ASSISTANT}{a1}{HUMAN}{q2}{ASSISTANT}"
+
+
+def split_samples(dialogues: list[dict]) -> dict[tuple[int, int], list[dict]]:
+    """(turn, image count) -> samples of the turn-split files, in dialogue order."""
+    out: dict[tuple[int, int], list[dict]] = {}
+    for rec in dialogues:
+        q1, a1, q2, a2 = rec["dialogue"]
+        imgs1, imgs2 = list(q1["images"]), list(q1["images"]) + list(q2["images"])
+        out.setdefault((1, len(imgs1)), []).append({
+            "uniform_question": q1["content"], "instruction": turn_instruction(q1["content"]),
+            "answer": a1["content"], "tgt_imgs": imgs1})
+        out.setdefault((2, len(imgs2)), []).append({
+            "uniform_question": q2["content"], "instruction": turn_instruction(q1["content"], a1["content"],
+                                                                               q2["content"]),
+            "answer": a2["content"], "tgt_imgs": imgs2})
+    return out
+
+
+def scene_records(world: World) -> list[dict]:
+    records = []
+    for entry in world.scenes.values():
+        rec = {"image_id": entry.image_id, "dataset": entry.dataset, "file": entry.file,
+               "description": describe(entry.scene), "caption": caption(entry.scene)}
+        rec.update(entry.scene.to_record())
+        records.append(rec)
+    return records
+
+
+def vocabulary(world: World) -> dict:
+    return {"colours": list(world.config.colours), "shapes": list(world.config.shapes), "sizes": list(SIZES),
+            "positions": list(POSITION_PHRASES), "backgrounds": list(BACKGROUND_RGB),
+            "all_colours": list(ALL_COLOURS), "all_shapes": list(ALL_SHAPES)}
+
+
+def _previous_files(root: Path) -> set[str]:
+    path = scenes_file(root)
+    if not path.exists():
+        return set()
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return {rec["file"] for rec in data["scenes"]}
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path}: existing world file is unreadable ({exc}); remove it by hand") from exc
+
+
+def write_world(world: World, root: str | os.PathLike, *, workers: int = 1, force: bool = False,
+                progress: bool = False) -> dict:
+    """Write annotations, split files, scene records and images; returns a summary (counts per file)."""
+    from .render import render_all
+
+    root = Path(root)
+    layout = SparklesLayout(root)
+    old = _previous_files(root)
+    if old and not force:
+        raise FileExistsError(f"{scenes_file(root)} exists: {root} already holds a world; pass --force to replace it")
+    summary: dict[str, int] = {}
+
+    for subset in ("CC", "VG"):
+        dialogues = world.dialogues[subset]
+        write_json(layout.dialogue_file(subset), dialogues)
+        summary[str(layout.dialogue_file(subset).relative_to(root))] = len(dialogues)
+        splits = split_samples(dialogues)
+        if set(splits) != EXPECTED_SPLITS[subset]:
+            raise ValueError(f"SparklesDialogue{subset}: split files {sorted(splits)} differ from the expected "
+                             f"{sorted(EXPECTED_SPLITS[subset])}")
+        for (turn, n), samples in sorted(splits.items()):
+            path = layout.dialogue_split_file(subset, turn, n)
+            write_json(path, samples)
+            summary[str(path.relative_to(root))] = len(samples)
+
+    for name, items in (("SparklesEval", world.sparkleseval), ("BISON", world.bison), ("NLVR2", world.nlvr2)):
+        path = layout.eval_annotations(name)
+        write_json(path, items)
+        summary[str(path.relative_to(root))] = len(items)
+
+    write_json(scenes_file(root), {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "generator": "sparkles.data.synthetic",
+        "config": world.config.to_json(), "vocabulary": vocabulary(world), "scenes": scene_records(world)})
+
+    jobs = [(e.scene, str(root / e.file), world.config.image_size) for e in world.scenes.values()]
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(jobs), desc="rendering images", unit="img")
+    render_all(jobs, workers=workers, progress=bar.update if bar else None)
+    if bar:
+        bar.close()
+    summary["images"] = len(jobs)
+
+    # Replacing a world: remove only images the previous world wrote and this one does not.
+    stale = old - {e.file for e in world.scenes.values()}
+    for rel in sorted(stale):
+        (root / rel).unlink(missing_ok=True)
+    summary["stale_images_removed"] = len(stale)
+    return summary
+
+
+def load_world_file(root: str | os.PathLike) -> dict:
+    path = scenes_file(root)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: generate the world with "
+                                f"`python -m sparkles.data.synthetic --out {root}`")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("scenes"), list):
+        raise ValueError(f"{path}: not a {FORMAT} file (field 'format' or 'scenes' missing)")
+    return data
+
+
+def load_scenes(root: str | os.PathLike) -> dict[str, dict]:
+    """Every image's scene record, keyed by ``str(image_id)`` (ids are unique across all datasets).
+
+    Each record holds ``image_id`` (upstream type), ``dataset``, ``file`` (relative to the root),
+    ``description``, ``caption``, ``background`` and ``objects`` (shape, colour, size, row, col, position,
+    jitter). ``Scene.from_record`` turns a record into the object the tasks and the judge use.
+    """
+    path = scenes_file(root)
+    data = load_world_file(root)
+    out: dict[str, dict] = {}
+    for i, rec in enumerate(data["scenes"]):
+        for field in ("image_id", "dataset", "file", "objects", "background"):
+            if field not in rec:
+                raise ValueError(f"{path}: scenes[{i}] lacks field {field!r}")
+        key = str(rec["image_id"])
+        if key in out:
+            raise ValueError(f"{path}: scenes[{i}] repeats image_id {key!r}")
+        Scene.from_record(rec, where=f"{path}: scenes[{i}] (image_id {key})")
+        out[key] = rec
+    return out
+
+
+def _read_list(path: Path) -> list:
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found")
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON list")
+    return data
+
+
+def iter_world_texts(root: str | os.PathLike) -> Iterator[str]:
+    """Every text the model sees in this world, for training its tokenizer.
+
+    Training turns rendered as the model reads them (``###Human: Q###Assistant: A###``), SparklesEval turns,
+    BISON/NLVR2 prompts with their captions/statements, and every image caption and description.
+    """
+    root = Path(root)
+    layout = SparklesLayout(root)
+    for subset in ("CC", "VG"):
+        for rec in _read_list(layout.dialogue_file(subset)):
+            q1, a1, q2, a2 = rec["dialogue"]
+            yield turn_instruction(q1["content"]) + a1["content"] + END
+            yield HUMAN + q2["content"] + ASSISTANT + a2["content"] + END
+    for rec in _read_list(layout.eval_annotations("SparklesEval")):
+        q1, a1, q2, a2 = rec["dialogue"]
+        yield turn_instruction(q1["content"]) + a1["content"] + END
+        yield HUMAN + q2["content"] + ASSISTANT + a2["content"] + END
+    for item in _read_list(layout.eval_annotations("BISON")):
+        yield item["caption"]
+        yield HUMAN + bison_prompt(item["caption"]) + ASSISTANT
+    for item in _read_list(layout.eval_annotations("NLVR2")):
+        yield item["sentence"]
+        yield HUMAN + nlvr2_prompt(item["sentence"]) + ASSISTANT
+    for rec in load_world_file(root)["scenes"]:
+        yield rec["description"]
+        yield rec["caption"]

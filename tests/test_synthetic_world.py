@@ -1,0 +1,472 @@
+"""The synthetic world: upstream formats and layout, determinism, label balance, train/eval disjointness, truth
+of BISON captions and NLVR2 labels against the scene records, and the reference SparklesEval judge.
+
+Facts are re-checked here with small independent parsers of the world's sentences, not with the generator's
+own helpers, so a bug in the generator cannot vouch for itself.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from sparkles.data.synthetic import build_world, iter_world_texts, judge_reference, load_scenes, main
+from sparkles.data.synthetic.build import WorldConfig
+from sparkles.eval.prompts import SLOT, bison_prompt, nlvr2_prompt
+
+WORDS = {"no": 0, "a": 1, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7,
+         "eight": 8}
+PHRASES = {"at the top left": (0, 0), "at the top": (0, 1), "at the top right": (0, 2), "on the left": (1, 0),
+           "in the centre": (1, 1), "on the right": (1, 2), "at the bottom left": (2, 0), "at the bottom": (2, 1),
+           "at the bottom right": (2, 2)}
+SPLITS = {"CC": [(1, 1), (1, 2), (1, 3), (2, 2), (2, 3), (2, 4)], "VG": [(1, 2), (1, 3), (2, 3), (2, 4)]}
+NAME_RE = re.compile(r"IMAGE#([0-9A-Za-z_-]+)")
+
+
+def _generate(root: Path, *extra: str) -> None:
+    assert main(["--out", str(root), "--seed", "7", "--preset", "ci", "--no-tokenizer", "--quiet",
+                 "--workers", "1", *extra]) == 0
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("world")
+    _generate(root)
+    return root
+
+
+def _load(path: Path):
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _dialogues(root: Path, subset: str) -> list:
+    return _load(root / f"data/SparklesDialogue{subset}/annotations/SparklesDialogue{subset}.json")
+
+
+def _eval(root: Path, name: str) -> list:
+    return _load(root / f"evaluation/{name}/annotations/sparkles_evaluation_{name.lower()}_annotations.json")
+
+
+def _scenes(root: Path) -> dict:
+    return {str(r["image_id"]): r for r in _load(root / "world/scenes.json")["scenes"]}
+
+
+def _kinds(rec) -> Counter:
+    return Counter((o["colour"], o["shape"]) for o in rec["objects"])
+
+
+def _count(rec, colour=None, shape=None) -> int:
+    return sum(1 for o in rec["objects"]
+               if (colour is None or o["colour"] == colour) and (shape is None or o["shape"] == shape))
+
+
+# --- files, fields, determinism -------------------------------------------------------------------
+
+def test_same_seed_gives_identical_files(tmp_path):
+    small = ["--num-train", "30", "--num-bison", "4", "--num-nlvr2", "4", "--num-sparkleseval", "4"]
+    _generate(tmp_path / "a", *small)
+    _generate(tmp_path / "b", *small)
+    files_a = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
+    files_b = sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*") if p.is_file())
+    assert files_a == files_b
+    assert sum(p.suffix == ".json" for p in files_a) >= 15
+    for rel in files_a:  # JSON and images alike
+        assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes(), rel
+    assert main(["--out", str(tmp_path / "c"), "--seed", "8", "--preset", "ci", "--no-tokenizer", "--quiet",
+                 "--workers", "1", *small]) == 0
+    cc = "data/SparklesDialogueCC/annotations/SparklesDialogueCC.json"
+    assert (tmp_path / "a" / cc).read_bytes() != (tmp_path / "c" / cc).read_bytes()
+
+
+def test_refuses_to_overwrite_a_world_without_force(world, tmp_path, capsys):
+    assert main(["--out", str(world), "--preset", "ci", "--no-tokenizer", "--quiet"]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert main(["--out", str(tmp_path), "--num-train", "3", "--no-tokenizer", "--quiet"]) == 2
+    assert "num_train" in capsys.readouterr().err
+
+
+def test_force_replaces_a_world_and_removes_its_stale_images(tmp_path):
+    small = ["--num-train", "12", "--num-bison", "2", "--num-nlvr2", "2", "--num-sparkleseval", "2"]
+    _generate(tmp_path, *small)
+    assert main(["--out", str(tmp_path), "--seed", "9", "--preset", "ci", "--no-tokenizer", "--quiet",
+                 "--workers", "1", "--force", *small]) == 0
+    on_disk = {p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.suffix in (".jpg", ".png")}
+    assert on_disk == {r["file"] for r in load_scenes(tmp_path).values()}
+
+
+def test_dialogue_files_have_upstream_fields_and_types(world):
+    scenes = _scenes(world)
+    for subset, id_type in (("CC", str), ("VG", int)):
+        records = _dialogues(world, subset)
+        assert len(records) == 150
+        for rec in records:
+            assert set(rec) == {"dialogue", "raw"} and set(rec["raw"][0]) == {"prompt", "response"}
+            msgs = rec["dialogue"]
+            assert [m["role"] for m in msgs] == ["user", "assistant", "user", "assistant"]
+            for m in msgs:
+                assert set(m) == ({"role", "content", "images"} if m["role"] == "user" else {"role", "content"})
+            for img in msgs[0]["images"] + msgs[2]["images"]:
+                assert set(img) == {"image_id", "caption"} and type(img["image_id"]) is id_type
+                assert img["caption"] == scenes[str(img["image_id"])]["caption"]
+                path = world / f"data/SparklesDialogue{subset}/images/{img['image_id']}.jpg"
+                assert path.is_file(), path
+
+
+def test_split_files_match_the_dialogues(world):
+    for subset, splits in SPLITS.items():
+        dialogues = _dialogues(world, subset)
+        expected = {key: [] for key in splits}
+        for rec in dialogues:
+            q1, a1, q2, a2 = rec["dialogue"]
+            n1, n2 = len(q1["images"]), len(q1["images"]) + len(q2["images"])
+            expected[(1, n1)].append({"uniform_question": q1["content"],
+                                      "instruction": f"###Human: {q1['content']}###Assistant: ",
+                                      "answer": a1["content"], "tgt_imgs": q1["images"]})
+            expected[(2, n2)].append({"uniform_question": q2["content"],
+                                      "instruction": f"###Human: {q1['content']}###Assistant: {a1['content']}"
+                                                     f"###Human: {q2['content']}###Assistant: ",
+                                      "answer": a2["content"], "tgt_imgs": q1["images"] + q2["images"]})
+        names = sorted(p.name for p in (world / f"data/SparklesDialogue{subset}/annotations").glob("*_turn*"))
+        assert names == sorted(f"SparklesDialogue{subset}_turn{t}_{n}img.json" for t, n in splits)
+        for (turn, n), samples in expected.items():
+            written = _load(world / f"data/SparklesDialogue{subset}/annotations/"
+                                    f"SparklesDialogue{subset}_turn{turn}_{n}img.json")
+            assert written and written == samples
+            for s in written:
+                assert len(s["tgt_imgs"]) == n == s["instruction"].count(SLOT)
+
+
+def test_evaluation_files_and_images(world):
+    se = _eval(world, "SparklesEval")
+    assert len(se) == 20 and [x["evaluation_id"] for x in se] == list(range(20))
+    for x in se:
+        assert set(x) == {"evaluation_id", "dialogue"}
+        for m in (x["dialogue"][0], x["dialogue"][2]):
+            for img in m["images"]:
+                assert type(img["image_id"]) is int
+                assert (world / f"evaluation/SparklesEval/images/{img['image_id']}.jpg").is_file()
+    for x in _eval(world, "BISON"):
+        assert {"evaluation_id", "caption", "true_image_id", "image_candidates"} <= set(x)
+        assert len(x["image_candidates"]) == 2
+        assert x["true_image_id"] in [c["image_id"] for c in x["image_candidates"]]
+        for c in x["image_candidates"]:
+            assert set(c) == {"image_id", "image_filename"} and type(c["image_id"]) is int
+            assert c["image_filename"] == f"COCO_val2014_{c['image_id']:012d}.jpg"
+            assert (world / "evaluation/BISON/images" / c["image_filename"]).is_file()
+    for x in _eval(world, "NLVR2"):
+        assert set(x) == {"evaluation_id", "identifier", "sentence", "label"}
+        assert re.fullmatch(r"dev-\d+-\d+-\d+", x["identifier"]) and x["label"] in ("True", "False")
+        for side in (0, 1):
+            assert (world / f"evaluation/NLVR2/images/{x['identifier'][:-2]}-img{side}.png").is_file()
+
+
+def test_scene_records_cover_every_image(world):
+    from PIL import Image
+
+    scenes = load_scenes(world)
+    assert scenes == _scenes(world)
+    on_disk = {p.relative_to(world).as_posix() for p in world.rglob("*") if p.suffix in (".jpg", ".png")}
+    assert on_disk == {r["file"] for r in scenes.values()}
+    for rec in list(scenes.values())[:50]:
+        assert 1 <= len(rec["objects"]) <= 4
+        with Image.open(world / rec["file"]) as im:
+            assert im.size == (96, 96) and im.mode == "RGB"
+    with pytest.raises(FileNotFoundError, match="scenes.json"):
+        load_scenes(world / "nowhere")
+
+
+def test_objects_are_visible_at_64_pixels(world):
+    from PIL import Image
+
+    from sparkles.data.synthetic.render import object_geometry
+    from sparkles.data.synthetic.scenes import COLOUR_RGB, Obj
+
+    checked = 0
+    for rec in list(_scenes(world).values())[:150]:
+        with Image.open(world / rec["file"]) as im:
+            small = im.convert("RGB").resize((64, 64), Image.BICUBIC)
+        for o in rec["objects"]:
+            cx, cy, _r = object_geometry(Obj(o["shape"], o["colour"], o["size"], o["row"], o["col"],
+                                             tuple(o["jitter"])), 64)
+            pixel = small.getpixel((int(cx), int(cy + 1)))  # +1: a triangle's centroid sits low
+            nearest = min(COLOUR_RGB, key=lambda c: sum((a - b) ** 2 for a, b in zip(COLOUR_RGB[c], pixel)))
+            assert nearest == o["colour"], (rec["file"], o, pixel)
+            checked += 1
+    assert checked > 200
+
+
+# --- dialogue conventions -------------------------------------------------------------------------
+
+def _all_dialogues(root: Path):
+    for subset in ("CC", "VG"):
+        for rec in _dialogues(root, subset):
+            yield rec["dialogue"]
+    for x in _eval(root, "SparklesEval"):
+        yield x["dialogue"]
+
+
+def test_image_mentions_follow_the_upstream_convention(world):
+    for msgs in _all_dialogues(world):
+        q1, a1, q2, a2 = msgs
+        assert len(q2["images"]) == 1, q2  # turn 2 adds exactly one image
+        defined: dict[str, object] = {}
+        for m in msgs:
+            text = m["content"]
+            if m["role"] == "user":
+                slot_names = re.findall(r"IMAGE#([0-9A-Za-z_-]+)<Img><ImageHere></Img>", text)
+                assert text.count(SLOT) == len(slot_names) == len(m["images"])
+                new = dict(zip(slot_names, (img["image_id"] for img in m["images"])))
+            else:
+                new = {}
+            for match in NAME_RE.finditer(text):
+                name, followed = match[1], text.startswith(SLOT, match.end())
+                # The slot comes with the first mention of an image, and only then.
+                assert followed == (name not in defined and name in new), text
+                if followed:
+                    defined[name] = new[name]
+                assert name in defined, (text, defined)
+        earlier = set(NAME_RE.findall(q1["content"]))
+        assert set(NAME_RE.findall(q2["content"])) & earlier  # turn 2 refers back to a first-turn image
+        for name, image_id in defined.items():
+            assert name == str(image_id) or (name in ("1", "2") and "IMAGE#1" + SLOT in q1["content"])
+
+
+def test_answers_are_short(world):
+    from sparkles.data.synthetic.scenes import Scene
+    from sparkles.data.synthetic.tasks import Task, answer
+
+    for msgs in _all_dialogues(world):
+        for m in (msgs[1], msgs[3]):
+            assert 1 <= len(m["content"].split()) <= 40, m["content"]
+    # The answers a model should give on the benchmarks are as short.
+    scenes = {k: Scene.from_record(r) for k, r in _scenes(world).items()}
+    names = {"a": "IMAGE#1", "b": "IMAGE#2"}
+    for x in _eval(world, "BISON"):
+        pair = {"a": scenes[str(x["image_candidates"][0]["image_id"])],
+                "b": scenes[str(x["image_candidates"][1]["image_id"])]}
+        assert len(answer(Task("bison", ("a", "b"), text=x["caption"]), pair, names).split()) <= 40
+    for x in _eval(world, "NLVR2"):
+        stem = x["identifier"][:-2]
+        pair = {"a": scenes[f"{stem}-img0"], "b": scenes[f"{stem}-img1"]}
+        assert len(answer(Task("nlvr2", ("a", "b"), text=x["sentence"]), pair, names).split()) <= 40
+
+
+def test_training_uses_the_evaluation_templates(world):
+    kinds = Counter()
+    for subset in ("CC", "VG"):
+        for rec in _dialogues(world, subset):
+            q1, a1 = rec["dialogue"][0], rec["dialogue"][1]
+            m = re.search(r"'(.+?)'[.?] ", q1["content"])
+            if m and q1["content"] == bison_prompt(m[1]):
+                kinds[subset, "bison"] += 1
+                assert re.fullmatch(r"Let's think step by step\. IMAGE#1 shows [^.]+\. IMAGE#2 shows [^.]+\. "
+                                    r"Therefore, the answer \(IMAGE#1 or IMAGE#2\) is IMAGE#[12]\.", a1["content"])
+            elif m and q1["content"] == nlvr2_prompt(m[1]):
+                kinds[subset, "nlvr2"] += 1
+                assert re.fullmatch(r"Let's think step by step\. IMAGE#1 shows [^.]+\. IMAGE#2 shows [^.]+\. "
+                                    r"(That makes [^.]+ in total\. )?"
+                                    r"Therefore, the answer \(TRUE or FALSE\) is (TRUE|FALSE)\.", a1["content"])
+    for subset in ("CC", "VG"):
+        assert kinds[subset, "bison"] >= 20 and kinds[subset, "nlvr2"] >= 20, kinds
+
+
+# --- labels, disjointness, truth --------------------------------------------------------------------
+
+def test_labels_are_balanced(world):
+    bison = _eval(world, "BISON")
+    first = sum(x["true_image_id"] == x["image_candidates"][0]["image_id"] for x in bison)
+    assert abs(first - len(bison) / 2) <= 1
+    nlvr2 = _eval(world, "NLVR2")
+    assert abs(sum(x["label"] == "True" for x in nlvr2) - len(nlvr2) / 2) <= 1
+    train = Counter()
+    for subset in ("CC", "VG"):
+        for rec in _dialogues(world, subset):
+            m = re.search(r"is (IMAGE#[12]|TRUE|FALSE)\.$", rec["dialogue"][1]["content"])
+            if m:
+                train[m[1]] += 1
+    assert 0.3 < train["IMAGE#1"] / (train["IMAGE#1"] + train["IMAGE#2"]) < 0.7
+    assert 0.3 < train["TRUE"] / (train["TRUE"] + train["FALSE"]) < 0.7
+
+
+def test_train_and_evaluation_scenes_are_disjoint(world):
+    scenes = _scenes(world)
+    signature = lambda rec: tuple(sorted((o["shape"], o["colour"], o["size"], o["row"], o["col"])  # noqa: E731
+                                         for o in rec["objects"]))
+    train = {k for k, r in scenes.items() if r["dataset"] in ("CC", "VG")}
+    evaluation = {k for k, r in scenes.items() if r["dataset"] in ("SparklesEval", "BISON", "NLVR2")}
+    assert train and evaluation and not train & evaluation and len(train | evaluation) == len(scenes)
+    assert not {signature(scenes[k]) for k in train} & {signature(scenes[k]) for k in evaluation}
+
+
+def _caption_fits(caption: str, rec) -> bool:
+    """Independent reading of a BISON caption: exact kinds and counts, and the stated position."""
+    want: Counter = Counter()
+    positions = []
+    for part in re.split(r", | and ", caption):
+        m = re.fullmatch(r"(\w+) (\w+) (circle|square|triangle)s?(?: (.+))?", part)
+        assert m, part
+        want[(m[2], m[3])] += WORDS[m[1]]
+        if m[4]:
+            positions.append((m[2], m[3], PHRASES[m[4]]))
+    if _kinds(rec) != want:
+        return False
+    return all([(o["row"], o["col"]) for o in rec["objects"] if (o["colour"], o["shape"]) == (c, s)] == [cell]
+               for c, s, cell in positions)
+
+
+def test_bison_pairs_differ_in_one_attribute_and_the_caption_decides(world):
+    scenes = _scenes(world)
+    seen = Counter()
+    for x in _eval(world, "BISON"):
+        a, b = (scenes[str(c["image_id"])] for c in x["image_candidates"])
+        objs = lambda r: Counter((o["shape"], o["colour"], o["size"], o["row"], o["col"])  # noqa: E731
+                                 for o in r["objects"])
+        only_a, only_b = objs(a) - objs(b), objs(b) - objs(a)
+        if sum(only_a.values()) + sum(only_b.values()) == 1:
+            kind = "count"
+        else:
+            assert sum(only_a.values()) == sum(only_b.values()) == 1, x
+            (oa,), (ob,) = only_a, only_b
+            changed = [name for name, i in (("shape", 0), ("colour", 1), ("size", 2)) if oa[i] != ob[i]]
+            changed += ["position"] if oa[3:] != ob[3:] else []
+            assert len(changed) == 1, (x, oa, ob)
+            kind = changed[0]
+        assert kind == x["difference"]
+        seen[kind] += 1
+        fits = [_caption_fits(x["caption"], scenes[str(c["image_id"])]) for c in x["image_candidates"]]
+        true_index = [c["image_id"] for c in x["image_candidates"]].index(x["true_image_id"])
+        assert fits == [i == true_index for i in range(2)], x
+    assert set(seen) == {"colour", "shape", "count", "position"}
+
+
+def _statement_truth(sentence: str, left, right) -> bool:
+    """Independent reading of the NLVR2 statement templates."""
+    def noun(text):
+        m = re.fullmatch(r"(?:(red|green|blue|yellow|purple) )?(circle|square|triangle|object)s?", text)
+        assert m, text
+        return m[1], (None if m[2] == "object" else m[2])
+
+    side = lambda s: (left, right) if s == "left" else (right, left)  # noqa: E731
+    if m := re.fullmatch(r"There (?:is|are) exactly (\w+) (.+) in total\.", sentence):
+        return _count(left, *noun(m[2])) + _count(right, *noun(m[2])) == WORDS[m[1]]
+    if m := re.fullmatch(r"Both images contain a (\w+) (\w+)\.", sentence):
+        return _count(left, m[1], m[2]) > 0 and _count(right, m[1], m[2]) > 0
+    if m := re.fullmatch(r"The (left|right) image has more (.+) than the (?:left|right) image\.", sentence):
+        mine, other = side(m[1])
+        return _count(mine, *noun(m[2])) > _count(other, *noun(m[2]))
+    if m := re.fullmatch(r"The (left|right) image contains a (\w+) (\w+)\.", sentence):
+        return _count(side(m[1])[0], m[2], m[3]) > 0
+    if m := re.fullmatch(r"The (left|right) image contains no (\w+) objects\.", sentence):
+        return _count(side(m[1])[0], m[2]) == 0
+    raise AssertionError(f"unknown statement {sentence!r}")
+
+
+def test_nlvr2_labels_are_true_to_the_scenes(world):
+    scenes = _scenes(world)
+    for x in _eval(world, "NLVR2"):
+        stem = x["identifier"][:-2]
+        truth = _statement_truth(x["sentence"], scenes[f"{stem}-img0"], scenes[f"{stem}-img1"])
+        assert x["label"] == ("True" if truth else "False"), x
+
+
+def test_training_bison_and_nlvr2_answers_are_true(world):
+    scenes = _scenes(world)
+    checked = 0
+    for subset in ("CC", "VG"):
+        for rec in _dialogues(world, subset):
+            q1, a1 = rec["dialogue"][0], rec["dialogue"][1]
+            left, right = (scenes[str(i["image_id"])] for i in q1["images"][:2]) if len(q1["images"]) == 2 \
+                else (None, None)
+            m = re.search(r"'(.+?)'[.?] ", q1["content"])
+            if m and q1["content"] == nlvr2_prompt(m[1]):
+                assert a1["content"].endswith("TRUE." if _statement_truth(m[1], left, right) else "FALSE.")
+                checked += 1
+            elif m and q1["content"] == bison_prompt(m[1]):
+                fits = [_caption_fits(m[1], left), _caption_fits(m[1], right)]
+                assert fits.count(True) == 1
+                assert a1["content"].endswith(f"IMAGE#{fits.index(True) + 1}.")
+                checked += 1
+    assert checked > 80
+
+
+# --- reference judge ------------------------------------------------------------------------------
+
+def _mean_score(entry) -> float:
+    return (sum(entry["A1_C123_scores"][1:]) + sum(entry["A2_C123_scores"][1:])) / 6
+
+
+def _with_answers(dialogue, a1, a2):
+    d = copy.deepcopy(dialogue)
+    d[1]["content"], d[3]["content"] = a1, a2
+    return d
+
+
+def test_reference_judge_scores_reference_answers_high_and_wrong_ones_low(world):
+    scenes = load_scenes(world)
+    items = _eval(world, "SparklesEval")
+    reference = [_mean_score(judge_reference(x["dialogue"], scenes)) for x in items]
+    assert sum(reference) / len(reference) >= 9.0
+    empty = [_mean_score(judge_reference(_with_answers(x["dialogue"], "", ""), scenes)) for x in items]
+    assert max(empty) <= 2.0
+    swap = {"no": "two", "one": "three", "two": "one", "three": "no", "a": "two"}
+    miscount = lambda t: re.sub(r"\b(no|one|two|three|a)\b", lambda m: swap[m[1]], t)  # noqa: E731
+    wrong = [_mean_score(judge_reference(_with_answers(x["dialogue"], miscount(x["dialogue"][1]["content"]),
+                                                       miscount(x["dialogue"][3]["content"])), scenes))
+             for x in items]
+    assert sum(wrong) / len(wrong) < 7.0
+    others = [_mean_score(judge_reference(_with_answers(x["dialogue"], y["dialogue"][1]["content"],
+                                                        y["dialogue"][3]["content"]), scenes))
+              for x, y in zip(items, items[1:] + items[:1])]
+    assert sum(others) / len(others) < 5.0
+
+
+def test_reference_judge_follows_the_upstream_judge_layout(world):
+    scenes = load_scenes(world)
+    entry = judge_reference(_eval(world, "SparklesEval")[0]["dialogue"], scenes)
+    assert set(entry) == {"A1_C123_scores", "A2_C123_scores", "prompt", "response"}
+    text = entry["response"]
+    for turn in ("A1", "A2"):
+        overall = re.findall(rf"rating of {turn} is \[*(\d+(?:\.\d+)?)", text)
+        assert float(overall[0]) == entry[f"{turn}_C123_scores"][0]
+        assert all(1.0 <= v <= 10.0 for v in entry[f"{turn}_C123_scores"])
+    chunks = re.split(r"Evaluating [A-Za-z0-9]+", text)[1:]
+    assert len(chunks) == 2
+    for j in (1, 2, 3):
+        values = [float(re.search(rf"\(C{j}\).*?Rating:\s*\[*(\d+(?:\.\d+)?)", c, re.DOTALL)[1]) for c in chunks]
+        assert values == [entry["A1_C123_scores"][j], entry["A2_C123_scores"][j]]
+
+
+def test_reference_judge_accepts_training_dialogues_too(world):
+    scenes = load_scenes(world)
+    scores = [_mean_score(judge_reference(rec["dialogue"], scenes)) for rec in _dialogues(world, "VG")[:60]]
+    assert min(scores) >= 9.0
+
+
+# --- tokenizer corpus and configuration -----------------------------------------------------------
+
+def test_iter_world_texts_covers_what_the_model_sees(world):
+    texts = list(iter_world_texts(world))
+    assert all(isinstance(t, str) and t for t in texts)
+    corpus = "\n".join(texts)
+    assert bison_prompt(_eval(world, "BISON")[0]["caption"]) in corpus
+    assert nlvr2_prompt(_eval(world, "NLVR2")[0]["sentence"]) in corpus
+    for rec in _dialogues(world, "CC")[:20]:
+        for m in rec["dialogue"]:
+            assert m["content"] in corpus
+    assert "###Human: " in corpus and "###Assistant: " in corpus
+
+
+def test_mix_and_sizes_are_configurable():
+    cfg = WorldConfig(seed=1, num_train=40, num_bison=4, num_nlvr2=4, num_sparkleseval=4,
+                      mix={"describe": 1.0, "count": 0.0, "attribute": 0.0, "bison": 0.0, "nlvr2": 0.0})
+    w = build_world(cfg)
+    assert len(w.dialogues["CC"]) + len(w.dialogues["VG"]) == 40 and len(w.bison) == 4
+    firsts = [rec["dialogue"][0]["content"] for s in ("CC", "VG") for rec in w.dialogues[s]]
+    assert all(q.startswith("What do you see in ") for q in firsts)
+    with pytest.raises(ValueError, match="unknown task kinds"):
+        build_world(WorldConfig(mix={"poetry": 1.0}))
