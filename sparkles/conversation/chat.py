@@ -42,7 +42,7 @@ class Chat:
     """Shared, stateless parts: model, tokenizer, renderer, image transform, default settings."""
 
     def __init__(self, model, image_processor=None, *, tokenizer=None, layout: Optional[Layout] = None,
-                 generation: Optional[GenerationConfig] = None) -> None:
+                 generation: Optional[GenerationConfig] = None, reuse_cache: bool = True) -> None:
         self.model = model
         self.tokenizer = tokenizer if tokenizer is not None else model.tokenizer
         if self.tokenizer is None:
@@ -51,6 +51,8 @@ class Chat:
         self.layout = _layout_for(model, layout)
         self.renderer = Renderer(self.tokenizer, model.num_query_token, end_sym=END_SYM)
         self.generation = generation or GenerationConfig()
+        # False re-runs the whole history through the decoder every turn (the upstream way; for comparisons).
+        self.reuse_cache = reuse_cache
 
     def session(self) -> "ChatSession":
         return ChatSession(self)
@@ -171,7 +173,7 @@ class ChatSession:
 
         keys = rendered.keys
         reuse = 0
-        if self._state is not None and not rendered.dropped_turns:
+        if self._state is not None and not rendered.dropped_turns and self.chat.reuse_cache:
             old = self._state.keys
             limit = min(len(old), len(keys) - 1)  # always run at least one new position
             while reuse < limit and old[reuse] == keys[reuse]:
@@ -201,6 +203,7 @@ class ChatSession:
         self._state.keys = list(keys) + fed[0]
         self.messages.append(Message(ASSISTANT, text))
 
+    @torch.no_grad()
     def _embed(self, rendered, images, start: int) -> torch.Tensor:
         """Embeddings of positions ``start:`` of ``rendered`` (image slots filled)."""
         model = self.chat.model

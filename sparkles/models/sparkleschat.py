@@ -291,7 +291,7 @@ class SparklesChat(nn.Module):
                 log.info("%s", report.summary())
         model.tokenizer = tokenizer
         model.load_reports = reports
-        return model.place(device)
+        return model.place(device).eval()  # inference by default; the runner switches to train()
 
     def place(self, device: str | torch.device) -> "SparklesChat":
         """Move to ``device``; on CUDA cast the ViT to ``vit_precision`` and the decoder to ``dtype``."""

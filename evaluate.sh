@@ -1,0 +1,131 @@
+#!/usr/bin/env bash
+# Evaluate one model on BISON, NLVR2 and/or SparklesEval: shard each dataset over the GPUs (or over CPU
+# processes), wait for the shards, then merge them. Finished items are kept, so running the same command
+# again after an interruption continues where it stopped.
+#
+#   bash evaluate.sh [ROOT] [CFG] [DATASETS] [NSHARDS] [-- extra evaluate.py arguments]
+#
+#   ROOT      Sparkles root (default: $SPARKLES_ROOT)
+#   CFG       model config (default: eval_configs/sparkles_eval.yaml); "none" judges SparklesEval's GPT-4
+#             reference dialogues instead of a model
+#   DATASETS  comma- or space-separated subset of BISON,NLVR2,SparklesEval (default: all three)
+#   NSHARDS   number of shard processes per dataset (default: number of GPUs, or 2 on CPU)
+#
+# GPUs: the visible ones (CUDA_VISIBLE_DEVICES, else nvidia-smi); shard i runs on GPU i mod #GPUs.
+# Without GPUs every shard is a CPU process with its share of the cores (OMP_NUM_THREADS).
+# Extra arguments after "--" go to every evaluate.py call, e.g.
+#   bash evaluate.sh /data/Sparkles eval_configs/sparkles_eval.yaml "BISON NLVR2 SparklesEval" 8 -- --protocol upstream
+#   bash evaluate.sh outputs/tiny eval_configs/sparkles_tiny.yaml SparklesEval 2 -- --judge_models reference
+# Environment: PYTHON (default python), EVAL_LOG_DIR (default <ROOT>/evaluation/logs).
+set -uo pipefail
+
+HERE="$(cd "$(dirname "$0")" && pwd)"  # paths given by the user stay relative to the caller's directory
+POS=()
+while [[ $# -gt 0 && "$1" != "--" ]]; do
+  POS+=("$1")
+  shift
+done
+if [[ "${1:-}" == "--" ]]; then shift; fi
+EXTRA=("$@")
+if [[ ${#POS[@]} -gt 4 ]]; then
+  echo "evaluate.sh: at most 4 positional arguments (ROOT CFG DATASETS NSHARDS); put evaluate.py flags after --" >&2
+  exit 2
+fi
+ROOT="${POS[0]:-${SPARKLES_ROOT:-}}"
+CFG="${POS[1]:-$HERE/eval_configs/sparkles_eval.yaml}"
+DATASETS="${POS[2]:-BISON,NLVR2,SparklesEval}"
+NSHARDS="${POS[3]:-}"
+PYTHON="${PYTHON:-python}"
+
+if [[ -z "$ROOT" ]]; then
+  echo "usage: bash evaluate.sh ROOT [CFG] [DATASETS] [NSHARDS] [-- evaluate.py args]  (or set SPARKLES_ROOT)" >&2
+  exit 2
+fi
+
+# --- devices -----------------------------------------------------------------------------------------
+GPUS=()
+if [[ -n "${CUDA_VISIBLE_DEVICES:-}" ]]; then
+  IFS=',' read -r -a GPUS <<< "$CUDA_VISIBLE_DEVICES"
+elif command -v nvidia-smi >/dev/null 2>&1; then
+  mapfile -t GPUS < <(nvidia-smi --query-gpu=index --format=csv,noheader 2>/dev/null | tr -d ' ')
+fi
+NGPU=${#GPUS[@]}
+if [[ -z "$NSHARDS" ]]; then
+  NSHARDS=$(( NGPU > 0 ? NGPU : 2 ))
+fi
+if ! [[ "$NSHARDS" =~ ^[1-9][0-9]*$ ]]; then
+  echo "NSHARDS must be a positive integer, got '$NSHARDS'" >&2
+  exit 2
+fi
+CORES=$(nproc 2>/dev/null || echo 2)
+THREADS=$(( CORES / NSHARDS > 0 ? CORES / NSHARDS : 1 ))
+
+CFG_ARGS=(--cfg-path "$CFG")
+if [[ "$CFG" == "none" ]]; then
+  CFG_ARGS=()
+fi
+
+LOG_DIR="${EVAL_LOG_DIR:-$ROOT/evaluation/logs}"
+mkdir -p "$LOG_DIR"
+
+# --- children are stopped on Ctrl-C / kill ------------------------------------------------------------
+CHILDREN=()
+stop_children() {
+  trap - INT TERM
+  echo "evaluate.sh: stopping ${#CHILDREN[@]} shard process(es)" >&2
+  for pid in "${CHILDREN[@]}"; do
+    kill -TERM "$pid" 2>/dev/null
+  done
+  wait
+  exit 130
+}
+trap stop_children INT TERM
+
+fmt_time() { printf '%dm%02ds' $(( $1 / 60 )) $(( $1 % 60 )); }
+
+STATUS=0
+T_ALL=$SECONDS
+for DATASET in ${DATASETS//,/ }; do
+  T0=$SECONDS
+  if [[ "$CFG" == "none" && "$DATASET" != "SparklesEval" ]]; then
+    echo "[$DATASET] skipped: without a model config only SparklesEval's reference dialogues are judged"
+    continue
+  fi
+  echo "[$DATASET] $NSHARDS shard(s) on $([[ $NGPU -gt 0 ]] && echo "GPUs ${GPUS[*]}" || echo "CPU, $THREADS thread(s) each")"
+  CHILDREN=()
+  for (( i = 0; i < NSHARDS; i++ )); do
+    LOG="$LOG_DIR/${DATASET}_shard${i}of${NSHARDS}.log"
+    if [[ $NGPU -gt 0 ]]; then
+      CUDA_VISIBLE_DEVICES="${GPUS[$(( i % NGPU ))]}" "$PYTHON" "$HERE/evaluate.py" --sparkles_root "$ROOT" "${CFG_ARGS[@]}" \
+        --dataset "$DATASET" --shard "$i/$NSHARDS" --inference --device cuda:0 --no-progress "${EXTRA[@]}" \
+        > "$LOG" 2>&1 &
+    else
+      OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS CUDA_VISIBLE_DEVICES="" "$PYTHON" "$HERE/evaluate.py" \
+        --sparkles_root "$ROOT" "${CFG_ARGS[@]}" --dataset "$DATASET" --shard "$i/$NSHARDS" --inference \
+        --device cpu --no-progress "${EXTRA[@]}" > "$LOG" 2>&1 &
+    fi
+    CHILDREN+=($!)
+  done
+  FAILED=0
+  for (( i = 0; i < ${#CHILDREN[@]}; i++ )); do
+    if ! wait "${CHILDREN[$i]}"; then
+      FAILED=1
+      echo "[$DATASET] shard $i/$NSHARDS failed; last lines of $LOG_DIR/${DATASET}_shard${i}of${NSHARDS}.log:" >&2
+      tail -n 15 "$LOG_DIR/${DATASET}_shard${i}of${NSHARDS}.log" >&2
+    fi
+  done
+  CHILDREN=()
+  echo "[$DATASET] shards finished in $(fmt_time $(( SECONDS - T0 )))"
+  if [[ $FAILED -ne 0 ]]; then
+    echo "[$DATASET] not merged: fix the error above and run the same command again (finished items are kept)" >&2
+    STATUS=1
+    continue
+  fi
+  if ! "$PYTHON" "$HERE/evaluate.py" --sparkles_root "$ROOT" "${CFG_ARGS[@]}" --dataset "$DATASET" --merge-results \
+       "${EXTRA[@]}"; then
+    STATUS=1
+  fi
+  echo "[$DATASET] wall time $(fmt_time $(( SECONDS - T0 )))"
+done
+echo "evaluate.sh: total wall time $(fmt_time $(( SECONDS - T_ALL )))"
+exit $STATUS

@@ -1,0 +1,196 @@
+"""Merging a run's shards into the final result file, its HTML page and a metrics JSON.
+
+The manifest lists the shards; their files are read (never deleted), items are joined by
+``evaluation_id`` and checked:
+
+- duplicates (the same id in two shards, e.g. after re-sharding) are kept once when they agree;
+  for SparklesEval the judge entries of both copies are combined (upstream's rule); conflicting copies are
+  an error;
+- gaps: an id inside a registered shard range, or inside the planned slice of ``--shard I/N`` / torchrun
+  shards, with no finished item (a shard still running, crashed or never started) is an error unless
+  ``allow_partial``; annotation items outside every range are reported as not covered.
+
+Outputs, next to the run directory in ``<root>/evaluation/<dataset>/results/``:
+``<dataset>_<model>.json`` (SparklesEval) or ``<dataset>_<model>_acc<x.xxx>.json`` (BISON/NLVR2) in the
+upstream schema, the same name with ``.html`` (when :mod:`sparkles.viz.html` is available), and
+``<dataset>_<model>_metrics.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from .data import EvalSet
+from .judge import SCORE_KEYS, has_scores
+from .scores import choice_summary, sparkleseval_summary
+from .store import RunDir, atomic_write_json, eid_key, read_json
+
+log = logging.getLogger(__name__)
+
+
+class MergeError(RuntimeError):
+    """Shards that cannot be merged (gaps, conflicting duplicates, nothing to merge)."""
+
+
+@dataclass
+class MergeResult:
+    items: list
+    metrics: dict
+    result_path: Path
+    metrics_path: Path
+    html_paths: list = field(default_factory=list)
+
+
+def _ranges(ids: Sequence[int]) -> list[list[int]]:
+    """Compress sorted indices into ``[from, to)`` ranges."""
+    out: list[list[int]] = []
+    for i in ids:
+        if out and out[-1][1] == i:
+            out[-1][1] = i + 1
+        else:
+            out.append([i, i + 1])
+    return out
+
+
+def _combine(first: dict, other: dict, dataset: str, eid: Any) -> dict:
+    if dataset != "SparklesEval":
+        if first != other:
+            raise MergeError(f"evaluation_id {eid!r} appears in two shards with different results; remove the "
+                             "stale shard file (see manifest.json) and merge again")
+        return first
+    if first.get("dialogue") != other.get("dialogue"):
+        raise MergeError(f"evaluation_id {eid!r} appears in two shards with different answers")
+    merged = dict(first)
+    for key, value in other.items():
+        if isinstance(value, dict) and (key not in merged or (not has_scores(merged[key]) and has_scores(value))):
+            merged[key] = value
+    return merged
+
+
+def collect(run: RunDir, evalset: EvalSet, *, allow_partial: bool = False) -> tuple[list[dict], dict]:
+    """The run's items joined by id (in id order) and a report of duplicates, gaps and coverage."""
+    manifest = run.read_manifest()
+    shards = manifest.get("shards") or []
+    if not shards:
+        raise MergeError(f"{run.manifest_path} lists no shards")
+    by_id: dict[Any, dict] = {}
+    duplicates = []
+    for shard in shards:
+        path = run.path / shard["file"]
+        if not path.is_file():
+            continue  # a shard that never finished its first item; its range shows up as a gap
+        for item in read_json(path, what="shard file"):
+            key = eid_key(item.get("evaluation_id"))
+            if key in by_id:
+                duplicates.append(item.get("evaluation_id"))
+                by_id[key] = _combine(by_id[key], item, evalset.dataset, item.get("evaluation_id"))
+            else:
+                by_id[key] = item
+    annotations = evalset.items
+    index_of = {eid_key(a["evaluation_id"]): i for i, a in enumerate(annotations)}
+    unknown = [by_id[k].get("evaluation_id") for k in by_id if k not in index_of]
+    if unknown:
+        raise MergeError(f"shards hold evaluation ids not in {evalset.annotation_path}: {unknown[:10]}")
+    spans = [(s["from"], s["to"]) for s in shards] + [tuple(p) for p in manifest.get("planned") or []]
+    requested = sorted({i for lo, hi in spans for i in range(lo, min(hi, len(annotations)))})
+    missing = [i for i in requested if eid_key(annotations[i]["evaluation_id"]) not in by_id]
+    covered = set(requested)
+    not_covered = [i for i in range(len(annotations)) if i not in covered]
+    report = {"shards": [{k: s.get(k) for k in ("file", "from", "to", "status")} for s in shards],
+              "duplicates": len(duplicates), "duplicate_ids": duplicates,
+              "missing": len(missing), "missing_ranges": _ranges(missing),
+              "not_covered": len(not_covered), "not_covered_ranges": _ranges(not_covered),
+              "complete": not missing and not not_covered}
+    if duplicates:
+        log.warning("%d evaluation id(s) found in more than one shard; merged: %s", len(duplicates), duplicates[:10])
+    if missing:
+        unfinished = [s["file"] for s in shards if s.get("status") != "done"]
+        msg = (f"{len(missing)} item(s) of the requested ranges have no result (index ranges "
+               f"{_ranges(missing)}); unfinished shards: {unfinished or 'none'}. Re-run those shards with "
+               "--inference (finished items are kept), or pass --allow-partial.")
+        if not allow_partial:
+            raise MergeError(msg)
+        log.warning("%s", msg)
+    if not_covered:
+        log.warning("%d of %d annotation items are outside every shard range: %s", len(not_covered),
+                    len(annotations), _ranges(not_covered))
+    items = [by_id[k] for k in sorted(by_id)]
+    if not items:
+        raise MergeError(f"no finished items in {run.path}")
+    return items, report
+
+
+def merge_run(run: RunDir, evalset: EvalSet, *, judges: Optional[Sequence[str]] = None,
+              allow_partial: bool = False, write_html: bool = True) -> MergeResult:
+    """Merge, score and write the outputs (see the module docstring)."""
+    items, report = collect(run, evalset, allow_partial=allow_partial)
+    manifest = run.read_manifest()
+    metrics: dict[str, Any] = {"dataset": evalset.dataset, "model_name": run.model_name, "items": len(items)}
+    out_dir = run.results_dir
+    if evalset.dataset == "SparklesEval":
+        found = sorted({k for it in items for k, v in it.items()
+                        if isinstance(v, dict) and ("error" in v or SCORE_KEYS[0] in v)})
+        names = list(dict.fromkeys(judges)) if judges else sorted(found, key=lambda n: (n != "gpt-4", n))
+        metrics["judges"] = {name: sparkleseval_summary(items, name) for name in names}
+        if names:  # the reported number: the first judge asked for (gpt-4 when present otherwise)
+            first = metrics["judges"][names[0]]
+            metrics["headline"] = {"judge": names[0], "overall": first["overall"], "A1": first["A1"],
+                                   "A2": first["A2"], "rated": first["rated"]}
+        result_path = out_dir / f"{run.base}.json"
+        for name, s in metrics["judges"].items():
+            if s["overall"] is None:
+                log.warning("judge %s: no rated dialogues (%d failed, %d unjudged)", name, s["failed"], s["unjudged"])
+                continue
+            print(f"[{evalset.dataset}] {run.model_name} judged by {name}: "
+                  f"A1 vector {_fmt(s['A1_vector'])}, A2 vector {_fmt(s['A2_vector'])}; "
+                  f"A1 {s['A1']:.2f}, A2 {s['A2']:.2f}, overall {s['overall']:.2f} "
+                  f"({s['rated']} rated, {s['failed']} unparseable, {s['unjudged']} unjudged)")
+    else:
+        summary = choice_summary(items)
+        metrics.update(summary)
+        acc = summary["accuracy"] or 0.0
+        result_path = out_dir / f"{run.base}_acc{acc:.3f}.json"
+        print(f"[{evalset.dataset}] {run.model_name}: accuracy {acc:.3f} ({summary['correct']}/{summary['total']}; "
+              f"{summary['unparseable']} unparseable, {summary['generations']} generations)")
+    metrics.update(report)
+    metrics.update(settings=manifest.get("settings"), judge_settings=manifest.get("judges"))
+    metrics_path = out_dir / f"{run.base}_metrics.json"
+    metrics["files"] = {"results": result_path.name}
+    _check_not_input(result_path, evalset)
+    atomic_write_json(result_path, items)
+    html_paths = _write_html(items, result_path, evalset, run.model_name, metrics) if write_html else []
+    if html_paths:
+        metrics["files"]["html"] = [p.name for p in html_paths]
+    atomic_write_json(metrics_path, metrics)
+    print(f"[{evalset.dataset}] wrote {result_path}" + (f" and {html_paths[0].name}" if html_paths else ""))
+    return MergeResult(items, metrics, result_path, metrics_path, html_paths)
+
+
+def _fmt(vector) -> str:
+    return "[" + ", ".join(f"{v:.2f}" for v in vector) + "]"
+
+
+def _check_not_input(path: Path, evalset: EvalSet) -> None:
+    if path.resolve() == evalset.annotation_path.resolve() or evalset.annotation_path.parent in path.parents:
+        raise MergeError(f"refusing to write results into the annotations directory: {path}")
+
+
+def _write_html(items, result_path: Path, evalset: EvalSet, model_name: str, metrics: dict) -> list[Path]:
+    try:
+        from ..viz import html as viz
+    except ImportError:
+        log.info("sparkles.viz.html is not available; skipping the HTML page")
+        return []
+    html_path = result_path.with_suffix(".html")
+    try:
+        if evalset.dataset == "SparklesEval":
+            return viz.write_dialogue_page(items, html_path, image_url_fn=evalset.image_url,
+                                           title=result_path.stem, model_name=model_name)
+        return viz.write_choice_results_page(items, html_path, metrics.get("accuracy"), title=result_path.stem,
+                                             model_name=model_name)
+    except Exception as exc:  # a page is a convenience; the JSON results are already written
+        log.warning("could not write the HTML page %s: %s", html_path, exc)
+        return []

@@ -1,0 +1,96 @@
+"""One summary of a train-and-evaluate run: ``summary.json`` plus a table on stdout.
+
+Reads the ``*_metrics.json`` files that ``evaluate.py --merge-results`` writes under
+``<root>/evaluation/<dataset>/results/`` for one model name, and the timings ``run.sh`` measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+DATASETS = ("BISON", "NLVR2", "SparklesEval")
+
+
+def _latest_metrics(root: Path, dataset: str, model_name: Optional[str]) -> Optional[dict]:
+    results = root / "evaluation" / dataset / "results"
+    found = []
+    for path in results.rglob("*_metrics.json") if results.is_dir() else []:
+        data = json.loads(path.read_text())
+        if model_name is None or data.get("model_name") == model_name:
+            found.append((path.stat().st_mtime, path, data))
+    if not found:
+        return None
+    _, path, data = max(found, key=lambda t: t[0])
+    data["_path"] = str(path.relative_to(root))
+    return data
+
+
+def build_summary(root: Path, *, model_name: Optional[str] = None, train_seconds: Optional[float] = None,
+                  eval_seconds: Optional[float] = None, extra: Optional[dict] = None) -> dict:
+    summary: dict = {"root": str(root), "model_name": model_name}
+    for ds in DATASETS:
+        m = _latest_metrics(root, ds, model_name)
+        if m is None:
+            continue
+        if ds == "SparklesEval":
+            head = m.get("headline") or {}
+            summary["sparkleseval_score"] = head.get("overall")
+            summary["sparkleseval_judge"] = head.get("judge")
+            summary["sparkleseval_A1"] = head.get("A1")
+            summary["sparkleseval_A2"] = head.get("A2")
+        else:
+            key = ds.lower()
+            summary[f"{key}_acc"] = m.get("accuracy")
+            summary[f"{key}_unparseable"] = m.get("unparseable")
+            summary[f"{key}_items"] = m.get("total")
+        summary.setdefault("metrics_files", {})[ds] = m["_path"]
+    summary["train_seconds"] = train_seconds
+    summary["eval_seconds"] = eval_seconds
+    if extra:
+        summary.update(extra)
+    return summary
+
+
+def format_table(summary: dict) -> str:
+    def fmt(v, spec):
+        return "n/a" if v is None else format(v, spec)
+
+    rows = [
+        ("BISON accuracy", fmt(summary.get("bison_acc"), ".3f"), "chance 0.500"),
+        ("NLVR2 accuracy", fmt(summary.get("nlvr2_acc"), ".3f"), "chance 0.500"),
+        ("SparklesEval score (/10)", fmt(summary.get("sparkleseval_score"), ".2f"),
+         f"judge: {summary.get('sparkleseval_judge') or 'n/a'}"),
+        ("train time (s)", fmt(summary.get("train_seconds"), ".0f"), ""),
+        ("eval time (s)", fmt(summary.get("eval_seconds"), ".0f"), ""),
+    ]
+    width = max(len(r[0]) for r in rows)
+    lines = [f"{'metric':<{width}}  {'value':>8}  note", "-" * (width + 24)]
+    lines += [f"{name:<{width}}  {value:>8}  {note}" for name, value, note in rows]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--root", required=True, help="the Sparkles root the run wrote into")
+    p.add_argument("--model-name", default=None, help="only metrics of this model name (default: newest)")
+    p.add_argument("--train-seconds", type=float, default=None)
+    p.add_argument("--eval-seconds", type=float, default=None)
+    p.add_argument("--extra", default=None, help="JSON object of extra fields to record")
+    p.add_argument("--out", default=None, help="summary.json path (default <root>/summary.json)")
+    args = p.parse_args(argv)
+    root = Path(args.root)
+    summary = build_summary(root, model_name=args.model_name, train_seconds=args.train_seconds,
+                            eval_seconds=args.eval_seconds, extra=json.loads(args.extra) if args.extra else None)
+    out = Path(args.out) if args.out else root / "summary.json"
+    out.write_text(json.dumps(summary, indent=2) + "\n")
+    print(format_table(summary))
+    print(f"summary written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
