@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Train SparklesChat, then evaluate it on BISON, NLVR2 and SparklesEval.
+#
+#   bash run.sh                  CPU default: generate the procedural world, train the tiny SparklesChat on it,
+#                                evaluate it (reference judge for SparklesEval), write everything under
+#                                outputs/tiny/ and print a summary (summary.json there).
+#   bash run.sh ROOT [NGPU]      the paper pipeline on GPUs: torchrun train.py with train_configs/sparkleschat.yaml
+#                                on NGPU GPUs (default 8), then evaluate.sh on BISON and NLVR2 (and SparklesEval
+#                                when OPENAI_API_KEY or OPENAI_BASE_URL is set).
+#
+# Environment: SPARKLES_OUT (CPU default's folder, default outputs/tiny), SPARKLES_PRESET (default | ci: a small
+# world and a short training, used by the tests), TRAIN_OPTIONS (extra --options for train.py), EVAL_BATCH
+# (default 16), SKIP_INSTALL=1 (do not check/install requirements), PYTHON (default python3).
+set -euo pipefail
+cd "$(dirname "$0")"
+PYTHON=${PYTHON:-python3}
+now() { date +%s.%N; }
+elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f", b - a }'; }
+CHILDREN=()
+trap 'echo "run.sh: interrupted, stopping children"; for p in "${CHILDREN[@]:-}"; do kill "$p" 2>/dev/null || true; done; exit 130' INT TERM
+
+ensure_installed() {
+  if [[ "${SKIP_INSTALL:-0}" == 1 ]]; then return; fi
+  if "$PYTHON" -c "import sparkles, torch, timm, transformers, omegaconf" >/dev/null 2>&1; then return; fi
+  echo "[run.sh] Sparkles or its requirements are missing: installing into $("$PYTHON" -c 'import sys; print(sys.prefix)')"
+  echo "[run.sh]   (bash scripts/install.sh: torch/torchvision if absent, then pip install -e '.[dev]')"
+  PYTHON="$PYTHON" bash scripts/install.sh
+}
+
+run_tiny() {
+  local out=${SPARKLES_OUT:-outputs/tiny} preset=${SPARKLES_PRESET:-default} batch=${EVAL_BATCH:-16}
+  local train_opts=(${TRAIN_OPTIONS:-})
+  if [[ "$preset" == ci ]]; then
+    train_opts=(run.max_epoch=1 run.iters_per_epoch=${CI_ITERS:-60} run.warmup_steps=10 "${train_opts[@]}")
+  fi
+  mkdir -p "$out"
+  echo "[run.sh] CPU default: tiny SparklesChat on the procedural world in $out (preset $preset)"
+  local t0; t0=$(now)
+  if [[ ! -f "$out/world/scenes.json" || ! -f "$out/models/tiny_llm/tokenizer.json" ]]; then
+    "$PYTHON" -m sparkles.data.synthetic --out "$out" --seed 0 --preset "$preset"
+  else
+    echo "[run.sh] world found in $out (delete the folder to regenerate it)"
+  fi
+  local t1; t1=$(now)
+  "$PYTHON" train.py --cfg-path train_configs/sparkleschat_tiny.yaml --sparkles_root "$out" \
+    ${train_opts[@]:+--options "${train_opts[@]}"}
+  local t2; t2=$(now)
+  local ds
+  for ds in BISON NLVR2 SparklesEval; do
+    local judge=()
+    [[ "$ds" == SparklesEval ]] && judge=(--judge_models reference)
+    "$PYTHON" evaluate.py --cfg-path eval_configs/sparkles_tiny.yaml --sparkles_root "$out" --dataset "$ds" \
+      --inference --merge-results --batch-size "$batch" --max-new-tokens 120 --no-progress "${judge[@]}"
+  done
+  local t3; t3=$(now)
+  "$PYTHON" -m sparkles.tools.summary --root "$out" --train-seconds "$(elapsed "$t1" "$t2")" \
+    --eval-seconds "$(elapsed "$t2" "$t3")" \
+    --extra "{\"world_seconds\": $(elapsed "$t0" "$t1"), \"total_seconds\": $(elapsed "$t0" "$t3"), \"preset\": \"$preset\"}"
+  echo "[run.sh] result pages: $out/evaluation/*/results/*.html; chat with it: python demo.py"
+}
+
+run_paper() {
+  local root=$1 ngpu=${2:-8}
+  echo "[run.sh] paper pipeline: root $root, $ngpu GPU(s)"
+  local t0; t0=$(now)
+  torchrun --nproc-per-node "$ngpu" train.py --cfg-path train_configs/sparkleschat.yaml --sparkles_root "$root" \
+    ${TRAIN_OPTIONS:+--options $TRAIN_OPTIONS}
+  local t1; t1=$(now)
+  echo "[run.sh] training took $(elapsed "$t0" "$t1") s"
+  local datasets="BISON NLVR2"
+  if [[ -n "${OPENAI_API_KEY:-}${OPENAI_BASE_URL:-}" ]]; then datasets="BISON NLVR2 SparklesEval"; fi
+  local ckpt_opt="model.ckpt=${PAPER_CKPT:-models/SparklesChat/checkpoint_last.pth}"
+  bash evaluate.sh "$root" eval_configs/sparkles_eval.yaml "$datasets" "$ngpu" -- --options "$ckpt_opt"
+  echo "[run.sh] evaluation took $(elapsed "$t1" "$(now)") s"
+}
+
+ensure_installed
+if [[ $# -eq 0 ]]; then
+  run_tiny
+else
+  run_paper "$@"
+fi

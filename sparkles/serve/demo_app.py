@@ -1,0 +1,257 @@
+"""The Gradio chat app behind ``demo.py``: several images, ✨/⭐ slots, multi-turn streamed answers.
+
+Each browser tab owns a :class:`DemoConversation` (engine session + what the page shows + its record on
+disk) held in ``gr.State``. The model is shared, so every event that runs it joins one concurrency group
+of size one. Images are encoded once, when uploaded; the engine keeps the decoder's KV cache between turns.
+A question whose markers do not match the uploaded images is explained and never reaches the model.
+
+Build the app with :func:`build_demo` (tests drive it through ``gradio_client``); ``demo.py`` launches it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Iterator, Optional
+
+from ..conversation.template import count_slots, replace_glyphs
+from .loading import context_limit
+from .records import ConversationRecord
+
+TITLE = "Chat with ✨Sparkles✨"
+MODEL_GROUP = "sparkles-model"  # concurrency id shared by every event that runs the model
+
+INTRO = f"""# {TITLE}
+
+SparklesChat talks about several images at once, across several turns.
+[Paper (arXiv 2308.16463)](https://arxiv.org/abs/2308.16463) · [Original code](https://github.com/HYPJUDY/Sparkles)
+"""
+
+HOW_TO = """### How to use it
+1. **Upload images.** Each one gets a number in the order it arrives — IMAGE#1, IMAGE#2, … — shown under it in
+   the gallery. You can add more images at any point of the conversation.
+2. **Mark where each image goes.** Type ✨ or ⭐ in your message at the spot an image belongs. Markers are filled
+   with images in upload order over the whole conversation: your first marker ever is IMAGE#1, the next one
+   IMAGE#2, and so on. Writing the label in front, as in `IMAGE#2✨`, lets you and the model refer back to it.
+3. **Forgot a marker?** With *Place unmarked images for me* ticked, images that have no marker yet are put at the
+   start of your message, and the app tells you it did so. Untick it to be warned instead.
+4. **Clear** starts a new conversation.
+
+The model can be wrong or make things up; it does best on everyday photographs.
+"""
+
+TERMS = """**Terms of use.** This is a research preview, not a product. Conversations on this page — text, uploaded
+images, settings and votes — are saved on the server running it and may be shared for research."""
+
+EXAMPLES = [
+    "Write a short story that begins in IMAGE#1✨ and ends in IMAGE#2✨.",
+    "What do IMAGE#1✨ and IMAGE#2✨ have in common, and how do they differ?",
+    "Compose a song verse whose scene moves from IMAGE#1✨ to IMAGE#2✨.",
+]
+
+START_NOTICE = "Upload one or more images to begin (or just type to chat without images)."
+
+
+def generation_options(beams, temperature, top_p, max_new_tokens, *, max_length: int) -> dict:
+    """Slider values → engine options. Temperature 0 means greedy (deterministic) decoding."""
+    temperature = float(temperature)
+    options = {"num_beams": int(beams), "do_sample": temperature > 0, "top_p": float(top_p),
+               "max_new_tokens": int(max_new_tokens), "max_length": int(max_length)}
+    if temperature > 0:
+        options["temperature"] = temperature
+    return options
+
+
+def _labels(numbers: list[int]) -> str:
+    return ", ".join(f"IMAGE#{k}" for k in numbers)
+
+
+def place_images(text: str, *, slots_before: int, num_images: int, auto_place: bool
+                 ) -> tuple[str, list[int], Optional[str]]:
+    """Check a new message's markers against the uploaded images.
+
+    Returns ``(text_to_send, auto_placed_numbers, problem)``; ``problem`` is a message for the user when the
+    question must not be sent. With ``auto_place`` the images that have no marker yet are prepended as
+    ``IMAGE#k✨``.
+    """
+    new = count_slots(replace_glyphs(text))
+    total = slots_before + new
+    if total == num_images:
+        return text, [], None
+    if total > num_images:
+        earlier = f" (earlier messages already hold {slots_before})" if slots_before else ""
+        return text, [], (
+            f"**Not sent:** this message has {new} image marker(s){earlier}, so the conversation would need "
+            f"{total} image(s), but {num_images} {'is' if num_images == 1 else 'are'} uploaded. "
+            "Upload the missing image(s) or remove marker(s), then send again.")
+    missing = list(range(total + 1, num_images + 1))
+    if auto_place:
+        prefix = " ".join(f"IMAGE#{k}✨" for k in missing)
+        return f"{prefix} {text}", missing, None
+    return text, [], (
+        f"**Not sent:** {_labels(missing)} {'has' if len(missing) == 1 else 'have'} no ✨/⭐ marker yet. "
+        f"Type one marker per image where it belongs (in upload order), or tick *Place unmarked images for me*.")
+
+
+@dataclass
+class DemoConversation:
+    """One tab's conversation: engine session, gallery items, chat transcript and its saved record."""
+
+    session: object
+    record: ConversationRecord
+    gallery: list = field(default_factory=list)  # (file path, "IMAGE#k")
+    transcript: list = field(default_factory=list)  # Gradio chat messages {"role", "content"}
+
+
+def build_demo(chat, *, save_root: str | os.PathLike, model_name: Optional[str] = None, title: str = TITLE):
+    """The Gradio Blocks app for ``chat`` (a :class:`~sparkles.conversation.chat.Chat`).
+
+    API names (for ``gradio_client``): ``/add_images`` (files), ``/chat`` (message, beams, temperature, top_p,
+    max_new_tokens, auto_place; streams), ``/clear``, ``/upvote``, ``/downvote``, ``/flag``.
+    """
+    import gradio as gr
+
+    from ..conversation.chat import ChatError
+    from ..processors.image import ImageLoadError, load_rgb
+
+    def new_conversation() -> DemoConversation:
+        return DemoConversation(session=chat.session(), record=ConversationRecord(save_root, model=model_name))
+
+    def add_images(files, conv: Optional[DemoConversation]):
+        conv = conv or new_conversation()
+        added, skipped = [], []
+        for path in files or []:
+            path = str(path)
+            name = os.path.basename(path)
+            try:
+                image = load_rgb(path)
+            except ImageLoadError:
+                skipped.append(name)
+                continue
+            number = conv.session.add_image(image)
+            conv.gallery.append((path, f"IMAGE#{number}"))
+            conv.record.add_image(image, number=number, name=name)
+            added.append(number)
+        parts = []
+        if added:
+            unplaced = list(range(conv.session.num_slots + 1, len(conv.session.image_embeds) + 1))
+            parts.append(f"Added {_labels(added)}. Type ✨ or ⭐ where each image belongs; markers are filled in "
+                         f"upload order. Not placed yet: {_labels(unplaced)}.")
+        if skipped:
+            parts.append(f"Skipped {', '.join(skipped)}: not a readable image.")
+        if not parts:
+            parts.append("Choose one or more image files to upload.")
+        return conv.gallery, " ".join(parts), None, conv
+
+    def respond(text, conv: Optional[DemoConversation], beams, temperature, top_p, max_new_tokens, auto_place
+                ) -> Iterator[tuple]:
+        conv = conv or new_conversation()
+        session = conv.session
+        text = (text or "").strip()
+        if not text:
+            yield conv.transcript, "Type a message first.", "", conv
+            return
+        if session.messages and session.messages[-1].role == "user":
+            session.messages.pop()  # a previous answer was interrupted (tab closed, error): drop its question
+        sent, auto_placed, problem = place_images(text, slots_before=session.num_slots,
+                                                  num_images=len(session.image_embeds), auto_place=bool(auto_place))
+        if problem:
+            yield conv.transcript, problem, text, conv
+            return
+        notice = ""
+        if auto_placed:
+            notice = (f"Placed {_labels(auto_placed)} at the start of your message, since "
+                      f"{'it had' if len(auto_placed) == 1 else 'they had'} no ✨/⭐ marker yet.")
+        options = generation_options(beams, temperature, top_p, max_new_tokens, max_length=context_limit(chat))
+        session.ask(sent)
+        transcript = conv.transcript + [{"role": "user", "content": sent}, {"role": "assistant", "content": ""}]
+        yield transcript, notice or "Thinking…", "", conv
+        answer = ""
+        try:
+            for answer in session.stream(**options):
+                transcript[-1] = {"role": "assistant", "content": answer}
+                yield transcript, notice or "Answering…", "", conv
+        except ChatError as exc:
+            session.messages.pop()
+            yield conv.transcript, f"**Not answered:** {exc}", text, conv
+            return
+        conv.transcript = transcript
+        warning = session.last_warning
+        conv.record.add_turn(user=sent, typed=text, answer=answer, auto_placed=auto_placed, warning=warning,
+                             generation={**options, "temperature": float(temperature)})
+        final = " ".join(x for x in (notice, warning) if x) or "Done. Ask a follow-up, add images, or vote."
+        yield transcript, final, "", conv
+
+    def clear(conv: Optional[DemoConversation]):
+        # A fresh conversation rather than an in-place reset: an answer being cancelled may still be
+        # finishing on the old session in another thread. The old record stays on disk as it is.
+        return None, [], [], "", START_NOTICE, new_conversation()
+
+    def make_vote(kind: str):
+        def vote(conv: Optional[DemoConversation], beams, temperature, top_p, max_new_tokens):
+            if conv is None or not conv.transcript:
+                return "Nothing to rate yet — ask something first."
+            options = generation_options(beams, temperature, top_p, max_new_tokens, max_length=context_limit(chat))
+            conv.record.add_feedback(kind, generation={**options, "temperature": float(temperature)})
+            return f"Thanks — your {kind} is saved with this conversation."
+        vote.__name__ = kind
+        return vote
+
+    # Answers may take at most half the context, so the conversation always keeps the other half.
+    answer_cap = max(16, min(1024, context_limit(chat) // 2) // 16 * 16)
+    theme = gr.themes.Soft(font=["ui-sans-serif", "system-ui", "sans-serif"],
+                           font_mono=["ui-monospace", "monospace"])  # no web fonts: works offline
+    with gr.Blocks(title=title, analytics_enabled=False) as demo:
+        demo.sparkles_theme = theme  # launch() takes the theme in Gradio 6; see launch_kwargs()
+        state = gr.State(None)
+        gr.Markdown(INTRO)
+        with gr.Row():
+            with gr.Column(scale=1):
+                files = gr.File(label="Upload images", file_count="multiple", file_types=["image"],
+                                type="filepath", height=160)
+                notice = gr.Markdown(START_NOTICE, elem_id="sparkles-notice")
+                with gr.Accordion("Parameters", open=False):
+                    beams = gr.Slider(1, 5, value=1, step=1, label="Beam search numbers",
+                                      info="1 streams the answer; more beams answer in one piece")
+                    temperature = gr.Slider(0.0, 2.0, value=1.0, step=0.1, label="Temperature",
+                                            info="0 = greedy, the same answer every time")
+                    top_p = gr.Slider(0.1, 1.0, value=0.9, step=0.05, label="Top p")
+                    max_new_tokens = gr.Slider(16, answer_cap, value=min(512, max(16, answer_cap // 32 * 16)),
+                                               step=16, label="Max new tokens")
+                    auto_place = gr.Checkbox(value=True, label="Place unmarked images for me")
+                with gr.Row():
+                    upvote = gr.Button("👍 Upvote", size="sm")
+                    downvote = gr.Button("👎 Downvote", size="sm")
+                    flag = gr.Button("⚠️ Flag", size="sm")
+                clear_btn = gr.Button("🧹 Clear", variant="stop")
+            with gr.Column(scale=2):
+                gallery = gr.Gallery(label="Images", columns=5, height=190, object_fit="contain", fit_columns=False,
+                                     preview=False, interactive=False)
+                chatbot = gr.Chatbot(label="Sparkles", height=420)
+                with gr.Row():
+                    textbox = gr.Textbox(label="Me", placeholder="Ask about your images; type ✨ or ⭐ where "
+                                         "each one belongs", scale=5, lines=2)
+                    send = gr.Button("Send", variant="primary", scale=1)
+                gr.Examples(EXAMPLES, inputs=[textbox], label="Example prompts (upload two images first)")
+        gr.Markdown(HOW_TO)
+        gr.Markdown(TERMS)
+
+        params = [beams, temperature, top_p, max_new_tokens]
+        files.upload(add_images, [files, state], [gallery, notice, files, state], api_name="add_images",
+                     concurrency_id=MODEL_GROUP, concurrency_limit=1)
+        chat_io = dict(inputs=[textbox, state, *params, auto_place], outputs=[chatbot, notice, textbox, state],
+                       concurrency_id=MODEL_GROUP, concurrency_limit=1)
+        sending = [send.click(respond, api_name="chat", **chat_io),
+                   textbox.submit(respond, api_visibility="undocumented", api_name="chat_submit", **chat_io)]
+        clear_btn.click(clear, [state], [files, gallery, chatbot, textbox, notice, state], api_name="clear",
+                        cancels=sending)
+        for button, kind in ((upvote, "upvote"), (downvote, "downvote"), (flag, "flag")):
+            button.click(make_vote(kind), [state, *params], [notice], api_name=kind)
+    return demo
+
+
+def launch_kwargs(demo, *, host: str = "127.0.0.1", port: Optional[int] = None, share: bool = False) -> dict:
+    """Keyword arguments for ``demo.launch``: loopback and no share link unless asked, a cap on upload size,
+    and no Node server-side rendering (plain Python serving is enough for this page)."""
+    return dict(server_name=host, server_port=port, share=share, theme=getattr(demo, "sparkles_theme", None),
+                ssr_mode=False, max_file_size="25mb")

@@ -1,0 +1,84 @@
+"""Turn an ``image_url`` of an API request into a PIL image, safely.
+
+Accepted: ``data:image/...;base64,...`` URLs, and — only when the server was started with
+``--allowed-image-dir`` — local files inside those directories (``file://`` URLs or plain paths; symlinks are
+resolved before the check). Remote ``http(s)`` URLs are refused: the server never fetches from the network.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import os
+from pathlib import Path
+from typing import Sequence
+from urllib.parse import unquote, urlparse
+
+from .openai_format import ApiError
+
+DEFAULT_MAX_IMAGE_BYTES = 20 * 1024 * 1024
+
+
+def _decode(data: bytes, param: str, what: str):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise ApiError(f"{param}: {what} is not an image we can decode ({type(exc).__name__})", param=param,
+                       code="invalid_image") from None
+
+
+def _from_data_url(url: str, param: str, max_bytes: int):
+    header, sep, payload = url.partition(",")
+    if not sep or not header.startswith("data:image/") or not header.endswith(";base64"):
+        raise ApiError(f"{param}: data URLs must look like data:image/png;base64,<data>", param=param,
+                       code="invalid_image_url")
+    if len(payload) * 3 // 4 > max_bytes:
+        raise ApiError(f"{param}: the image is larger than {max_bytes // (1024 * 1024)} MiB", param=param,
+                       code="image_too_large")
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(f"{param}: the data URL is not valid base64", param=param, code="invalid_image") from None
+    return _decode(data, param, "the data URL")
+
+
+def _from_local(url: str, param: str, allowed_dirs: Sequence[Path], max_bytes: int):
+    if not allowed_dirs:
+        raise ApiError(f"{param}: this server does not read local files; send the image inline as a data URL "
+                       "(data:image/png;base64,...), or start the server with --allowed-image-dir", param=param,
+                       code="local_images_disabled")
+    raw = unquote(urlparse(url).path) if url.startswith("file://") else url
+    path = Path(raw).expanduser()
+    if not path.is_absolute():
+        path = allowed_dirs[0] / path
+    resolved = path.resolve()
+    if not any(resolved == d or resolved.is_relative_to(d) for d in allowed_dirs):
+        raise ApiError(f"{param}: {raw!r} is outside the directories this server may read images from",
+                       param=param, code="image_path_not_allowed")
+    if not resolved.is_file():
+        raise ApiError(f"{param}: image file not found: {raw!r}", param=param, code="image_not_found")
+    if resolved.stat().st_size > max_bytes:
+        raise ApiError(f"{param}: the image is larger than {max_bytes // (1024 * 1024)} MiB", param=param,
+                       code="image_too_large")
+    return _decode(resolved.read_bytes(), param, repr(raw))
+
+
+def load_image_url(url: str, *, param: str, allowed_dirs: Sequence[str | os.PathLike] = (),
+                   max_bytes: int = DEFAULT_MAX_IMAGE_BYTES):
+    """The RGB image an ``image_url`` names, or an :class:`ApiError` (400) saying why not."""
+    scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+    if scheme == "data":
+        return _from_data_url(url, param, max_bytes)
+    if scheme in ("http", "https"):
+        raise ApiError(f"{param}: this server does not download images from the web; send the image inline as a "
+                       "data URL (data:image/png;base64,...)", param=param, code="remote_image_url_not_supported")
+    if scheme in ("", "file") or len(scheme) == 1:  # plain paths (a one-letter scheme is a Windows drive)
+        dirs = [Path(d).expanduser().resolve() for d in allowed_dirs]
+        return _from_local(url, param, dirs, max_bytes)
+    raise ApiError(f"{param}: unsupported URL scheme {scheme!r}; use a data URL", param=param,
+                   code="invalid_image_url")

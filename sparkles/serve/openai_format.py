@@ -1,0 +1,267 @@
+"""The OpenAI chat-completions wire format: request validation and response/chunk bodies.
+
+Pure data in, data out (no web framework, no model), so every rule is testable on its own. A request is
+checked field by field; anything we cannot serve is an :class:`ApiError` carrying the OpenAI error body
+``{"error": {"message", "type", "param", "code"}}`` and an HTTP status. Image parts are collected in reading
+order and replaced by one slot marker each, exactly where they stood among the text parts.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from ..conversation.template import ASSISTANT, IMAGE_GLYPHS, IMAGE_MARKER, IMAGE_PLACEHOLDER, USER
+
+MAX_STOP_STRINGS = 4
+
+
+class ApiError(Exception):
+    """An error answered with an OpenAI-style body."""
+
+    def __init__(self, message: str, *, status: int = 400, type: str = "invalid_request_error",
+                 param: Optional[str] = None, code: Optional[str] = None) -> None:
+        super().__init__(message)
+        self.message, self.status, self.type, self.param, self.code = message, status, type, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+@dataclass
+class ImagePart:
+    """One ``image_url`` part: where it was (``param``) and its URL (a data URL or a local path)."""
+
+    url: str
+    param: str
+
+
+@dataclass
+class ChatRequest:
+    """A validated request: alternating turns (user first and last) with slot markers, plus settings."""
+
+    model: str
+    turns: list[tuple[str, str]]  # (role, text); each image part became IMAGE_MARKER
+    images: list[ImagePart]
+    system: Optional[str] = None
+    stream: bool = False
+    include_usage: bool = False
+    max_tokens: Optional[int] = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: Optional[int] = None
+
+    def generation_options(self) -> dict:
+        """Engine options; temperature 0 is greedy decoding."""
+        opts: dict[str, Any] = {"do_sample": self.temperature > 0, "top_p": self.top_p, "seed": self.seed}
+        if self.temperature > 0:
+            opts["temperature"] = self.temperature
+        if self.max_tokens is not None:
+            opts["max_new_tokens"] = self.max_tokens
+        return opts
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _number(body: dict, key: str, default, lo: float, hi: float, *, lo_open: bool = False):
+    value = body.get(key)
+    if value is None:
+        return default
+    if not _is_number(value) or value > hi or value < lo or (lo_open and value == lo):
+        lower = f"greater than {lo:g}" if lo_open else f"at least {lo:g}"
+        raise ApiError(f"'{key}' must be a number {lower} and at most {hi:g}; got {value!r}", param=key,
+                       code="invalid_value")
+    return float(value)
+
+
+def _text_of(text: Any, param: str) -> str:
+    if not isinstance(text, str):
+        raise ApiError(f"{param} must be a string", param=param, code="invalid_type")
+    glyphs = [g for g in (*IMAGE_GLYPHS, IMAGE_PLACEHOLDER) if g in text]
+    if glyphs:
+        raise ApiError(f"{param} contains {glyphs[0]!r}, which this model reads as an image slot; send each image as "
+                       "an image_url part placed where it belongs instead", param=param, code="invalid_value")
+    return text
+
+
+def _content(message: dict, i: int, role: str, images: list[ImagePart]) -> str:
+    """A message's content as text, images replaced by slot markers in place."""
+    param = f"messages[{i}].content"
+    content = message.get("content")
+    if isinstance(content, str):
+        return _text_of(content, param)
+    if not isinstance(content, list) or not content:
+        raise ApiError(f"{param} must be a string or a non-empty list of content parts", param=param,
+                       code="invalid_type")
+    pieces = []
+    for j, part in enumerate(content):
+        p = f"{param}[{j}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text":
+            pieces.append(_text_of(part.get("text"), f"{p}.text"))
+        elif kind == "image_url":
+            if role != USER:
+                raise ApiError(f"{p}: only user messages may contain images", param=p, code="invalid_value")
+            spec = part.get("image_url")
+            url = spec.get("url") if isinstance(spec, dict) else spec
+            if not isinstance(url, str) or not url:
+                raise ApiError(f"{p}.image_url.url must be a non-empty string", param=f"{p}.image_url.url",
+                               code="invalid_type")
+            images.append(ImagePart(url=url, param=f"{p}.image_url"))
+            pieces.append(IMAGE_MARKER)
+        else:
+            raise ApiError(f"{p}.type must be 'text' or 'image_url'; got {kind!r}", param=f"{p}.type",
+                           code="invalid_value")
+    return "".join(pieces)
+
+
+def parse_chat_request(body: Any, *, model_name: str, max_images: int) -> ChatRequest:
+    """Validate a ``/v1/chat/completions`` body; raise :class:`ApiError` naming the offending field."""
+    if not isinstance(body, dict):
+        raise ApiError("the request body must be a JSON object", code="invalid_json")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise ApiError("'model' is required", param="model", code="missing_required_parameter")
+    if model != model_name:
+        raise ApiError(f"The model '{model}' does not exist; this server serves '{model_name}'", status=404,
+                       param="model", code="model_not_found")
+    n = body.get("n")
+    if n is not None and (not _is_int(n) or n != 1):
+        raise ApiError(f"only n=1 is supported; got n={n!r}", param="n", code="unsupported_value")
+
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError("'messages' must be a non-empty list", param="messages", code="missing_required_parameter")
+    system_parts: list[str] = []
+    turns: list[tuple[str, str]] = []
+    images: list[ImagePart] = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise ApiError(f"messages[{i}] must be an object", param=f"messages[{i}]", code="invalid_type")
+        role = message.get("role")
+        if role in ("system", "developer"):
+            if turns:
+                raise ApiError(f"messages[{i}]: a {role} message must come before the conversation",
+                               param=f"messages[{i}].role", code="invalid_value")
+            system_parts.append(_content(message, i, role, images))
+            continue
+        if role not in (USER, ASSISTANT):
+            raise ApiError(f"messages[{i}].role must be system, user or assistant; got {role!r}",
+                           param=f"messages[{i}].role", code="invalid_value")
+        text = _content(message, i, role, images)
+        if turns and turns[-1][0] == role:  # the model's template alternates; join consecutive messages
+            turns[-1] = (role, turns[-1][1] + "\n" + text)
+        else:
+            turns.append((role, text))
+    if not turns or turns[0][0] != USER:
+        raise ApiError("the conversation must start with a user message (after any system message)",
+                       param="messages", code="invalid_value")
+    if turns[-1][0] != USER:
+        raise ApiError("the last message must come from the user", param="messages", code="invalid_value")
+    if len(images) > max_images:
+        raise ApiError(f"this request has {len(images)} images; at most {max_images} are allowed per request",
+                       param="messages", code="too_many_images")
+
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    if max_tokens is not None and (not _is_int(max_tokens) or max_tokens < 1):
+        key = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+        raise ApiError(f"'{key}' must be a positive integer; got {max_tokens!r}", param=key, code="invalid_value")
+    stop = body.get("stop")
+    if stop is None:
+        stops: list[str] = []
+    elif isinstance(stop, str):
+        stops = [stop]
+    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop) and len(stop) <= MAX_STOP_STRINGS:
+        stops = list(stop)
+    else:
+        raise ApiError(f"'stop' must be a string or a list of at most {MAX_STOP_STRINGS} strings", param="stop",
+                       code="invalid_value")
+    if any(not s for s in stops):
+        raise ApiError("'stop' strings must not be empty", param="stop", code="invalid_value")
+    seed = body.get("seed")
+    if seed is not None and not _is_int(seed):
+        raise ApiError("'seed' must be an integer", param="seed", code="invalid_type")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise ApiError("'stream' must be true or false", param="stream", code="invalid_type")
+    stream_options = body.get("stream_options") or {}
+    if not isinstance(stream_options, dict):
+        raise ApiError("'stream_options' must be an object", param="stream_options", code="invalid_type")
+    return ChatRequest(
+        model=model, turns=turns, images=images,
+        system="\n".join(system_parts) if system_parts else None,
+        stream=stream, include_usage=bool(stream_options.get("include_usage", False)),
+        max_tokens=max_tokens,
+        temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
+        top_p=_number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
+        stop=stops, seed=seed)
+
+
+# ---------------------------------------------------------------------------------------------- responses
+def completion_id() -> str:
+    return "chatcmpl-" + secrets.token_hex(12)
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def completion_body(*, id: str, model: str, text: str, finish_reason: str, prompt_tokens: int,
+                    completion_tokens: int) -> dict:
+    return {
+        "id": id, "object": "chat.completion", "created": int(time.time()), "model": model,
+        "system_fingerprint": None,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
+                     "logprobs": None, "finish_reason": finish_reason}],
+        "usage": usage(prompt_tokens, completion_tokens),
+    }
+
+
+def chunk_body(*, id: str, model: str, created: int, delta: dict, finish_reason: Optional[str] = None,
+               usage_: Optional[dict] = None, empty_choices: bool = False) -> dict:
+    body = {"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+            "system_fingerprint": None,
+            "choices": [] if empty_choices else [{"index": 0, "delta": delta, "logprobs": None,
+                                                  "finish_reason": finish_reason}]}
+    if usage_ is not None or empty_choices:
+        body["usage"] = usage_
+    return body
+
+
+class DeltaTracker:
+    """Turns "answer so far" snapshots into append-only deltas for streaming.
+
+    The engine cleans the answer after every token (cut at a stop string, strip), so a snapshot can end in
+    a partial stop string that a later token removes again. A streamed delta cannot be taken back, so a
+    tail that could still grow into a stop string is held until it resolves.
+    """
+
+    def __init__(self, stop_strings) -> None:
+        self.sent = ""
+        self.hold = tuple(s for s in stop_strings if s) + ("Assistant:",)
+
+    def _stable(self, text: str) -> str:
+        for s in self.hold:
+            for k in range(min(len(s) - 1, len(text)), 0, -1):
+                if text.endswith(s[:k]):
+                    text = text[:-k]
+                    break
+        return text.rstrip()  # the final answer is stripped, so trailing spaces are not final either
+
+    def update(self, text: str, *, final: bool = False) -> str:
+        stable = text if final else self._stable(text)
+        if not stable.startswith(self.sent):
+            return ""  # the visible answer changed shape; nothing safe to add
+        delta = stable[len(self.sent):]
+        self.sent = stable
+        return delta
