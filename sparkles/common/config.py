@@ -28,14 +28,23 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class EvalProcessorConfig:
+    """The image transform used at inference (upstream: ``datasets.cc_sbu_align.vis_processor.train``)."""
+
+    name: str = "blip2_image_eval"
+    image_size: Optional[int] = None  # None = the model's image_size
+
+
+@dataclass
 class RunConfig:
-    """The ``run`` section: optimisation, schedule, distributed and output settings."""
+    """The ``run`` section: optimisation, schedule, distributed and output settings (see docs/sections/training.md)."""
 
     # Default Sparkles root for this config (relative to the working directory); --sparkles_root and
     # $SPARKLES_ROOT take precedence. Lets the tiny configs work without any flag.
     sparkles_root: Optional[str] = None
     task: str = "image_text_pretrain"
     runner: str = "runner_base"
+    # --- learning rate: linear_warmup_cosine_lr | linear_warmup_step_lr | constant_lr (sparkles.runners.lr_sched)
     lr_sched: str = "linear_warmup_cosine_lr"
     init_lr: float = 3e-5
     min_lr: float = 1e-5
@@ -43,36 +52,47 @@ class RunConfig:
     warmup_steps: int = 0
     # Upstream measures the cosine from step 0, so the lr jumps down at the end of warmup.
     cosine_after_warmup: bool = False
-    lr_decay_rate: Optional[float] = None
+    lr_decay_rate: Optional[float] = None  # linear_warmup_step_lr: init_lr * rate ** epoch
+    # --- optimizer: AdamW, betas (0.9, beta2), decay on >=2-D weights without bias/ln/bn in the name
     weight_decay: float = 0.05
     beta2: float = 0.999
+    grad_clip: Optional[float] = None  # max global grad norm; None = no clipping (upstream)
+    # --- schedule of the loop: an epoch is iters_per_epoch steps, whatever the dataset sizes
     max_epoch: int = 1
     iters_per_epoch: int = 100
-    batch_size_train: int = 1
+    batch_size_train: int = 1  # per process
     batch_size_eval: int = 1
-    accum_grad_iters: int = 1
-    grad_clip: Optional[float] = None
-    num_workers: int = 0
-    seed: int = 42
-    output_dir: str = "outputs/run"
+    accum_grad_iters: int = 1  # loss / k, optimizer step every k iterations; must divide iters_per_epoch
+    num_workers: int = 0  # loader workers per dataset (one sub-loader per dataset)
+    seed: int = 42  # model init uses seed; per-rank RNGs seed + rank; data order and the mixture derive from it
+    output_dir: str = "outputs/run"  # relative paths resolve against the Sparkles root
+    # --- precision: on CUDA, autocast in amp_dtype (GradScaler for float16); CPU always trains in float32
     amp: bool = False
     amp_dtype: str = "bfloat16"
-    resume_ckpt_path: Optional[str] = None
+    resume_ckpt_path: Optional[str] = None  # a checkpoint_<epoch>.pth / checkpoint_last.pth to continue exactly
     evaluate: bool = False
     train_splits: list = field(default_factory=lambda: ["train"])
     valid_splits: list = field(default_factory=list)
     test_splits: list = field(default_factory=list)
-    device: str = "auto"
+    # --- devices and processes (world_size/distributed are filled in from the torchrun environment)
+    device: str = "auto"  # auto | cpu | cuda
     world_size: int = 1
     dist_url: str = "env://"
     distributed: bool = False
-    dist_backend: str = "auto"
+    dist_backend: str = "auto"  # auto = nccl on GPU, gloo on CPU
+    find_unused_parameters: bool = False  # DDP option, for models with trainable parts that some batches skip
+    num_threads: Optional[int] = None  # CPU threads per process; None = the cores divided among local processes
     use_dist_eval_sampler: bool = True
-    log_freq: int = 50
-    tensorboard: bool = True
-    max_length: int = 1024
-    skip_bad_records: bool = False
-    vision_feature_cache: bool = False
+    # --- logging
+    log_freq: int = 50  # steps between log lines
+    progress_bar: bool = True  # tqdm bar on rank 0
+    tensorboard: bool = True  # scalars in <output_dir>/tensorboard
+    # --- data
+    max_length: int = 1024  # tokens per sample (datasets.<name>.max_length overrides)
+    skip_bad_records: bool = False  # count and skip bad records instead of stopping with an error
+    vision_feature_cache: bool = False  # frozen ViT+Q-Former: compute each image's features once
+    # --- evaluation / demo: the inference image transform (no dataset builder needed to evaluate)
+    eval_vis_processor: EvalProcessorConfig = field(default_factory=EvalProcessorConfig)
 
 
 def _load_yaml(path: str | os.PathLike) -> DictConfig:
@@ -142,6 +162,8 @@ def parse_options(options: Sequence[str] | None) -> DictConfig:
     for opt in options:
         if "=" not in opt:
             raise ConfigError(f"--options: {opt!r} is not of the form key=value")
+    # "key=" means the empty string (OmegaConf would read it as null).
+    options = [opt + "''" if opt.endswith("=") else opt for opt in options]
     try:
         return OmegaConf.from_dotlist(options)
     except OmegaConfBaseException as exc:

@@ -12,13 +12,14 @@ from torch import nn
 
 
 def build_qformer(*, hidden: int, layers: int, heads: int, intermediate: int, encoder_width: int,
-                  cross_attention_freq: int = 2) -> nn.Module:
+                  cross_attention_freq: int = 2, init_std: float = 0.02) -> nn.Module:
     from transformers import Blip2QFormerConfig, Blip2QFormerModel
 
     config = Blip2QFormerConfig(
         hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=intermediate,
         encoder_hidden_size=encoder_width, cross_attention_frequency=cross_attention_freq, layer_norm_eps=1e-12,
         hidden_act="gelu", vocab_size=1, max_position_embeddings=1, use_qformer_text_input=False,
+        initializer_range=init_std,
     )
     config._attn_implementation = "sdpa"
     return Blip2QFormerModel(config)

@@ -56,6 +56,10 @@ class SparklesChatConfig:
     qformer_heads: int = 12
     qformer_intermediate: int = 3072
     qformer_cross_attention_freq: int = 2
+    # Spread of the random initialisation (BERT's 0.02). A Q-Former trained from scratch needs more: its
+    # cross-attention output passes two 0.02-scale matrices before a post-LayerNorm residual, so the image
+    # signal (and its gradient) starts near zero and the decoder learns to ignore images.
+    qformer_init_std: float = 0.02
     freeze_qformer: bool = True
     # --- decoder ---
     llama_model: str = MISSING  # HF directory (Vicuna v0 for the paper)
@@ -127,9 +131,9 @@ class SparklesChat(nn.Module):
         self.Qformer = build_qformer(
             hidden=cfg.qformer_hidden, layers=cfg.qformer_layers, heads=cfg.qformer_heads,
             intermediate=cfg.qformer_intermediate, encoder_width=cfg.vit_width,
-            cross_attention_freq=cfg.qformer_cross_attention_freq)
+            cross_attention_freq=cfg.qformer_cross_attention_freq, init_std=cfg.qformer_init_std)
         self.query_tokens = nn.Parameter(torch.zeros(1, cfg.num_query_token, cfg.qformer_hidden))
-        nn.init.normal_(self.query_tokens, std=0.02)
+        nn.init.normal_(self.query_tokens, std=cfg.qformer_init_std)
         self.llama_model = llama_model
         self.llama_proj = nn.Linear(cfg.qformer_hidden, llama_model.config.hidden_size)
         self.tokenizer = None  # attached by from_config; not a module

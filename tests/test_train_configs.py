@@ -1,0 +1,44 @@
+"""The shipped train configs: the paper recipe and the CPU tiny run load strictly and say what they should."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import sparkles.data.builders as builders
+import sparkles.models  # noqa: F401
+from sparkles.common.config import ConfigError, load_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "train_configs"
+
+
+@pytest.mark.parametrize("name", ["sparkleschat.yaml", "sparkleschat_tiny.yaml"])
+def test_configs_train_on_the_ten_splits_with_upstream_ratios(name):
+    cfg = load_config(CONFIGS / name)
+    assert tuple(cfg.datasets) == builders.DIALOGUE_NAMES
+    ratios = {n: d.sample_ratio for n, d in cfg.datasets.items()}
+    assert all(r == (2 if "turn1" in n else 1) for n, r in ratios.items()) and sum(ratios.values()) == 15
+    assert not Path(cfg.run.output_dir).is_absolute()
+    for d in cfg.datasets.values():
+        assert not Path(d.root_dir).is_absolute() and d.anno_path.startswith("annotations/")
+
+
+def test_paper_recipe_values():
+    cfg = load_config(CONFIGS / "sparkleschat.yaml")
+    run = cfg.run
+    assert (run.init_lr, run.min_lr, run.warmup_lr, run.warmup_steps) == (3e-5, 1e-5, 1e-6, 400)
+    assert (run.max_epoch, run.iters_per_epoch, run.batch_size_train, run.seed, run.amp) == (5, 400, 1, 42, True)
+    assert (run.weight_decay, run.beta2, run.accum_grad_iters) == (0.05, 0.999, 1)
+    assert cfg.model.ckpt == "weights/minigpt4_7b_stage1.pth"
+    assert cfg.model.freeze_vit and cfg.model.freeze_qformer and cfg.model.freeze_llm
+    assert all(d.vis_processor.train.name == "blip2_image_train" for d in cfg.datasets.values())
+
+
+def test_tiny_config_and_overrides():
+    cfg = load_config(CONFIGS / "sparkleschat_tiny.yaml", ["run.init_lr=5e-4", "model.freeze_vit=True"])
+    assert cfg.model.model_type == "tiny" and cfg.model.freeze_vit is True and cfg.run.init_lr == 5e-4
+    assert (cfg.run.sparkles_root, cfg.run.output_dir) == ("outputs/tiny", "models/sparkleschat_tiny")
+    assert all(d.vis_processor.train.name == "blip2_image_eval" for d in cfg.datasets.values())
+    with pytest.raises(ConfigError, match="run.bogus"):
+        load_config(CONFIGS / "sparkleschat_tiny.yaml", ["run.bogus=1"])
