@@ -95,8 +95,26 @@ def test_force_replaces_a_world_and_removes_its_stale_images(tmp_path):
     _generate(tmp_path, *small)
     assert main(["--out", str(tmp_path), "--seed", "9", "--preset", "ci", "--no-tokenizer", "--quiet",
                  "--workers", "1", "--force", *small]) == 0
-    on_disk = {p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.suffix in (".jpg", ".png")}
-    assert on_disk == {r["file"] for r in load_scenes(tmp_path).values()}
+    caption_dir = tmp_path / "data" / "cc_sbu_align" / "image"
+    on_disk = {p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")
+               if p.suffix in (".jpg", ".png") and p.parent != caption_dir}
+    scenes = load_scenes(tmp_path).values()
+    assert on_disk == {r["file"] for r in scenes}
+    # The caption set links exactly the training images of the new world.
+    train_ids = {str(r["image_id"]) for r in scenes if r["dataset"] in ("CC", "VG")}
+    assert {p.stem for p in caption_dir.glob("*.jpg")} == train_ids
+
+
+def test_caption_set_uses_training_images_with_their_descriptions(world):
+    import json
+
+    from sparkles.data.synthetic.language import describe  # noqa: F401  (the caption is the description)
+
+    scenes = load_scenes(world)
+    ann = json.loads((world / "data" / "cc_sbu_align" / "filter_cap.json").read_text())["annotations"]
+    assert ann and all(scenes[a["image_id"]]["dataset"] in ("CC", "VG") for a in ann)
+    assert all(a["caption"] == scenes[a["image_id"]]["description"] for a in ann)
+    assert all((world / "data" / "cc_sbu_align" / "image" / f"{a['image_id']}.jpg").is_file() for a in ann)
 
 
 def test_dialogue_files_have_upstream_fields_and_types(world):
@@ -170,7 +188,8 @@ def test_scene_records_cover_every_image(world):
 
     scenes = load_scenes(world)
     assert scenes == _scenes(world)
-    on_disk = {p.relative_to(world).as_posix() for p in world.rglob("*") if p.suffix in (".jpg", ".png")}
+    on_disk = {p.relative_to(world).as_posix() for p in world.rglob("*")
+               if p.suffix in (".jpg", ".png") and "cc_sbu_align" not in p.parts}
     assert on_disk == {r["file"] for r in scenes.values()}
     for rec in list(scenes.values())[:50]:
         assert 1 <= len(rec["objects"]) <= 4

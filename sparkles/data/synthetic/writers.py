@@ -136,6 +136,7 @@ def write_world(world: World, root: str | os.PathLike, *, workers: int = 1, forc
     if bar:
         bar.close()
     summary["images"] = len(jobs)
+    summary.update(write_caption_set(world, root))
 
     # Replacing a world: remove only images the previous world wrote and this one does not.
     stale = old - {e.file for e in world.scenes.values()}
@@ -190,6 +191,34 @@ def _read_list(path: Path) -> list:
     return data
 
 
+def write_caption_set(world: World, root: Path) -> dict[str, int]:
+    """The single-image caption set in the ``cc_sbu_align`` layout: every training image with its short
+    description (``data/cc_sbu_align/filter_cap.json`` + ``image/<id>.jpg``, hard links to the dialogue
+    images). The tiny model's first stage learns to read images from it, as MiniGPT-4's did."""
+    base = root / "data" / "cc_sbu_align"
+    image_dir = base / "image"
+    if image_dir.is_dir():  # derived links only: rebuild them so a replaced world leaves none stale
+        for old in image_dir.glob("*.jpg"):
+            old.unlink()
+    image_dir.mkdir(parents=True, exist_ok=True)
+    annotations = []
+    for entry in world.scenes.values():
+        if entry.dataset not in ("CC", "VG"):
+            continue  # evaluation images never enter training data
+        target = image_dir / f"{entry.image_id}.jpg"
+        if target.exists():
+            target.unlink()
+        try:
+            os.link(root / entry.file, target)
+        except OSError:  # file systems without hard links
+            import shutil
+
+            shutil.copyfile(root / entry.file, target)
+        annotations.append({"image_id": str(entry.image_id), "caption": describe(entry.scene)})
+    write_json(base / "filter_cap.json", {"annotations": annotations})
+    return {"data/cc_sbu_align/filter_cap.json": len(annotations)}
+
+
 def iter_world_texts(root: str | os.PathLike) -> Iterator[str]:
     """Every text the model sees in this world, for training its tokenizer.
 
@@ -207,6 +236,13 @@ def iter_world_texts(root: str | os.PathLike) -> Iterator[str]:
         q1, a1, q2, a2 = rec["dialogue"]
         yield turn_instruction(q1["content"]) + a1["content"] + END
         yield HUMAN + q2["content"] + ASSISTANT + a2["content"] + END
+    caption_file = root / "data" / "cc_sbu_align" / "filter_cap.json"
+    if caption_file.is_file():
+        from sparkles.data.caption import load_prompts
+
+        prompts = load_prompts()
+        for k, item in enumerate(json.loads(caption_file.read_text())["annotations"]):
+            yield HUMAN + prompts[k % len(prompts)] + ASSISTANT + item["caption"] + END
     for item in _read_list(layout.eval_annotations("BISON")):
         yield item["caption"]
         yield HUMAN + bison_prompt(item["caption"]) + ASSISTANT
