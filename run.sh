@@ -10,7 +10,7 @@
 #
 # Environment: SPARKLES_OUT (CPU default's folder, default outputs/tiny), SPARKLES_PRESET (default | ci: a small
 # world and a short training, used by the tests), TRAIN_OPTIONS (extra --options for train.py), EVAL_BATCH
-# (default 16), SKIP_INSTALL=1 (do not check/install requirements), PYTHON (default python3).
+# (default 16), STAGE1_OPTIONS (extra --options for the caption stage), SKIP_INSTALL=1 (do not check/install requirements), PYTHON (default python3).
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
@@ -29,9 +29,10 @@ ensure_installed() {
 
 run_tiny() {
   local out=${SPARKLES_OUT:-outputs/tiny} preset=${SPARKLES_PRESET:-default} batch=${EVAL_BATCH:-16}
-  local train_opts=(${TRAIN_OPTIONS:-})
+  local train_opts=(${TRAIN_OPTIONS:-}) stage1_opts=(${STAGE1_OPTIONS:-})
   if [[ "$preset" == ci ]]; then
-    train_opts=(run.max_epoch=1 run.iters_per_epoch=${CI_ITERS:-60} run.warmup_steps=10 "${train_opts[@]}")
+    stage1_opts=(run.iters_per_epoch=${CI_ITERS:-30} run.warmup_steps=5 "${stage1_opts[@]}")
+    train_opts=(run.max_epoch=1 run.iters_per_epoch=${CI_ITERS:-30} run.warmup_steps=5 "${train_opts[@]}")
   fi
   mkdir -p "$out"
   echo "[run.sh] CPU default: tiny SparklesChat on the procedural world in $out (preset $preset)"
@@ -42,6 +43,9 @@ run_tiny() {
     echo "[run.sh] world found in $out (delete the folder to regenerate it)"
   fi
   local t1; t1=$(now)
+  # Stage 1 learns to read images from single-image captions; stage 2 trains on the dialogues from it.
+  "$PYTHON" train.py --cfg-path train_configs/sparkleschat_tiny_stage1.yaml --sparkles_root "$out" \
+    ${stage1_opts[@]:+--options "${stage1_opts[@]}"}
   "$PYTHON" train.py --cfg-path train_configs/sparkleschat_tiny.yaml --sparkles_root "$out" \
     ${train_opts[@]:+--options "${train_opts[@]}"}
   local t2; t2=$(now)
