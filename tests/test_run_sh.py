@@ -1,0 +1,32 @@
+"""`bash run.sh` end to end on the small (ci) world: world → two-stage training → evaluation → summary."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_run_sh_ci_preset_end_to_end(tmp_path):
+    out = tmp_path / "tiny"
+    env = dict(os.environ, SPARKLES_OUT=str(out), SPARKLES_PRESET="ci", SKIP_INSTALL="1", CI_ITERS="20",
+               PYTHON=os.environ.get("PYTHON", "python"))
+    proc = subprocess.run(["bash", "run.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("bison_acc", "nlvr2_acc", "sparkleseval_score", "train_seconds", "eval_seconds"):
+        assert summary[key] is not None, key
+    assert 0.0 <= summary["bison_acc"] <= 1.0 and 0.0 <= summary["nlvr2_acc"] <= 1.0
+    assert 1.0 <= summary["sparkleseval_score"] <= 10.0
+    # both training stages wrote their checkpoints, and every evaluation has its HTML page
+    assert (out / "models" / "sparkleschat_tiny_stage1" / "checkpoint_last.pth").is_file()
+    assert (out / "models" / "sparkleschat_tiny" / "checkpoint_last.pth").is_file()
+    for ds in ("BISON", "NLVR2", "SparklesEval"):
+        assert list((out / "evaluation" / ds / "results").glob("*.html")), ds
+    assert "BISON accuracy" in proc.stdout
