@@ -12,7 +12,7 @@ import pytest
 
 from sparkles.gpt import (ChatRequest, GPTCallError, GPTClient, GPTConfig, MissingAPIKeyError, PriceTable,
                           UsageLedger)
-from sparkles.gpt.files import read_jsonl, write_json_atomic
+from sparkles.common.io import read_jsonl, write_json_atomic
 from sparkles.testing.openai_server import OpenAICompatServer, Reply
 
 DUMMY_KEY = "sk-test-DUMMYKEY0123456789abcdef"

@@ -108,8 +108,6 @@ def test_force_replaces_a_world_and_removes_its_stale_images(tmp_path):
 def test_caption_set_uses_training_images_with_their_descriptions(world):
     import json
 
-    from sparkles.data.synthetic.language import describe  # noqa: F401  (the caption is the description)
-
     scenes = load_scenes(world)
     ann = json.loads((world / "data" / "cc_sbu_align" / "filter_cap.json").read_text())["annotations"]
     assert ann and all(scenes[a["image_id"]]["dataset"] in ("CC", "VG") for a in ann)

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Callable
 
-from sparkles.gpt.files import write_json_atomic
+from sparkles.common.io import write_json_atomic
 
 from .schema import count_slots, strip_slots
 

@@ -13,7 +13,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from sparkles.gpt.files import write_json_atomic
+from sparkles.common.io import write_json_atomic
 
 from .schema import ASSISTANT_PREFIX, HUMAN_PREFIX, check_dialogue_record
 

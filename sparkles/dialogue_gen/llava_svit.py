@@ -147,7 +147,7 @@ def run_conversion(kind: str, layout, *, vg_image_data_path: str | Path | None, 
     The used-VG set comes from the SparklesDialogueVG files (released and generated) and the SparklesEval
     annotations, whichever exist; a missing BISON annotation file is reported, not fatal.
     """
-    from sparkles.gpt.files import write_json_atomic
+    from sparkles.common.io import write_json_atomic
 
     candidates = [layout.dialogue_file("VG"), layout.dialogue_dir("VG") / "generated" / "SparklesDialogueVG.json",
                   layout.eval_annotations("SparklesEval"), *extra_dialogue_files]

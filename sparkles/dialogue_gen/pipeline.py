@@ -29,7 +29,7 @@ from sparkles.common.paths import MissingPathError, SparklesLayout
 from sparkles.gpt.client import ChatRequest, GPTClient
 from sparkles.gpt.cost import PriceTable, UsageLedger
 from sparkles.gpt.errors import GPTCallError
-from sparkles.gpt.files import append_jsonl, read_jsonl, write_json_atomic
+from sparkles.common.io import append_jsonl, read_jsonl, write_json_atomic
 
 from . import sources
 from .demos import GroupFn, for_display, select_vg_demos

@@ -18,32 +18,15 @@ import contextlib
 import json
 import os
 import socket
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional
 
+from ..common.io import atomic_write_json  # noqa: F401  (re-exported for the eval modules)
+
 
 class ManifestError(RuntimeError):
     """The run directory belongs to a different configuration, or its manifest is unreadable."""
-
-
-def atomic_write_json(path: str | os.PathLike, data: Any, *, indent: Optional[int] = 2) -> None:
-    """Write JSON so that readers see either the old or the new complete file, never a partial one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, ensure_ascii=False, indent=indent)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def read_json(path: str | os.PathLike, *, what: str = "JSON file") -> Any:

@@ -19,7 +19,7 @@ from ..common.registry import PROCESSORS
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-ImageLike = Union[str, os.PathLike, "PIL.Image.Image"]  # noqa: F821
+ImageLike = Union[str, os.PathLike, Any]  # a path or a PIL image
 
 
 class ImageLoadError(OSError):

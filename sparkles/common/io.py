@@ -1,6 +1,7 @@
-"""Crash-safe file writes for paid results: atomic JSON replace and durable JSON-lines appends.
+"""Crash-safe file writes: atomic JSON replace and durable JSON-lines appends.
 
-(General enough to live in ``sparkles.common`` later; kept here because GPT work is what needs it first.)
+Paid GPT work, evaluation shards and manifests all go through these, so a killed process never leaves a
+half-written file behind.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 
-def write_json_atomic(path: str | os.PathLike, data: Any, *, indent: int | None = 2) -> Path:
+def atomic_write_json(path: str | os.PathLike, data: Any, *, indent: int | None = 2) -> Path:
     """Write ``data`` as JSON via a temp file in the same directory + rename: readers never see half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -71,3 +72,6 @@ def _rewrite_lines(path: Path, lines: Iterable[str]) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+write_json_atomic = atomic_write_json  # the name the GPT pipeline uses
