@@ -1,0 +1,252 @@
+"""Training-step throughput and model FLOP utilisation (MFU) of SparklesChat.
+
+One step = the paper's recipe: frozen EVA-ViT + Q-Former + decoder, trainable ``llama_proj``; a batch of
+``batch`` turn-2 samples with 3 images each (rendered by the real renderer, right-padded by the real collate),
+the real loss path ``model(..., images=, labels=)["loss"]``, ``backward()``, an AdamW step.
+
+MFU = analytic step FLOPs (see :mod:`benchmarks.flops`) / step time, divided by the matmul rate of a large
+GEMM in the decoder's dtype, timed in the same rounds (alternating order), so a busy or throttled machine
+lowers both. The reported figure is the median of the per-round ratios.
+
+A second variant, ``label_window``, computes the LM head and the loss only from the first position that has
+a label (``logits_to_keep``): the same loss (checked), without projecting ~75 % of the positions onto the
+32,000-word vocabulary and back. It is what ``SparklesChat.forward`` would do with that one change.
+
+    python -m benchmarks.train_step --size small [--profile] [--out train_step.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import flops
+from .common import (Context, Gemm, Words, add_common_args, command_line, context_from_args, machine_info, median,
+                     paired_rounds, print_table, print_targets, random_pixels, target, train_messages, write_json)
+
+IGNORE_INDEX = -100
+MFU_TARGET = 0.60
+
+
+def make_batch(ctx: Context, *, seed_offset: int = 0) -> dict:
+    """``batch`` rendered turn-2 samples (3 image slots each) and their pixels."""
+    from sparkles.conversation.render import Renderer, collate
+    from sparkles.conversation.template import TRAIN_LAYOUT
+
+    size = ctx.size
+    renderer = Renderer(ctx.tokenizer, size.nq)
+    words = Words(size, ctx.seed + 1000 + seed_offset)
+    rendered = []
+    for i in range(size.batch):
+        msgs, answer = train_messages(size, words, first_image=3 * i + 1)
+        rendered.append(renderer.render(msgs, TRAIN_LAYOUT, target=answer))
+    batch = collate(rendered, pad_id=renderer.pad_id, padding_side="right")
+    n_images = sum(r.num_images for r in rendered)
+    dev = ctx.device if ctx.device.type != "meta" else torch.device("cpu")
+    batch = {k: v.to(dev) for k, v in batch.items()}
+    stats = dict(batch=size.batch, seq_len=int(batch["input_ids"].shape[1]), images=n_images,
+                 tokens_per_sample=[len(r) for r in rendered],
+                 text_tokens_per_sample=[len(r) - r.num_images * size.nq for r in rendered],
+                 target_tokens=int((batch["labels"] != IGNORE_INDEX).sum()))
+    return dict(tensors=batch, stats=stats, n_images=n_images)
+
+
+def label_window(labels: torch.Tensor) -> int:
+    """Number of trailing positions whose logits the loss needs (from the earliest labelled one, minus 1)."""
+    has_label = (labels[:, 1:] != IGNORE_INDEX).any(0)
+    first = int(has_label.nonzero()[0]) if bool(has_label.any()) else labels.shape[1] - 1
+    return labels.shape[1] - first
+
+
+def label_window_loss(model, batch: dict, *, images: Optional[torch.Tensor] = None,
+                      image_features: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The model's loss, with the LM head run only over the label window (same value as ``model(...)``)."""
+    from sparkles.models.generation import _forward_params
+
+    llm = model.llama_model
+    embeds_img = model.project(image_features) if image_features is not None else model.encode_images(images)
+    embeds = model.embed_inputs(batch["input_ids"], batch["image_slot_mask"], embeds_img)
+    labels = batch["labels"]
+    keep = label_window(labels)
+    name = "logits_to_keep" if "logits_to_keep" in _forward_params(type(llm)) else "num_logits_to_keep"
+    logits = llm(inputs_embeds=embeds, attention_mask=batch["attention_mask"], use_cache=False, **{name: keep}).logits
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, labels.shape[1] - keep + 1:]
+    return F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
+                           ignore_index=IGNORE_INDEX)
+
+
+class Trainer:
+    """Step functions over one fixed batch; restores the trainable weights afterwards."""
+
+    def __init__(self, ctx: Context, batch: dict, pixels: torch.Tensor) -> None:
+        self.model = ctx.model
+        self.batch = batch["tensors"]
+        self.pixels = pixels
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.saved = [p.detach().clone() for p in self.params]
+        self.opt = torch.optim.AdamW(self.params, lr=1e-5)
+        self.model.train()
+
+    def loss(self, path: str, *, features: Optional[torch.Tensor] = None) -> torch.Tensor:
+        kw = dict(image_features=features) if features is not None else dict(images=self.pixels)
+        if path == "model":
+            b = self.batch
+            return self.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                              image_slot_mask=b["image_slot_mask"], labels=b["labels"], **kw)["loss"]
+        return label_window_loss(self.model, self.batch, **kw)
+
+    def step(self, path: str, features_fn=None) -> float:
+        loss = self.loss(path, features=features_fn() if features_fn is not None else None)
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    def close(self) -> None:
+        with torch.no_grad():
+            for p, s in zip(self.params, self.saved):
+                p.copy_(s)
+        self.model.eval()
+
+
+def profile_table(fn, *, steps: int = 2, rows: int = 12) -> list[dict]:
+    """Top operators by self time over ``steps`` calls (what limits the step)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            fn()
+    events = prof.key_averages()
+    cuda = torch.cuda.is_available()
+    key = (lambda e: getattr(e, "self_device_time_total", 0)) if cuda else (lambda e: e.self_cpu_time_total)
+    total = sum(key(e) for e in events) or 1
+    top = sorted(events, key=key, reverse=True)[:rows]
+    return [dict(op=e.key, self_ms=round(key(e) / 1000 / steps, 2), share=round(key(e) / total, 3), calls=e.count // steps)
+            for e in top]
+
+
+def dry_run(ctx: Context) -> dict:
+    """Shapes on the meta device, analytic FLOPs and the torch flop counter on the towers and one layer."""
+    size = ctx.size
+    batch = make_batch(ctx)
+    st = batch["stats"]
+    model = ctx.model  # built on meta
+    pixels = torch.empty(batch["n_images"], 3, size.image_size, size.image_size, device="meta")
+    analytic = flops.train_step(size, batch=st["batch"], seq_len=st["seq_len"], n_images=st["images"])
+    counter = flops.torch_flop_counter()
+    with torch.no_grad(), counter:
+        feats = model.image_features(pixels)
+    vision_counted = counter.get_total_flops()
+    vision_analytic = sum(flops.vision_forward(size, st["images"]).values())
+    # One decoder layer forward + backward on meta (the full model's mask helpers need real data).
+    layer = model.llama_model.model.layers[0]
+    rotary = model.llama_model.model.rotary_emb
+    x = torch.empty(st["batch"], st["seq_len"], size.llm_hidden, device="meta", requires_grad=True)
+    pos = torch.arange(st["seq_len"], device="meta")[None].expand(st["batch"], -1)
+    counter = flops.torch_flop_counter()
+    with counter:
+        out = layer(x, position_embeddings=rotary(x, pos))
+        out = out[0] if isinstance(out, tuple) else out
+        out.sum().backward()
+    layer_counted = counter.get_total_flops()
+    dec = flops.decoder_forward(size, batch=st["batch"], seq_len=st["seq_len"], logits_positions=0, causal=False)
+    layer_analytic = (2 * dec["decoder_linear"] + 3 * dec["decoder_attn"]) // size.llm_layers
+    return dict(features_shape=list(feats.shape), batch=st, params=flops.parameter_counts(model),
+                flops=analytic, flops_label_window=flops.train_step(
+                    size, batch=st["batch"], seq_len=st["seq_len"], n_images=st["images"],
+                    logits_positions=label_window(batch["tensors"]["labels"])),
+                check_vision=dict(analytic=vision_analytic, torch_counter=vision_counted),
+                check_decoder_layer_full_attention=dict(analytic=layer_analytic, torch_counter=layer_counted))
+
+
+def run(ctx: Context) -> dict:
+    size = ctx.size
+    if ctx.dry_run:
+        return dict(benchmark="train_step", dry_run=True, **dry_run(ctx))
+    model = ctx.model
+    batch = make_batch(ctx)
+    st = batch["stats"]
+    pixels = random_pixels(st["images"], size, seed=ctx.seed, device=ctx.device)
+    keep = label_window(batch["tensors"]["labels"])
+    f_model = flops.train_step(size, batch=st["batch"], seq_len=st["seq_len"], n_images=st["images"])
+    f_window = flops.train_step(size, batch=st["batch"], seq_len=st["seq_len"], n_images=st["images"],
+                                logits_positions=keep)
+    trainer = Trainer(ctx, batch, pixels)
+    try:
+        with torch.no_grad():
+            l_model = float(trainer.loss("model"))
+            l_window = float(trainer.loss("label_window"))
+        tol = 1e-4 if ctx.dtype == torch.float32 else 2e-2
+        if abs(l_model - l_window) > tol * max(1.0, abs(l_model)):
+            raise AssertionError(f"label-window loss {l_window} differs from the model's loss {l_model}")
+        gemm = Gemm(size.gemm_n, ctx.device, ctx.dtype)
+        times = paired_rounds({"gemm": gemm, "model": lambda: trainer.step("model"),
+                               "label_window": lambda: trainer.step("label_window")},
+                              repeats=size.train_repeats, warmup=1, device=ctx.device)
+        prof = profile_table(lambda: trainer.step("model")) if ctx.profile else None
+    finally:
+        trainer.close()
+    peaks = [gemm.flops / t for t in times["gemm"]]
+    variants = {}
+    for name, fl in (("model", f_model), ("label_window", f_window)):
+        mfu = [fl["total"] / t / p for t, p in zip(times[name], peaks)]
+        t = median(times[name])
+        variants[name] = dict(step_s=t, samples_per_s=st["batch"] / t, achieved_tflops=fl["total"] / t / 1e12,
+                              mfu=median(mfu), mfu_rounds=[round(m, 4) for m in mfu], times_s=times[name],
+                              flops=fl)
+    result = dict(benchmark="train_step", size=size.name, batch=st, loss=l_model, loss_label_window=l_window,
+                  label_window_positions=keep, peak_tflops=median(peaks) / 1e12, peak_rounds_tflops=[p / 1e12 for p in peaks],
+                  gemm=dict(n=size.gemm_n, dtype=str(ctx.dtype).removeprefix("torch."), iters=gemm.iters),
+                  variants=variants)
+    if prof is not None:
+        result["profile_model_path"] = prof
+    result["targets"] = [
+        target("train-step MFU (model.forward loss path)", variants["model"]["mfu"], ">=", MFU_TARGET,
+               ctx.targets_apply),
+        target("train-step MFU (label-window loss, proposed)", variants["label_window"]["mfu"], ">=", MFU_TARGET,
+               ctx.targets_apply),
+    ]
+    return result
+
+
+def report(result: dict) -> None:
+    if result.get("dry_run"):
+        f = result["flops"]
+        print_table("train_step (dry run, meta device)", ["part", "GFLOP"],
+                    [[k, v / 1e9] for k, v in f.items()])
+        print(f"  params: {result['params']}")
+        print(f"  vision FLOPs analytic {result['check_vision']['analytic'] / 1e9:.1f} G vs torch counter "
+              f"{result['check_vision']['torch_counter'] / 1e9:.1f} G; decoder layer (fwd+bwd, full attention) "
+              f"{result['check_decoder_layer_full_attention']['analytic'] / 1e9:.1f} G vs "
+              f"{result['check_decoder_layer_full_attention']['torch_counter'] / 1e9:.1f} G")
+        return
+    rows = [[name, v["step_s"], v["samples_per_s"], v["flops"]["total"] / 1e9, v["achieved_tflops"] * 1e3,
+             v["mfu"] * 100] for name, v in result["variants"].items()]
+    print_table(f"train_step ({result['size']}, batch {result['batch']['batch']} x {result['batch']['images'] // result['batch']['batch']} images, "
+                f"seq {result['batch']['seq_len']}; matmul peak {result['peak_tflops'] * 1e3:.1f} GFLOP/s)",
+                ["loss path", "step s", "samples/s", "GFLOP/step", "GFLOP/s", "MFU %"], rows)
+    for row in result.get("profile_model_path", []):
+        print(f"  {row['share'] * 100:5.1f}%  {row['self_ms']:8.2f} ms  {row['op']}")
+    print_targets(result)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_args(parser)
+    args = parser.parse_args(argv)
+    ctx = context_from_args(args)
+    result = run(ctx)
+    result["machine"] = machine_info(ctx)
+    result["command"] = command_line("benchmarks.train_step", argv)
+    report(result)
+    write_json(args.out, result)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
