@@ -95,6 +95,7 @@ def run(ctx: Context) -> dict:
             ts = [d[i]["ttft_s"] for d in runs[mode]]
             tps = [d[i]["decode_tokens_per_s"] for d in runs[mode] if d[i]["decode_tokens_per_s"]]
             row[f"{mode}_ttft_s"] = median(ts)
+            row[f"{mode}_ttft_rounds_ms"] = [round(t * 1e3, 1) for t in ts]
             row[f"{mode}_decode_tokens_per_s"] = median(tps) if tps else None
             row[f"{mode}_prefill_tokens"] = runs[mode][0][i]["prefill_tokens"]
             row[f"{mode}_reused_tokens"] = runs[mode][0][i]["reused_tokens"]

@@ -60,7 +60,7 @@ class BenchSize:
     chat_turns: int = 6
     chat_question_words: int = 30
     chat_new_tokens: int = 128
-    chat_repeats: int = 3
+    chat_repeats: int = 5
     # evaluation: independent two-image prompts, greedy, fixed answer length
     eval_items: int = 8
     eval_batches: tuple[int, ...] = (1, 4, 8)
