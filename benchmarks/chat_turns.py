@@ -70,8 +70,9 @@ def run(ctx: Context) -> dict:
         return dict(benchmark="chat_turns", dry_run=True, turns=size.chat_turns, images=n_images,
                     new_tokens=size.chat_new_tokens)
     images = list(random_pixels(n_images, size, seed=ctx.seed + 3, device=ctx.device))
-    for mode in MODES:  # warm-up: every code path once, short answers
-        run_dialogue(ctx, reuse=mode == "reuse", questions=questions[:3], images=images, new_tokens=2)
+    for mode in MODES:  # warm-up: every turn's shapes once per mode, short answers
+        run_dialogue(ctx, reuse=mode == "reuse", questions=questions, images=images,
+                     new_tokens=min(8, size.chat_new_tokens))
     runs: dict[str, list] = {m: [] for m in MODES}
     for r in range(size.chat_repeats):
         for mode in (MODES if r % 2 == 0 else MODES[::-1]):
@@ -110,7 +111,27 @@ def run(ctx: Context) -> dict:
                   answers=[a[:120] for a in reference])
     result["targets"] = [target(f"turn-{last['turn']} TTFT reuse/reprefill", last["ttft_ratio"], "<=", TTFT_TARGET,
                                 ctx.targets_apply)]
+    if ctx.profile:
+        result["profile_reuse_dialogue"] = profile_dialogue(ctx, questions, images)
     return result
+
+
+def profile_dialogue(ctx: Context, questions, images, *, turns: int = 2, new_tokens: int = 8) -> dict:
+    """Where a short reuse-mode dialogue spends its time: wall clock vs busy device time (a GPU decode loop that
+    is launch- or host-bound shows a low busy share) and the top operators by host time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ctx.is_cuda else [])
+    t0 = time.perf_counter()
+    with profile(activities=acts) as prof:
+        run_dialogue(ctx, reuse=True, questions=questions[:turns], images=images, new_tokens=new_tokens)
+    wall = time.perf_counter() - t0
+    events = prof.key_averages()
+    device = sum(getattr(e, "self_device_time_total", 0) for e in events) / 1e6 if ctx.is_cuda else None
+    top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:10]
+    return dict(turns=turns, new_tokens=new_tokens, wall_s=wall, device_busy_s=device,
+                top_host_ops=[dict(op=e.key, self_cpu_ms=round(e.self_cpu_time_total / 1000, 2), calls=e.count)
+                              for e in top])
 
 
 def report(result: dict) -> None:
@@ -125,6 +146,11 @@ def report(result: dict) -> None:
                 f"{result['identical_outputs']})",
                 ["turn", "prefill(reuse)", "prefill(full)", "TTFT reuse ms", "TTFT full ms", "ratio",
                  "tok/s reuse", "tok/s full"], rows)
+    prof = result.get("profile_reuse_dialogue")
+    if prof:
+        busy = f", device busy {prof['device_busy_s']:.3f} s" if prof["device_busy_s"] is not None else ""
+        print(f"  profile of a {prof['turns']}-turn reuse dialogue: wall {prof['wall_s']:.3f} s{busy}; top host ops: "
+              + ", ".join(f"{o['op']} {o['self_cpu_ms']:.0f} ms" for o in prof["top_host_ops"][:5]))
     print_targets(result)
 
 

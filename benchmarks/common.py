@@ -88,7 +88,7 @@ SIZES = {
         name="full", image_size=224, patch=14, vit_width=1408, vit_depth=39, vit_heads=16, vit_mlp=6144,
         nq=32, q_hidden=768, q_layers=12, q_heads=12, q_intermediate=3072,
         llm_hidden=4096, llm_layers=32, llm_heads=32, llm_intermediate=11008, vocab=32000,
-        train_repeats=5, gemm_n=8192, chat_turns=6, chat_new_tokens=32, chat_repeats=1,
+        train_repeats=5, gemm_n=8192, chat_turns=6, chat_new_tokens=32, chat_repeats=2,
         eval_new_tokens=32, eval_repeats=1, cache_images=24),
 }
 

@@ -180,6 +180,13 @@ def render_file(path: Path) -> list[str]:
             lines.append(f"| {r['turn']} | {r['reuse_prefill_tokens']} | {r['reprefill_prefill_tokens']} | "
                          f"{r['reuse_ttft_s'] * 1e3:.1f} | {r['reprefill_ttft_s'] * 1e3:.1f} | {r['ttft_ratio']:.3f} | "
                          f"{_fmt(r['reuse_decode_tokens_per_s'])} | {_fmt(r['reprefill_decode_tokens_per_s'])} |")
+        prof = c.get("profile_reuse_dialogue")
+        if prof:
+            busy = (f", device busy {prof['device_busy_s']:.3f} s ({prof['device_busy_s'] / prof['wall_s'] * 100:.0f} %)"
+                    if prof.get("device_busy_s") is not None else "")
+            lines += ["", f"Profile of a {prof['turns']}-turn reuse dialogue ({prof['new_tokens']} tokens/answer): wall "
+                      f"{prof['wall_s']:.3f} s{busy}; top host ops: " + ", ".join(
+                          f"{o['op']} {o['self_cpu_ms']:.0f} ms" for o in prof["top_host_ops"][:6])]
     if "eval_throughput" in b and "batches" in b["eval_throughput"]:
         e = b["eval_throughput"]
         lines += ["", f"**eval_throughput** — {e['items']} items × 2 images, {e['new_tokens']} new tokens each; "

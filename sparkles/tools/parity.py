@@ -45,7 +45,7 @@ def build_fixture_model(fixture: Path):
 def run_parity(fixture: str | Path) -> dict:
     from ..models.generation import GenerationConfig, decode_tokens
 
-    fixture = Path(fixture)
+    fixture = Path(fixture).resolve()  # weight paths must not be read relative to a Sparkles root
     model, e = build_fixture_model(fixture)
     media = (e["media_token_id"], e["media_pad_id"])
     results: dict = {}
