@@ -19,13 +19,11 @@ differently, so there the agreement is reported instead of asserted).
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
 
-from .common import (Context, Words, add_common_args, chat_questions, command_line, context_from_args, machine_info,
-                     median, print_table, print_targets, random_pixels, synchronize, target, write_json)
+from .common import (benchmark_main, Context, Words, chat_questions, median, print_table, print_targets, random_pixels, synchronize, target)
 
 TTFT_TARGET = 0.15
 MODES = ("reuse", "reprefill")
@@ -155,16 +153,7 @@ def report(result: dict) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_common_args(parser)
-    args = parser.parse_args(argv)
-    ctx = context_from_args(args)
-    result = run(ctx)
-    result["machine"] = machine_info(ctx)
-    result["command"] = command_line("benchmarks.chat_turns", argv)
-    report(result)
-    write_json(args.out, result)
-    return 0
+    return benchmark_main("benchmarks.chat_turns", __doc__, run, report, argv)
 
 
 if __name__ == "__main__":

@@ -472,3 +472,18 @@ def command_line(module: str, argv: Optional[Sequence[str]]) -> str:
 
 def size_dict(size: BenchSize) -> dict:
     return asdict(size)
+
+
+def benchmark_main(module: str, doc: str, run: Callable[[Context], dict], report: Callable[[dict], None],
+                   argv: Optional[Sequence[str]] = None) -> int:
+    """The shared command line of every benchmark: common flags → run → machine/command → table → JSON."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    add_common_args(parser)
+    args = parser.parse_args(argv)
+    ctx = context_from_args(args)
+    result = run(ctx)
+    result["machine"] = machine_info(ctx)
+    result["command"] = command_line(module, argv)
+    report(result)
+    write_json(args.out, result)
+    return 0

@@ -12,12 +12,10 @@ identical at every batch size (checked in float32; reported in bfloat16, where p
 
 from __future__ import annotations
 
-import argparse
 
 import torch
 
-from .common import (Context, Words, add_common_args, command_line, context_from_args, eval_prompts, machine_info,
-                     median, paired_rounds, print_table, print_targets, random_pixels, target, timed, write_json)
+from .common import (benchmark_main, Context, Words, eval_prompts, median, paired_rounds, print_table, print_targets, random_pixels, target, timed)
 
 SPEEDUP_TARGET = 4.0
 
@@ -143,16 +141,7 @@ def report(result: dict) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_common_args(parser)
-    args = parser.parse_args(argv)
-    ctx = context_from_args(args)
-    result = run(ctx)
-    result["machine"] = machine_info(ctx)
-    result["command"] = command_line("benchmarks.eval_throughput", argv)
-    report(result)
-    write_json(args.out, result)
-    return 0
+    return benchmark_main("benchmarks.eval_throughput", __doc__, run, report, argv)
 
 
 if __name__ == "__main__":

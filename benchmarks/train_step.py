@@ -17,15 +17,14 @@ a label (``logits_to_keep``): the same loss (checked), without projecting ~75 % 
 
 from __future__ import annotations
 
-import argparse
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from . import flops
-from .common import (Context, Gemm, Words, add_common_args, command_line, context_from_args, machine_info, median,
-                     paired_rounds, print_table, print_targets, random_pixels, target, train_messages, write_json)
+from .common import (benchmark_main, Context, Gemm, Words, median,
+                     paired_rounds, print_table, print_targets, random_pixels, target, train_messages)
 
 IGNORE_INDEX = -100
 MFU_TARGET = 0.60
@@ -236,16 +235,7 @@ def report(result: dict) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_common_args(parser)
-    args = parser.parse_args(argv)
-    ctx = context_from_args(args)
-    result = run(ctx)
-    result["machine"] = machine_info(ctx)
-    result["command"] = command_line("benchmarks.train_step", argv)
-    report(result)
-    write_json(args.out, result)
-    return 0
+    return benchmark_main("benchmarks.train_step", __doc__, run, report, argv)
 
 
 if __name__ == "__main__":

@@ -15,14 +15,13 @@ skips, is not counted in the uncached step.
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 from pathlib import Path
 
 import torch
 
-from .common import (Context, add_common_args, command_line, context_from_args, machine_info, median, paired_rounds,
-                     print_table, print_targets, random_pixels, target, timed, write_json)
+from .common import (benchmark_main, Context, median, paired_rounds,
+                     print_table, print_targets, random_pixels, target, timed)
 from .train_step import Trainer, make_batch
 
 RATIO_TARGET = 0.65
@@ -150,16 +149,7 @@ def report(result: dict) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_common_args(parser)
-    args = parser.parse_args(argv)
-    ctx = context_from_args(args)
-    result = run(ctx)
-    result["machine"] = machine_info(ctx)
-    result["command"] = command_line("benchmarks.vision_cache", argv)
-    report(result)
-    write_json(args.out, result)
-    return 0
+    return benchmark_main("benchmarks.vision_cache", __doc__, run, report, argv)
 
 
 if __name__ == "__main__":
