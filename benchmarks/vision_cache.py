@@ -6,8 +6,8 @@ features of a synthetic image set are computed once (batched), kept in memory an
 file, and training steps read them (``model(image_features=...)``) instead of pixels. The benchmark times, in
 alternating rounds, one full training step (forward, backward, AdamW) fed by pixels, by the in-memory cache
 and by the on-disk cache (reading the six feature tensors from the file is inside the timed step), for the
-``model.forward`` loss path and the label-window one (see :mod:`benchmarks.train_step`). The losses with
-pixels and with cached features are checked to agree. Decoding/resizing image files, which the cache also
+``model.forward`` loss path (LM head over the label window, see :mod:`benchmarks.train_step`). The losses
+with pixels and with cached features are checked to agree. Decoding/resizing image files, which the cache also
 skips, is not counted in the uncached step.
 
     python -m benchmarks.vision_cache --size small [--out vision_cache.json]
@@ -22,7 +22,7 @@ import torch
 
 from .common import (benchmark_main, Context, median, paired_rounds,
                      print_table, print_targets, random_pixels, target, timed)
-from .train_step import Trainer, make_batch
+from .train_step import Trainer, make_batch, step_flops
 
 RATIO_TARGET = 0.65
 
@@ -55,12 +55,10 @@ class FeatureCache:
 def run(ctx: Context) -> dict:
     size = ctx.size
     if ctx.dry_run:
-        from . import flops
-
-        st = make_batch(ctx)["stats"]
-        f_un = flops.train_step(size, batch=st["batch"], seq_len=st["seq_len"], n_images=st["images"])
-        f_c = flops.train_step(size, batch=st["batch"], seq_len=st["seq_len"], n_images=st["images"],
-                               cached_features=True)
+        batch = make_batch(ctx)
+        st, labels = batch["stats"], batch["tensors"]["labels"]
+        f_un = step_flops(size, st, labels)
+        f_c = step_flops(size, st, labels, cached_features=True)
         return dict(benchmark="vision_cache", dry_run=True, flops_uncached=f_un["total"], flops_cached=f_c["total"],
                     flop_ratio=f_c["total"] / f_un["total"],
                     feature_bytes_per_image=size.nq * size.q_hidden * 4)
@@ -83,52 +81,38 @@ def run(ctx: Context) -> dict:
         trainer = Trainer(ctx, batch, all_pixels[step_ids[0]])
         try:
             with torch.no_grad():
-                l_pix = float(trainer.loss("model"))
-                l_mem = float(trainer.loss("model", features=cache.from_memory(step_ids[0])))
-                l_disk = float(trainer.loss("model", features=cache.from_disk(step_ids[0], ctx.device)))
+                l_pix = float(trainer.loss())
+                l_mem = float(trainer.loss(features=cache.from_memory(step_ids[0])))
+                l_disk = float(trainer.loss(features=cache.from_disk(step_ids[0], ctx.device)))
             tol = 1e-4 if ctx.dtype == torch.float32 else 2e-2
             for name, value in (("in-memory", l_mem), ("on-disk", l_disk)):
                 if abs(value - l_pix) > tol * max(1.0, abs(l_pix)):
                     raise AssertionError(f"loss with {name} cached features {value} != loss with pixels {l_pix}")
 
-            def uncached(path):
-                def fn():
-                    trainer.pixels = all_pixels[next_ids("uncached")]
-                    trainer.step(path)
-                return fn
+            def uncached():
+                trainer.pixels = all_pixels[next_ids("uncached")]
+                trainer.step()
 
-            fns = {}
-            for path in ("model", "label_window"):
-                fns[f"{path}/uncached"] = uncached(path)
-                fns[f"{path}/memory"] = (lambda p: lambda: trainer.step(
-                    p, lambda: cache.from_memory(next_ids("memory"))))(path)
-                fns[f"{path}/disk"] = (lambda p: lambda: trainer.step(
-                    p, lambda: cache.from_disk(next_ids("disk"), ctx.device)))(path)
+            fns = {"uncached": uncached,
+                   "memory": lambda: trainer.step(lambda: cache.from_memory(next_ids("memory"))),
+                   "disk": lambda: trainer.step(lambda: cache.from_disk(next_ids("disk"), ctx.device))}
             times = paired_rounds(fns, repeats=size.train_repeats, warmup=1, device=ctx.device)
         finally:
             trainer.close()
-    out = {}
-    for path in ("model", "label_window"):
-        un = times[f"{path}/uncached"]
-        row = dict(uncached_s=median(un))
-        for kind in ("memory", "disk"):
-            ratios = [c / u for c, u in zip(times[f"{path}/{kind}"], un)]
-            row[f"{kind}_s"] = median(times[f"{path}/{kind}"])
-            row[f"{kind}_ratio"] = median(ratios)
-            row[f"{kind}_ratio_rounds"] = [round(r, 4) for r in ratios]
-        out[path] = row
-    per_epoch_saving = (out["model"]["uncached_s"] - out["model"]["disk_s"]) * len(step_ids)
+    out = dict(uncached_s=median(times["uncached"]))
+    for kind in ("memory", "disk"):
+        ratios = [c / u for c, u in zip(times[kind], times["uncached"])]
+        out[f"{kind}_s"] = median(times[kind])
+        out[f"{kind}_ratio"] = median(ratios)
+        out[f"{kind}_ratio_rounds"] = [round(r, 4) for r in ratios]
+    per_epoch_saving = (out["uncached_s"] - out["disk_s"]) * len(step_ids)
     result = dict(benchmark="vision_cache", size=size.name, images=size.cache_images,
                   images_per_step=n_img, build_s=build_s, build_s_per_image=build_s / size.cache_images,
                   cache_file_bytes=file_bytes, loss_pixels=l_pix, loss_cached_memory=l_mem, loss_cached_disk=l_disk,
                   epochs_to_break_even=build_s / per_epoch_saving if per_epoch_saving > 0 else None,
-                  paths=out, times_s=times)
-    result["targets"] = [
-        target("cached/uncached step time (model.forward, disk cache)", out["model"]["disk_ratio"], "<=",
-               RATIO_TARGET, ctx.targets_apply),
-        target("cached/uncached step time (label-window, disk cache)", out["label_window"]["disk_ratio"], "<=",
-               RATIO_TARGET, ctx.targets_apply),
-    ]
+                  **out, times_s=times)
+    result["targets"] = [target("cached/uncached step time (model.forward, disk cache)", out["disk_ratio"], "<=",
+                                RATIO_TARGET, ctx.targets_apply)]
     return result
 
 
@@ -138,13 +122,11 @@ def report(result: dict) -> None:
               f"{result['flops_cached'] / 1e9:.1f} G (ratio {result['flop_ratio']:.3f}); "
               f"{result['feature_bytes_per_image']} bytes of features per image")
         return
-    rows = []
-    for path, r in result["paths"].items():
-        rows.append([path, r["uncached_s"], r["memory_s"], r["memory_ratio"], r["disk_s"], r["disk_ratio"]])
+    rows = [[result[k] for k in ("uncached_s", "memory_s", "memory_ratio", "disk_s", "disk_ratio")]]
     print_table(f"vision_cache ({result['size']}; cache of {result['images']} images built in "
                 f"{result['build_s']:.2f} s = {result['build_s_per_image'] * 1e3:.1f} ms/image, "
                 f"{result['cache_file_bytes'] / 1e6:.1f} MB)",
-                ["loss path", "uncached s", "memory s", "ratio", "disk s", "ratio"], rows)
+                ["uncached s", "memory s", "ratio", "disk s", "ratio"], rows)
     print_targets(result)
 
 

@@ -57,7 +57,7 @@ def run_parity(fixture: str | Path) -> dict:
     slots = (ids == media[0]) | (ids == media[1])
     order = [i for row in e["train_images"] for i in row]
     out = model(input_ids=ids.masked_fill(slots, 0), attention_mask=e["train_attention_mask"], image_slot_mask=slots,
-                images=e["images"][order], labels=e["train_labels"])
+                images=e["images"][order], labels=e["train_labels"], full_logits=True)
     results["train_loss"] = float(out["loss"])
     results["train_loss_abs_diff"] = abs(float(out["loss"]) - float(e["train_loss"]))
     results["train_logits_max_abs_diff"] = float((out["logits"] - e["train_logits"]).abs().max())
