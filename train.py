@@ -87,7 +87,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         runner = get_runner(cfg.run.runner)(cfg, task=task, model=model, datasets=datasets, root=root,
                                             dist_info=info, job_id=job_id)
         setup_logging(info.rank, runner.output_dir / "train.log")
-        return runner.train()
+        summary = runner.train()
+        # A task may turn the trained weights into another artefact (tower_pretrain: a BLIP-2 towers file).
+        after = getattr(task, "after_training", None)
+        if after is not None and info.is_main:
+            summary.update(after(model, runner.output_dir))
+        dist.barrier()
+        return summary
     finally:
         dist.cleanup()
 

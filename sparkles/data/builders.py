@@ -5,7 +5,9 @@ Importing this module registers, in ``sparkles.common.registry.DATASETS``:
 - ``SparklesDialogue{CC,VG}_turn{1,2}_{n}img`` — the ten SparklesDialogue training splits; by default under
   ``data/SparklesDialogue{CC,VG}/`` of the Sparkles root (``annotations/<name>.json`` + ``images/``);
 - ``cc_sbu_align`` — the single-image caption data (``data/cc_sbu_align/filter_cap.json`` + ``image/``);
-- ``LLaVA_description`` / ``LLaVA_reasoning`` — the re-formatted LLaVA files (``data/LLaVA/``).
+- ``LLaVA_description`` / ``LLaVA_reasoning`` — the re-formatted LLaVA files (``data/LLaVA/``);
+- ``synthetic_scene_tags`` — cell labels of the synthetic world's training images (``world/scenes.json``), used
+  only by the ``tower_pretrain`` task of the CPU tiny model.
 
 Each builder has a ``config_class`` (the :class:`~sparkles.data.base.DatasetConfig` schema with that
 dataset's default location); a train config only needs to name the dataset and its ``sample_ratio``.
@@ -89,9 +91,32 @@ for _s, _t, _n in DIALOGUE_SPLITS:
     _register(_name, DialogueBuilder, root_dir=f"data/SparklesDialogue{_s}", anno_path=f"annotations/{_name}.json")
 for _name, _file in LLAVA_FILES.items():
     _register(_name, LLaVABuilder, root_dir=LLAVA_ROOT, anno_path=_file, img_root=LLAVA_IMAGES)
+class SceneTagBuilder(DatasetBuilder):
+    """The synthetic world's cell labels (``sparkles.data.scene_tags``), for the tiny model's tower pretraining."""
+
+    kind = "scene_tags"
+
+    @classmethod
+    def read_records(cls, name, anno_file, image_dir, cfg, *, skip_bad):
+        raise DataError(f"datasets.{name}: scene tags are not text records; only the tower_pretrain task uses them")
+
+    @classmethod
+    def build_training_dataset(cls, name: str, cfg, *, root: Path, model_cfg, run_cfg, split: str):
+        from .scene_tags import load_scene_tags
+
+        base = resolve_under(root, cfg.root_dir)
+        return load_scene_tags(name, resolve_under(base, cfg.anno_path), resolve_under(base, cfg.img_root),
+                               splits=list(cfg.splits),
+                               image_transform=build_vis_transform(cfg.vis_processor[split], model_cfg.image_size),
+                               skip_bad=bool(run_cfg.skip_bad_records), sample_ratio=float(cfg.sample_ratio))
+
+
 # prompt_path: alignment prompts (one per line, relative to the Sparkles root); None = the package's own.
 _register("cc_sbu_align", CaptionBuilder, root_dir="data/cc_sbu_align", anno_path="filter_cap.json",
           img_root="image", _extra=[("prompt_path", Optional[str], field(default=None))])
+# The world's scene file; image paths in it are relative to the Sparkles root (img_root ".." from world/).
+_register("synthetic_scene_tags", SceneTagBuilder, root_dir="world", anno_path="scenes.json", img_root="..",
+          _extra=[("splits", list[str], field(default_factory=lambda: ["CC", "VG"]))])
 
 
 # --------------------------------------------------------------------------------------------- factories
@@ -129,6 +154,9 @@ def build_dataset(name: str, cfg, *, root: Path, tokenizer, model_cfg, run_cfg, 
     from ..conversation.template import END_SYM
 
     builder = DATASETS.get(name)
+    custom = getattr(builder, "build_training_dataset", None)
+    if custom is not None:
+        return custom(name, cfg, root=root, model_cfg=model_cfg, run_cfg=run_cfg, split=split)
     skip_bad = bool(run_cfg.skip_bad_records)
     max_length = cfg.max_length if cfg.max_length is not None else run_cfg.max_length
     encoder = SampleEncoder(

@@ -206,6 +206,39 @@ def load_blip2(model: nn.Module, path: str | os.PathLike) -> LoadReport:
     return report
 
 
+def lavis_qformer_key(hf_key: str) -> str:
+    """``Blip2QFormerModel`` key → LAVIS ``Qformer.bert.*`` key: the inverse of :func:`qformer_key`."""
+    if hf_key.startswith("layernorm."):
+        return "Qformer.bert.embeddings.LayerNorm." + hf_key[len("layernorm."):]
+    k = hf_key.replace("attention.attention.", "attention.self.").replace("crossattention.attention.",
+                                                                          "crossattention.self.")
+    return "Qformer.bert." + k
+
+
+def save_blip2(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write the image side of ``model`` as a BLIP-2 stage-1 file that :func:`load_blip2` reads back.
+
+    The LAVIS layout (``{"model": {...}}`` with ``query_tokens``, ``ln_vision.*``, ``Qformer.bert.*`` and
+    ``visual_encoder.*``) is the form in which the paper's pretrained towers come; the tiny world's tower
+    pretraining writes its towers the same way, so the chat model loads them through the same path.
+    """
+    sd: dict[str, torch.Tensor] = {"query_tokens": model.query_tokens.detach().cpu().clone()}
+    for k, v in model.ln_vision.state_dict().items():
+        sd[f"ln_vision.{k}"] = v.detach().cpu().clone()
+    for k, v in model.Qformer.state_dict().items():
+        if not k.endswith(_BUFFER_SUFFIXES):
+            sd[lavis_qformer_key(k)] = v.detach().cpu().clone()
+    for k, v in model.visual_encoder.vit.state_dict().items():
+        if not k.endswith(_BUFFER_SUFFIXES + ("relative_position_index",)):
+            sd[f"visual_encoder.{k}"] = v.detach().cpu().clone()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"model": sd}, tmp)
+    os.replace(tmp, path)  # atomic: a crash never leaves half a file where the next stage looks
+    return path
+
+
 # --------------------------------------------------------------------------------------------- projection / full checkpoints
 _BUFFER_SUFFIXES = ("position_ids", "rotary_emb.inv_freq", "attn.bias", "attn.masked_bias", "k_bias")
 

@@ -104,6 +104,38 @@ def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
     return table[name]
 
 
+def first_target_position(labels: torch.Tensor) -> int:
+    """Position of the first logit the loss needs: one before the batch's earliest labelled token (0 if none)."""
+    has_label = (labels[:, 1:] != IGNORE_INDEX).any(0)
+    return int(has_label.nonzero()[0]) if bool(has_label.any()) else 0
+
+
+def _logits_keep_name(cls) -> str:
+    from .generation import _forward_params
+
+    params = _forward_params(cls)
+    return "logits_to_keep" if "logits_to_keep" in params else "num_logits_to_keep"
+
+
+def build_towers(cfg: SparklesChatConfig) -> tuple[nn.Module, nn.Module, nn.Module, nn.Parameter]:
+    """The image side of the model, freshly initialised: ``(visual_encoder, ln_vision, Qformer, query_tokens)``.
+
+    Shared by :class:`SparklesChat` and the tower pretraining of the tiny world
+    (:mod:`sparkles.tasks.tower_pretrain`), so both hold the same modules under the same names.
+    """
+    visual_encoder = VisionTower(build_eva_vit(
+        image_size=cfg.image_size, patch_size=cfg.vit_patch_size, width=cfg.vit_width, depth=cfg.vit_depth,
+        heads=cfg.vit_heads, mlp_dim=cfg.vit_mlp_dim, drop_path_rate=cfg.drop_path_rate,
+        grad_checkpointing=cfg.use_grad_checkpoint))
+    qformer = build_qformer(
+        hidden=cfg.qformer_hidden, layers=cfg.qformer_layers, heads=cfg.qformer_heads,
+        intermediate=cfg.qformer_intermediate, encoder_width=cfg.vit_width,
+        cross_attention_freq=cfg.qformer_cross_attention_freq, init_std=cfg.qformer_init_std)
+    query_tokens = nn.Parameter(torch.zeros(1, cfg.num_query_token, cfg.qformer_hidden))
+    nn.init.normal_(query_tokens, std=cfg.qformer_init_std)
+    return visual_encoder, ln_vision(cfg.vit_width), qformer, query_tokens
+
+
 @MODELS.register("sparkleschat")
 class SparklesChat(nn.Module):
     """The multi-image chat model. Build it with :meth:`from_config` or directly from modules."""
@@ -123,17 +155,7 @@ class SparklesChat(nn.Module):
     def __init__(self, cfg: SparklesChatConfig, llama_model: nn.Module) -> None:
         super().__init__()
         self.cfg = cfg
-        self.visual_encoder = VisionTower(build_eva_vit(
-            image_size=cfg.image_size, patch_size=cfg.vit_patch_size, width=cfg.vit_width, depth=cfg.vit_depth,
-            heads=cfg.vit_heads, mlp_dim=cfg.vit_mlp_dim, drop_path_rate=cfg.drop_path_rate,
-            grad_checkpointing=cfg.use_grad_checkpoint))
-        self.ln_vision = ln_vision(cfg.vit_width)
-        self.Qformer = build_qformer(
-            hidden=cfg.qformer_hidden, layers=cfg.qformer_layers, heads=cfg.qformer_heads,
-            intermediate=cfg.qformer_intermediate, encoder_width=cfg.vit_width,
-            cross_attention_freq=cfg.qformer_cross_attention_freq, init_std=cfg.qformer_init_std)
-        self.query_tokens = nn.Parameter(torch.zeros(1, cfg.num_query_token, cfg.qformer_hidden))
-        nn.init.normal_(self.query_tokens, std=cfg.qformer_init_std)
+        self.visual_encoder, self.ln_vision, self.Qformer, self.query_tokens = build_towers(cfg)
         self.llama_model = llama_model
         self.llama_proj = nn.Linear(cfg.qformer_hidden, llama_model.config.hidden_size)
         self.tokenizer = None  # attached by from_config; not a module
@@ -219,11 +241,14 @@ class SparklesChat(nn.Module):
 
     def forward(self, *, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_slot_mask: torch.Tensor,
                 images: torch.Tensor | None = None, image_embeds: torch.Tensor | None = None,
-                image_features: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> dict:
+                image_features: torch.Tensor | None = None, labels: torch.Tensor | None = None, full_logits: bool = False) -> dict:
         """Training/scoring forward. Give ``images`` (pixels), cached ``image_features`` or ``image_embeds``.
 
-        Returns ``{"loss", "logits", "num_target_tokens"}``; the loss is the mean next-token cross-entropy
-        over positions whose label is not -100, computed in float32.
+        Returns ``{"loss", "logits", "logits_start", "num_target_tokens"}``; the loss is the mean next-token
+        cross-entropy over positions whose label is not -100, computed in float32. With labels, the LM head runs
+        only from the position before the batch's first target token on (``logits`` covers positions
+        ``logits_start:``): prompts and images are long and the vocabulary is wide, so this skips most of the
+        head's work without changing the loss. ``full_logits=True`` (or no labels) returns every position.
         """
         if image_embeds is None:
             if image_features is not None:
@@ -231,14 +256,20 @@ class SparklesChat(nn.Module):
             elif images is not None and images.numel():
                 image_embeds = self.encode_images(images)
         inputs_embeds = self.embed_inputs(input_ids.to(self.device), image_slot_mask.to(self.device), image_embeds)
+        start = 0
+        if labels is not None and not full_logits:
+            start = first_target_position(labels)
+        kwargs = {}
+        if start:
+            kwargs[_logits_keep_name(type(self.llama_model))] = inputs_embeds.shape[1] - start
         out = self.llama_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask.to(self.device),
-                               use_cache=False)
+                               use_cache=False, **kwargs)
         logits = out.logits
-        result = {"logits": logits}
+        result = {"logits": logits, "logits_start": start}
         if labels is not None:
             labels = labels.to(logits.device)
             shift_logits = logits[:, :-1].float()
-            shift_labels = labels[:, 1:]
+            shift_labels = labels[:, start + 1:]
             n = int((shift_labels != IGNORE_INDEX).sum())
             if n == 0:
                 raise ValueError("no target tokens in this batch (every label is -100)")

@@ -57,7 +57,13 @@ class ImageTextPretrainTask:
     """Build model and datasets; one training step = the model's masked next-token loss."""
 
     def __init__(self, cfg) -> None:
+        from ..common.registry import DATASETS
+
         self.cfg = cfg
+        for name in cfg.datasets:
+            if getattr(DATASETS.get(name), "kind", None) == "scene_tags":
+                raise ValueError(f"datasets.{name} holds scene tags, not text: train it with run.task=tower_pretrain "
+                                 "(train_configs/sparkleschat_tiny_stage0.yaml)")
         self.feature_cache: Optional[VisionFeatureCache] = None
         if cfg.run.vision_feature_cache:
             check_feature_cache(cfg)
