@@ -16,16 +16,28 @@ CONFIGS = Path(__file__).resolve().parents[1] / "train_configs"
 @pytest.mark.parametrize("name", ["sparkleschat.yaml", "sparkleschat_tiny.yaml"])
 def test_configs_train_on_the_ten_splits(name):
     cfg = load_config(CONFIGS / name)
-    assert tuple(cfg.datasets) == builders.DIALOGUE_NAMES
+    dialogue = [n for n in cfg.datasets if n != "cc_sbu_align"]
+    assert tuple(dialogue) == builders.DIALOGUE_NAMES
     ratios = {n: d.sample_ratio for n, d in cfg.datasets.items()}
-    if name == "sparkleschat.yaml":  # the paper's 2/1 ratios; the tiny world weights its splits by size
+    if name == "sparkleschat.yaml":  # the paper's 2/1 ratios
+        assert list(cfg.datasets) == dialogue
         assert all(r == (2 if "turn1" in n else 1) for n, r in ratios.items()) and sum(ratios.values()) == 15
-    else:
+    else:  # the tiny world weights the two-image first turns up and keeps the stage-1 captions in the mix
         assert all(r > 0 for r in ratios.values())
+        assert max(ratios, key=ratios.get).endswith("turn1_2img")
         assert cfg.model.ckpt == "models/sparkleschat_tiny_stage1/checkpoint_last.pth"
     assert not Path(cfg.run.output_dir).is_absolute()
-    for d in cfg.datasets.values():
+    for n in dialogue:
+        d = cfg.datasets[n]
         assert not Path(d.root_dir).is_absolute() and d.anno_path.startswith("annotations/")
+
+
+def test_tiny_stage0_pretrains_the_towers_that_stage1_loads():
+    stage0 = load_config(CONFIGS / "sparkleschat_tiny_stage0.yaml")
+    stage1 = load_config(CONFIGS / "sparkleschat_tiny_stage1.yaml")
+    assert stage0.run.task == "tower_pretrain" and list(stage0.datasets) == ["synthetic_scene_tags"]
+    assert list(stage0.datasets.synthetic_scene_tags.splits) == ["CC", "VG"]  # training images only
+    assert stage1.model.q_former_model == f"{stage0.run.output_dir}/blip2_towers.pth"
 
 
 def test_tiny_stage1_trains_on_the_caption_set():
