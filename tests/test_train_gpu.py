@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import train
-from test_train_helpers import free_port, make_tokenizer, make_world, trainable_weights, write_config
+from test_train_helpers import free_port, trainable_weights, training_world, write_config
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 REPO = Path(__file__).resolve().parents[1]
@@ -20,9 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    base = tmp_path_factory.mktemp("gpu")
-    make_world(base / "root", n_per_split=12)
-    return {"root": base / "root", "tok_dir": make_tokenizer(base / "tok"), "base": base}
+    return training_world(tmp_path_factory.mktemp("gpu"))
 
 
 def cfg(world, name, **run):

@@ -114,6 +114,12 @@ TINY_MODEL = dict(arch="sparkleschat", model_type="tiny", image_size=32, vit_pat
                   llm_heads=2, llm_intermediate=96, llm_max_positions=512)
 
 
+def training_world(base: Path) -> dict:
+    """A small dialogue world with its tokenizer under ``base`` (the module fixture of the training tests)."""
+    make_world(base / "root", n_per_split=12)
+    return {"root": base / "root", "tok_dir": make_tokenizer(base / "tok"), "base": base}
+
+
 def write_config(path: Path, *, root: Path, tok_dir: Path, datasets: dict | None = None, run: dict | None = None,
                  model: dict | None = None) -> Path:
     """A tiny run config (YAML) for the fixture world."""

@@ -15,16 +15,14 @@ import torch
 
 import train
 from sparkles.data.base import DataError
-from test_train_helpers import free_port, make_tokenizer, make_world, trainable_weights, write_config
+from test_train_helpers import free_port, make_world, trainable_weights, training_world, write_config
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    base = tmp_path_factory.mktemp("runner")
-    make_world(base / "root", n_per_split=12)
-    return {"root": base / "root", "tok_dir": make_tokenizer(base / "tok"), "base": base}
+    return training_world(tmp_path_factory.mktemp("runner"))
 
 
 def config(world, name, **kw) -> Path:

@@ -62,12 +62,10 @@ def _forward_last(llm, *, inputs_embeds, attention_mask, position_ids, cache) ->
         kwargs[_cache_kwarg(type(body))] = cache
         hidden = body(**kwargs).last_hidden_state[:, -1, :]
         return lm_head_logits(head, hidden).float()
-    params = _forward_params(type(llm))
     kwargs[_cache_kwarg(type(llm))] = cache
-    if "logits_to_keep" in params:
-        kwargs["logits_to_keep"] = 1
-    elif "num_logits_to_keep" in params:
-        kwargs["num_logits_to_keep"] = 1
+    keep = logits_keep_kwarg(type(llm))
+    if keep is not None:
+        kwargs[keep] = 1
     return llm(**kwargs).logits[:, -1, :].float()
 
 
@@ -92,6 +90,16 @@ def _cache_kwarg(cls) -> str:
     """The name under which ``cls.forward`` takes the KV cache: ``cache`` (newer transformers) or
     ``past_key_values``."""
     return "cache" if "cache" in _forward_params(cls) else "past_key_values"
+
+
+def logits_keep_kwarg(cls) -> Optional[str]:
+    """The name under which ``cls.forward`` limits the logits to the last positions (``logits_to_keep``, older
+    ``num_logits_to_keep``), or None if it cannot."""
+    params = _forward_params(cls)
+    for name in ("logits_to_keep", "num_logits_to_keep"):
+        if name in params:
+            return name
+    return None
 
 
 @functools.lru_cache(maxsize=None)

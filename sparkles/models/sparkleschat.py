@@ -20,6 +20,7 @@ from omegaconf import MISSING
 from torch import nn
 
 from ..common.registry import MODELS
+from .generation import logits_keep_kwarg
 from .qformer import build_qformer, run_qformer
 from .vision import VisionTower, build_eva_vit, ln_vision
 
@@ -108,13 +109,6 @@ def first_target_position(labels: torch.Tensor) -> int:
     """Position of the first logit the loss needs: one before the batch's earliest labelled token (0 if none)."""
     has_label = (labels[:, 1:] != IGNORE_INDEX).any(0)
     return int(has_label.nonzero()[0]) if bool(has_label.any()) else 0
-
-
-def _logits_keep_name(cls) -> str:
-    from .generation import _forward_params
-
-    params = _forward_params(cls)
-    return "logits_to_keep" if "logits_to_keep" in params else "num_logits_to_keep"
 
 
 def build_towers(cfg: SparklesChatConfig) -> tuple[nn.Module, nn.Module, nn.Module, nn.Parameter]:
@@ -260,8 +254,11 @@ class SparklesChat(nn.Module):
         if labels is not None and not full_logits:
             start = first_target_position(labels)
         kwargs = {}
-        if start:
-            kwargs[_logits_keep_name(type(self.llama_model))] = inputs_embeds.shape[1] - start
+        keep_name = logits_keep_kwarg(type(self.llama_model)) if start else None
+        if keep_name is None:
+            start = 0  # a decoder that cannot limit its logits gives all of them; the loss is the same
+        else:
+            kwargs[keep_name] = inputs_embeds.shape[1] - start
         out = self.llama_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask.to(self.device),
                                use_cache=False, **kwargs)
         logits = out.logits
