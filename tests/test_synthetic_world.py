@@ -254,23 +254,26 @@ def test_image_mentions_follow_the_upstream_convention(world):
 
 
 def test_answers_are_short(world):
+    from sparkles.data.synthetic.build import WorldConfig
     from sparkles.data.synthetic.scenes import Scene
     from sparkles.data.synthetic.tasks import Task, answer
 
+    limit = WorldConfig().max_answer_words
+    assert limit <= 60
     for msgs in _all_dialogues(world):
         for m in (msgs[1], msgs[3]):
-            assert 1 <= len(m["content"].split()) <= 40, m["content"]
+            assert 1 <= len(m["content"].split()) <= limit, m["content"]
     # The answers a model should give on the benchmarks are as short.
     scenes = {k: Scene.from_record(r) for k, r in _scenes(world).items()}
     names = {"a": "IMAGE#1", "b": "IMAGE#2"}
     for x in _eval(world, "BISON"):
         pair = {"a": scenes[str(x["image_candidates"][0]["image_id"])],
                 "b": scenes[str(x["image_candidates"][1]["image_id"])]}
-        assert len(answer(Task("bison", ("a", "b"), text=x["caption"]), pair, names).split()) <= 40
+        assert len(answer(Task("bison", ("a", "b"), text=x["caption"]), pair, names).split()) <= limit
     for x in _eval(world, "NLVR2"):
         stem = x["identifier"][:-2]
         pair = {"a": scenes[f"{stem}-img0"], "b": scenes[f"{stem}-img1"]}
-        assert len(answer(Task("nlvr2", ("a", "b"), text=x["sentence"]), pair, names).split()) <= 40
+        assert len(answer(Task("nlvr2", ("a", "b"), text=x["sentence"]), pair, names).split()) <= limit
 
 
 def test_training_uses_the_evaluation_templates(world):
@@ -281,12 +284,17 @@ def test_training_uses_the_evaluation_templates(world):
             m = re.search(r"'(.+?)'[.?] ", q1["content"])
             if m and q1["content"] == bison_prompt(m[1]):
                 kinds[subset, "bison"] += 1
-                assert re.fullmatch(r"Let's think step by step\. IMAGE#1 shows [^.]+\. IMAGE#2 shows [^.]+\. "
+                check = r"[a-z ]+, (?:yes|no)"
+                section = rf"In IMAGE#{{n}}: {check}(?:; {check})*\. "
+                assert re.fullmatch(r"Let's think step by step\. " + section.format(n=1) + section.format(n=2) +
                                     r"Therefore, the answer \(IMAGE#1 or IMAGE#2\) is IMAGE#[12]\.", a1["content"])
             elif m and q1["content"] == nlvr2_prompt(m[1]):
                 kinds[subset, "nlvr2"] += 1
-                assert re.fullmatch(r"Let's think step by step\. IMAGE#1 shows [^.]+\. IMAGE#2 shows [^.]+\. "
-                                    r"(That makes [^.]+ in total\. )?"
+                side = r"The (?:left|right) image, IMAGE#[12], shows [^.]+\. "
+                assert re.fullmatch(r"Let's think step by step\. "
+                                    r"(IMAGE#1 shows [^.]+\. IMAGE#2 shows [^.]+\. "
+                                    r"(That makes [^.]+ in total, and the statement says \w+\. )?"
+                                    rf"|{side}({side}[A-Z][a-z]+ is (?:not )?more than \w+\. )?)"
                                     r"Therefore, the answer \(TRUE or FALSE\) is (TRUE|FALSE)\.", a1["content"])
     for subset in ("CC", "VG"):
         assert kinds[subset, "bison"] >= 20 and kinds[subset, "nlvr2"] >= 20, kinds
@@ -336,6 +344,14 @@ def _caption_fits(caption: str, rec) -> bool:
                for c, s, cell in positions)
 
 
+def _item_holds(part: str, rec) -> bool:
+    """Independent reading of one caption item: the exact count of its kind, and its cell if one is stated."""
+    m = re.fullmatch(r"(\w+) (\w+) (circle|square|triangle)s?(?: (.+))?", part)
+    assert m, part
+    cells = [(o["row"], o["col"]) for o in rec["objects"] if (o["colour"], o["shape"]) == (m[2], m[3])]
+    return len(cells) == WORDS[m[1]] and (not m[4] or cells == [PHRASES[m[4]]])
+
+
 def test_bison_pairs_differ_in_one_attribute_and_the_caption_decides(world):
     scenes = _scenes(world)
     seen = Counter()
@@ -358,6 +374,9 @@ def test_bison_pairs_differ_in_one_attribute_and_the_caption_decides(world):
         fits = [_caption_fits(x["caption"], scenes[str(c["image_id"])]) for c in x["image_candidates"]]
         true_index = [c["image_id"] for c in x["image_candidates"]].index(x["true_image_id"])
         assert fits == [i == true_index for i in range(2)], x
+        # Some item of the caption is false of the decoy (it is not merely a less complete description).
+        decoy = scenes[str(x["image_candidates"][1 - true_index]["image_id"])]
+        assert not all(_item_holds(part, decoy) for part in re.split(r", | and ", x["caption"])), x
     assert set(seen) == {"colour", "shape", "count", "position"}
 
 
@@ -402,13 +421,36 @@ def test_training_bison_and_nlvr2_answers_are_true(world):
             m = re.search(r"'(.+?)'[.?] ", q1["content"])
             if m and q1["content"] == nlvr2_prompt(m[1]):
                 assert a1["content"].endswith("TRUE." if _statement_truth(m[1], left, right) else "FALSE.")
+                _assert_nlvr2_reasoning_true(a1["content"], m[1], left, right)
                 checked += 1
             elif m and q1["content"] == bison_prompt(m[1]):
                 fits = [_caption_fits(m[1], left), _caption_fits(m[1], right)]
                 assert fits.count(True) == 1
                 assert a1["content"].endswith(f"IMAGE#{fits.index(True) + 1}.")
+                for n, scene in ((1, left), (2, right)):
+                    section = re.search(rf"In IMAGE#{n}: ([^.]+)\.", a1["content"])[1]
+                    checks = [c.rsplit(", ", 1) for c in section.split("; ")]
+                    assert [part for part, _ in checks] == re.split(r", | and ", m[1])
+                    assert [verdict == "yes" for _, verdict in checks] == [_item_holds(p, scene) for p, _ in checks]
                 checked += 1
     assert checked > 80
+
+
+def _assert_nlvr2_reasoning_true(answer_text: str, sentence: str, left, right) -> None:
+    """Every count the NLVR2 reasoning states is the scene's, and its last step agrees with the verdict."""
+    stated = []
+    for n, word, noun in re.findall(r"IMAGE#([12]),? shows (\w+) ([a-z ]+?)s?\.", answer_text):
+        m = re.fullmatch(r"(?:(red|green|blue|yellow|purple) )?(circle|square|triangle|object)", noun)
+        assert m, noun
+        rec = left if n == "1" else right
+        assert _count(rec, m[1], None if m[2] == "object" else m[2]) == WORDS[word], (answer_text, noun)
+        stated.append(WORDS[word])
+    if m := re.search(r"(\w+) is (not )?more than (\w+)\.", answer_text):
+        values = {**WORDS, "zero": 0}
+        assert (values[m[1].lower()] > values[m[3]]) == (m[2] is None), answer_text
+    if m := re.search(r"That makes (\w+) .+ in total, and the statement says (\w+)\.", answer_text):
+        assert re.search(rf"exactly {m[2]} ", sentence), (answer_text, sentence)
+        assert WORDS[m[1]] == sum(stated), answer_text
 
 
 # --- reference judge ------------------------------------------------------------------------------
@@ -462,6 +504,37 @@ def test_reference_judge_accepts_training_dialogues_too(world):
     scenes = load_scenes(world)
     scores = [_mean_score(judge_reference(rec["dialogue"], scenes)) for rec in _dialogues(world, "VG")[:60]]
     assert min(scores) >= 9.0
+
+
+def test_reference_judge_reads_bison_checks_and_nlvr2_steps(world):
+    from sparkles.data.synthetic.judge import extract_claims
+
+    scenes = load_scenes(world)
+    flipped = {"yes": "no", "no": "yes"}
+    seen = Counter()
+    for subset in ("CC", "VG"):
+        for rec in _dialogues(world, subset):
+            dialogue = rec["dialogue"]
+            a1 = dialogue[1]["content"]
+            kind = "bison" if a1.count("In IMAGE#") == 2 else "nlvr2" if "(TRUE or FALSE)" in a1 else None
+            if kind is None or seen[kind] >= 15:
+                continue
+            seen[kind] += 1
+            names = {"1": "1", "2": "2"}
+            claims = extract_claims(a1, names)
+            assert claims.unparsed == 0 and claims.facts, a1
+            right = judge_reference(dialogue, scenes)["A1_C123_scores"][1]
+            assert right == 10.0, a1
+            # Every check flipped (BISON) or every stated count changed (NLVR2): the image facts turn false
+            # (a flipped positioned item keeps its true count part, hence "below 5", not 1).
+            if kind == "bison":
+                wrong_text = re.sub(r", (yes|no)\b", lambda m: ", " + flipped[m[1]], a1)
+            else:
+                wrong_text = re.sub(r"shows (no|one|two|three|four) ",
+                                    lambda m: "shows " + ("one " if m[1] == "no" else "no "), a1)
+            wrong = judge_reference(_with_answers(dialogue, wrong_text, dialogue[3]["content"]), scenes)
+            assert wrong["A1_C123_scores"][1] < 5.0, wrong_text
+    assert seen == {"bison": 15, "nlvr2": 15}
 
 
 # --- tokenizer corpus and configuration -----------------------------------------------------------

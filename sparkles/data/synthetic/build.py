@@ -14,7 +14,7 @@ from typing import Iterable
 from .language import Qual, caption, describe, word_count
 from .scenes import DEFAULT_COLOURS, DEFAULT_SHAPES, MAX_OBJECTS, Scene, SceneSampler
 from .tasks import (NLVR2_TEMPLATES, TURN2_KINDS, InvalidTask, Statement, Task, answer, caption_matches,
-                    image_name, question)
+                    caption_refuted, image_name, question)
 
 MIX_KINDS = ("describe", "count", "attribute", "bison", "nlvr2")
 # BISON/NLVR2-style dialogues dominate because the evaluation accuracies are the targets; the plain kinds teach
@@ -38,7 +38,7 @@ class WorldConfig:
     mix: dict = field(default_factory=lambda: dict(DEFAULT_MIX))
     colours: tuple = DEFAULT_COLOURS
     shapes: tuple = DEFAULT_SHAPES
-    max_answer_words: int = 40
+    max_answer_words: int = 56
     vocab_size: int = 2048
 
     def validate(self) -> None:
@@ -240,7 +240,9 @@ class Builder:
                 continue
             true, false = (base, other) if rng.random() < 0.5 else (other, base)
             cap = describe(true, position_of)
-            if caption_matches(cap, false):
+            # The caption must be false of the decoy, not merely less complete: "a red square" does not tell
+            # {red square} from {red square, blue circle}, and real BISON decoys contradict their caption.
+            if caption_matches(cap, false) or not caption_refuted(cap, false):
                 continue
             return (true, false, cap) if true_first else (false, true, cap)
         raise RuntimeError(f"could not build a BISON pair differing in {attribute}")

@@ -5,7 +5,8 @@ known, so this judge computes the three criteria instead of asking a model, and 
 shape (§12.5) with a response in the upstream judge layout, so the same score parser and merge code read it:
 
 - C1 image understanding = share of the answer's checkable object facts (count of a colour/shape, position,
-  size, per mentioned image) that are true of that image's scene;
+  size, per mentioned image; a caption item checked "yes" or "no" against an image) that are true of that
+  image's scene;
 - C2 coherence = share of passed consistency checks: every image the question is about is mentioned, only
   images of this dialogue are mentioned, no fact contradicts another fact of this answer or of an earlier
   answer, and stated totals add up;
@@ -22,14 +23,15 @@ import re
 from dataclasses import dataclass, field
 from typing import Mapping
 
-from .language import PHRASE_POSITIONS, COLOUR_RE, SHAPE_RE, parse_items, sentences
+from .language import PHRASE_POSITIONS, COLOUR_RE, SHAPE_RE, Item, parse_items, sentences
 from .scenes import SIZES, Scene, as_scene
-from .tasks import InvalidTask, Task, answer, parse_question, ref_names
+from .tasks import InvalidTask, Task, answer, item_holds, parse_question, ref_names
 
 SLOT_RE = re.compile(r"IMAGE#([0-9A-Za-z_-]+)<Img><ImageHere></Img>")
-_SHOWS = re.compile(r"IMAGE#([0-9A-Za-z_-]+) shows (.+)\.")
+_SHOWS = re.compile(r"(?:The (?:left|right) image, )?IMAGE#([0-9A-Za-z_-]+),? shows (.+)\.")
+_CHECKS = re.compile(r"In IMAGE#([0-9A-Za-z_-]+): (.+)\.")  # BISON reasoning: "a red circle, yes; ..."
 _ATTR = re.compile(rf"In IMAGE#([0-9A-Za-z_-]+) the ({COLOUR_RE}) ({SHAPE_RE}) is (.+)\.")
-_TOTAL = re.compile(r"That makes (.+) in total\.")
+_TOTAL = re.compile(r"That makes (.+) in total(?:, and the statement says \w+)?\.")
 
 METHOD = ("Reference judge of the synthetic world (synthetic-only; no language model). "
           "C1 = 1 + 9 x share of the answer's object facts (counts, colours, shapes, positions, sizes per image) "
@@ -77,6 +79,25 @@ def extract_claims(text: str, name_to_key: Mapping[str, str]) -> Claims:
                 if it.position:
                     out.facts.append(("position", key, it.colour, it.shape, it.position))
             continue
+        m = _CHECKS.fullmatch(s)
+        if m:
+            key = name_to_key.get(m[1], "?" + m[1])
+            for check in m[2].split("; "):
+                phrase, _, verdict = check.rpartition(", ")
+                try:
+                    (it,) = parse_items(phrase)
+                except ValueError:
+                    out.unparsed += 1
+                    continue
+                if verdict not in ("yes", "no"):
+                    out.unparsed += 1
+                elif verdict == "yes":  # the item holds: its count (and position) are facts of the image
+                    out.facts.append(("count", key, it.colour, it.shape, it.count))
+                    if it.position:
+                        out.facts.append(("position", key, it.colour, it.shape, it.position))
+                else:
+                    out.facts.append(("not", key, it.colour, it.shape, (it.count, it.position)))
+            continue
         m = _ATTR.fullmatch(s)
         if m:
             key = name_to_key.get(m[1], "?" + m[1])
@@ -110,6 +131,9 @@ def _fact_true(fact, scenes: Mapping[str, Scene]) -> bool:
         return False
     if kind == "count":
         return scene.count(colour, shape) == value
+    if kind == "not":
+        count, position = value
+        return not item_holds(Item(count, colour, shape, position), scene)
     objs = scene.find(colour, shape) if colour and shape else []
     if len(objs) != 1:
         return False
@@ -180,6 +204,8 @@ def _judge_turn(question: str, reply: str, visible: list[str], name_to_key: dict
         for kind, key, colour, shape, value in source.facts:
             said.setdefault((kind, key, colour, shape), set()).add(value)
     for kind, key, colour, shape, _value in dict.fromkeys(claims.facts):
+        if kind == "not":  # "not exactly two" is compatible with other negations and with most counts
+            continue
         values = said[(kind, key, colour, shape)]
         checks.append(len(values) == 1)
     for colour, shape, n in claims.totals:

@@ -1,0 +1,213 @@
+"""Text-only probe: can the tiny decoder learn the BISON/NLVR2 decision from the reasoning written before it?
+
+Builds BISON and NLVR2 items with the world generator (fresh scenes, any seed), renders the question with the
+evaluation template (image slots removed: no images, so only the step from reasoning to verdict can be learnt)
+and the reference answer, trains a decoder of the tiny preset's sizes on them (loss on the answer, as in
+training), and reports how often the verdict token is the more likely option on held-out items.
+
+``--format checks`` uses the world's answers (BISON: each caption item checked against each image; NLVR2: the
+counts the statement needs and one short step); ``--format descriptions`` writes the earlier reasoning (both
+images described in full, then the verdict) for comparison. ``--init CKPT`` starts the decoder from a trained
+SparklesChat checkpoint instead of random weights.
+
+    python -m sparkles.tools.decision_probe --tokenizer outputs/tiny/models/tiny_llm --kind bison --steps 200
+
+Measured figures are in docs/notes/tiny_world.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from typing import Optional, Sequence
+
+FORMATS = ("checks", "descriptions")
+
+
+def _descriptions_answer(task, scenes: dict) -> str:
+    """The earlier reasoning form: every image described in full (BISON) or its count stated (NLVR2)."""
+    from sparkles.data.synthetic.language import count_phrase, describe
+    from sparkles.data.synthetic.tasks import caption_position_of, parse_statement
+    from sparkles.eval.prompts import BISON_ANSWER_PHRASE, NLVR2_ANSWER_PHRASE, REASONING_OPENER
+
+    s1, s2 = scenes["1"], scenes["2"]
+    if task.kind == "bison":
+        from sparkles.data.synthetic.tasks import caption_matches
+
+        pos = caption_position_of(task.text)
+        descs = []
+        for s in (s1, s2):
+            try:
+                descs.append(describe(s, pos))
+            except ValueError:
+                descs.append(describe(s))
+        choice = "IMAGE#1" if caption_matches(task.text, s1) else "IMAGE#2"
+        return f"{REASONING_OPENER} IMAGE#1 shows {descs[0]}. IMAGE#2 shows {descs[1]}. {BISON_ANSWER_PHRASE} {choice}."
+    st = parse_statement(task.text)
+    q = st.qual
+    parts = [REASONING_OPENER, f"IMAGE#1 shows {count_phrase(q.count(s1), q)}.",
+             f"IMAGE#2 shows {count_phrase(q.count(s2), q)}."]
+    if st.template == "total":
+        parts.append(f"That makes {count_phrase(q.count(s1) + q.count(s2), q)} in total.")
+    parts.append(f"{NLVR2_ANSWER_PHRASE} {'TRUE' if st.truth(s1, s2) else 'FALSE'}.")
+    return " ".join(parts)
+
+
+class ItemMaker:
+    """Random BISON/NLVR2 items (prompt without image slots, answer, options, label) from the world generator."""
+
+    def __init__(self, kinds: Sequence[str], fmt: str, seed: int):
+        from sparkles.data.synthetic.build import BISON_ATTRIBUTES, Builder, WorldConfig
+        from sparkles.data.synthetic.tasks import NLVR2_TEMPLATES
+
+        self.builder = Builder(WorldConfig())
+        self.rng = random.Random(seed)
+        self.sampler = self.builder._sampler(self.rng, None)
+        self.kinds, self.fmt = tuple(kinds), fmt
+        self.attributes, self.templates = BISON_ATTRIBUTES, NLVR2_TEMPLATES
+
+    def __call__(self) -> dict:
+        from sparkles.data.synthetic.tasks import InvalidTask, Task, answer, question
+        from sparkles.eval.prompts import SLOT
+
+        rng = self.rng
+        while True:
+            kind = rng.choice(self.kinds)
+            if kind == "bison":
+                s1, s2, text = self.builder.bison_pair(rng, self.sampler, rng.choice(self.attributes),
+                                                       rng.random() < 0.5)
+            else:
+                s1, s2, text = self.builder.nlvr2_pair(rng, self.sampler, rng.choice(self.templates),
+                                                       rng.random() < 0.5)
+            task, scenes, names = Task(kind, ("1", "2"), text=text), {"1": s1, "2": s2}, {"1": "IMAGE#1", "2": "IMAGE#2"}
+            try:
+                ans = answer(task, scenes, names) if self.fmt == "checks" else _descriptions_answer(task, scenes)
+            except InvalidTask:
+                continue
+            options = ("IMAGE#1", "IMAGE#2") if kind == "bison" else ("TRUE", "FALSE")
+            label = ans.rsplit(" ", 1)[1].rstrip(".")
+            return dict(kind=kind, prompt=question(task, names, {"1", "2"}).replace(SLOT, ""), answer=ans,
+                        options=options, label=label)
+
+
+def encode(items: list[dict], tokenizer):
+    """Token ids (BOS + prompt + answer, right-padded) and labels (-100 outside the answer)."""
+    import torch
+
+    ids, labels = [], []
+    for it in items:
+        prompt = tokenizer(f"###Human: {it['prompt']}###Assistant:", add_special_tokens=False).input_ids
+        target = tokenizer(" " + it["answer"], add_special_tokens=False).input_ids
+        ids.append([tokenizer.bos_token_id] + prompt + target)
+        labels.append([-100] * (1 + len(prompt)) + target)
+    width = max(map(len, ids))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return (torch.tensor([i + [pad] * (width - len(i)) for i in ids]),
+            torch.tensor([lab + [-100] * (width - len(lab)) for lab in labels]))
+
+
+def decision_accuracy(model, items: list[dict], tokenizer, batch: int = 50) -> dict:
+    """Per kind: how often the label's last token outscores the other option's at the verdict position."""
+    import torch
+
+    hits: dict[str, list[int]] = {}
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(items), batch):
+            chunk = items[start:start + batch]
+            ids, labels = encode(chunk, tokenizer)
+            logits = model(input_ids=ids).logits
+            for row, it in enumerate(chunk):
+                targets = (labels[row] != -100).nonzero().flatten().tolist()
+                verdict = targets[-2]  # the option's last token; the answer ends with "."
+                option_ids = [tokenizer(" " + o, add_special_tokens=False).input_ids[-1] for o in it["options"]]
+                scores = logits[row, verdict - 1, option_ids]
+                picked = it["options"][int(scores.argmax())]
+                h = hits.setdefault(it["kind"], [0, 0])
+                h[0] += picked == it["label"]
+                h[1] += 1
+    model.train()
+    return {k: round(c / n, 3) for k, (c, n) in hits.items()}
+
+
+def build_decoder(tokenizer, init: Optional[str]):
+    from types import SimpleNamespace
+
+    import torch
+
+    from sparkles.models.loaders import build_llama_from_sizes
+
+    # The tiny preset's decoder sizes (sparkles/configs/models/sparkleschat_tiny.yaml).
+    sizes = SimpleNamespace(llm_hidden=192, llm_intermediate=512, llm_layers=4, llm_heads=4, llm_max_positions=1024)
+    model = build_llama_from_sizes(sizes, vocab_size=len(tokenizer))
+    if init:
+        state = torch.load(init, map_location="cpu", weights_only=False)
+        state = state.get("model", state)
+        decoder = {k[len("llama_model."):]: v for k, v in state.items() if k.startswith("llama_model.")}
+        if not decoder:
+            raise SystemExit(f"{init}: no llama_model.* weights (not a SparklesChat checkpoint?)")
+        model.load_state_dict(decoder)
+    return model
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokenizer", required=True, help="the world's tokenizer folder (<root>/models/tiny_llm)")
+    p.add_argument("--kind", choices=("bison", "nlvr2", "both"), default="both")
+    p.add_argument("--format", choices=FORMATS, default="checks")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--held-out", type=int, default=200)
+    p.add_argument("--init", help="start from this SparklesChat checkpoint's decoder")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--out", help="write the curve as JSON here")
+    args = p.parse_args(argv)
+
+    import torch
+    import torch.nn.functional as F
+
+    from sparkles.models.tokenizer import load_tokenizer
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    tokenizer = load_tokenizer(args.tokenizer)
+    kinds = ("bison", "nlvr2") if args.kind == "both" else (args.kind,)
+    train_items = ItemMaker(kinds, args.format, seed=args.seed + 1)
+    held_out_items = ItemMaker(kinds, args.format, seed=args.seed + 999)
+    held_out = [held_out_items() for _ in range(args.held_out)]
+    model = build_decoder(tokenizer, args.init)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.05)
+    curve, t0 = [], time.time()
+    for step in range(1, args.steps + 1):
+        ids, labels = encode([train_items() for _ in range(args.batch_size)], tokenizer)
+        logits = model(input_ids=ids).logits[:, :-1]
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % args.eval_every == 0 or step == args.steps:
+            row = dict(step=step, loss=round(loss.item(), 4), seconds=round(time.time() - t0, 1),
+                       accuracy=decision_accuracy(model, held_out, tokenizer))
+            curve.append(row)
+            print(json.dumps(row), flush=True)
+    result = dict(kind=args.kind, format=args.format, init=args.init, batch_size=args.batch_size, lr=args.lr,
+                  held_out=args.held_out, curve=curve)
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
