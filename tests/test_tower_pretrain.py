@@ -89,7 +89,7 @@ def test_stage0_learns_the_cells_and_its_towers_load_into_sparkleschat(world):
     assert acc["kind_count"] > 0.9 and acc["image_exact"] > base["image_exact"] + 0.2, (acc, base)
 
     # The exported file puts exactly the tagger's towers into the chat model: same Q-Former outputs.
-    model_cfg = load_config(str(REPO / "train_configs/sparkleschat_tiny_stage1.yaml"),
+    model_cfg = load_config(str(REPO / "train_configs/sparkleschat_tiny_warmup.yaml"),
                             [f"model.q_former_model={towers}"]).model
     chat_model = SparklesChat.from_config(model_cfg, root=world)
     with torch.no_grad():

@@ -32,12 +32,20 @@ def test_configs_train_on_the_ten_splits(name):
         assert not Path(d.root_dir).is_absolute() and d.anno_path.startswith("annotations/")
 
 
-def test_tiny_stage0_pretrains_the_towers_that_stage1_loads():
+def test_tiny_stages_chain_towers_warmup_captions_dialogues():
     stage0 = load_config(CONFIGS / "sparkleschat_tiny_stage0.yaml")
+    warmup = load_config(CONFIGS / "sparkleschat_tiny_warmup.yaml")
     stage1 = load_config(CONFIGS / "sparkleschat_tiny_stage1.yaml")
+    stage2 = load_config(CONFIGS / "sparkleschat_tiny.yaml")
     assert stage0.run.task == "tower_pretrain" and list(stage0.datasets) == ["synthetic_scene_tags"]
     assert list(stage0.datasets.synthetic_scene_tags.splits) == ["CC", "VG"]  # training images only
-    assert stage1.model.q_former_model == f"{stage0.run.output_dir}/blip2_towers.pth"
+    # The warm-up loads the towers and starts the decoder from scratch on the two-image first turns.
+    assert warmup.model.q_former_model == f"{stage0.run.output_dir}/blip2_towers.pth" and not warmup.model.ckpt
+    ratios = {n: d.sample_ratio for n, d in warmup.datasets.items()}
+    assert max(ratios, key=ratios.get).endswith("turn1_2img") and sum(
+        r for n, r in ratios.items() if n.endswith("turn1_2img")) > 0.8 * sum(ratios.values())
+    assert stage1.model.ckpt == f"{warmup.run.output_dir}/checkpoint_last.pth" and not stage1.model.q_former_model
+    assert stage2.model.ckpt == f"{stage1.run.output_dir}/checkpoint_last.pth"
 
 
 def test_tiny_stage1_trains_on_the_caption_set():
