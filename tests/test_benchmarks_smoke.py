@@ -120,3 +120,14 @@ def test_chat_reuse_cache_switch(tmp_path, reuse):
     s.ask("And then?")
     s.answer(max_new_tokens=3)
     assert (s.stats["reused_tokens"] > 0) is reuse
+
+
+def test_small_m_linear_toy(tmp_path):
+    from benchmarks import small_m_linear
+
+    out = tmp_path / "small_m.json"
+    assert small_m_linear.main(["--threads", "1", "--repeats", "2", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["in_features"], r["out_features"], r["rows"]) for r in rows} == {
+        (k, n, m) for k, n in small_m_linear.SHAPES for m in small_m_linear.ROWS}
+    assert all(r["linear_us"] > 0 and r["gflops"] > 0 for r in rows)
