@@ -344,8 +344,9 @@ def answer(task: Task, scenes: Mapping[str, Scene], names: Mapping[str, str]) ->
         return " ".join(parts)
     if k == "bison":
         # The reasoning checks the caption item by item against each image ("a red circle, yes; ..."): the
-        # choice is then the image with no "no", a step a small decoder learns in a few hundred steps, where
-        # comparing two whole descriptions with the caption is not learnt in thousands (docs/notes/tiny_world.md).
+        # choice is then the image with no "no", a step the tiny decoder learns in ~100 steps of 32, where
+        # comparing two whole descriptions with the caption is not learnt from ~20,000 items
+        # (sparkles.tools.decision_probe; docs/notes/tiny_world.md).
         try:
             caption_position_of(task.text)  # raises when more than one object is positioned
             checks = [caption_checks(task.text, sc[key]) for key in ids]
