@@ -1,0 +1,132 @@
+"""Where a model's BISON/NLVR2 answers on the synthetic world go wrong: per kind of item, and check by check.
+
+Reads merged result files (``evaluation/{BISON,NLVR2}/results/*_acc*.json``, the newest unless named) and the
+world's scene records, and reports accuracy per BISON difference (colour, shape, count, position) and per NLVR2
+statement template, and — since BISON answers check each caption item against each image — how often the
+model's own "yes"/"no" agrees with the scene, split by the item's truth and by whether it states a position.
+
+    python -m sparkles.tools.synthetic_report --root outputs/tiny [--bison FILE] [--nlvr2 FILE] [--out report.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+_SECTION = re.compile(r"In IMAGE#([12]): ([^.]+)\.")
+
+
+def _newest(results_dir: Path, dataset: str) -> Optional[Path]:
+    found = [p for p in results_dir.glob(f"{dataset}_*_acc*.json")] if results_dir.is_dir() else []
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+def _ratio(hits: int, total: int) -> Optional[float]:
+    return round(hits / total, 3) if total else None
+
+
+def _correct(rec: dict) -> bool:
+    return str(rec.get("predict", "")).strip().lower() == str(rec.get("label", "")).strip().lower()
+
+
+def bison_report(records: list[dict], annotations: list[dict], scenes: dict) -> dict:
+    from sparkles.data.synthetic.language import parse_items
+    from sparkles.data.synthetic.scenes import as_scene
+    from sparkles.data.synthetic.tasks import item_holds
+
+    by_id = {a["evaluation_id"]: a for a in annotations}
+    per_kind: dict[str, list[int]] = {}
+    checks: dict[str, list[int]] = {}
+    unreadable = 0
+    for rec in records:
+        ann = by_id.get(rec["evaluation_id"])
+        if ann is None:
+            raise ValueError(f"BISON result with evaluation_id {rec['evaluation_id']!r} has no annotation")
+        row = per_kind.setdefault(ann["difference"], [0, 0])
+        row[0] += _correct(rec)
+        row[1] += 1
+        candidates = [as_scene(scenes[str(c["image_id"])]) for c in ann["image_candidates"]]
+        for n, section in _SECTION.findall(rec.get("response", "")):
+            for check in section.split("; "):
+                phrase, _, verdict = check.rpartition(", ")
+                try:
+                    (item,) = parse_items(phrase)
+                except ValueError:
+                    unreadable += 1
+                    continue
+                if verdict not in ("yes", "no"):
+                    unreadable += 1
+                    continue
+                truth = item_holds(item, candidates[int(n) - 1])
+                key = ("true " if truth else "false ") + ("positioned items" if item.position else "items")
+                row = checks.setdefault(key, [0, 0])
+                row[0] += (verdict == "yes") == truth
+                row[1] += 1
+    return dict(items=len(records), accuracy=_ratio(sum(_correct(r) for r in records), len(records)),
+                by_difference={k: dict(accuracy=_ratio(*v), items=v[1]) for k, v in sorted(per_kind.items())},
+                checks={k: dict(agreement=_ratio(*v), checks=v[1]) for k, v in sorted(checks.items())},
+                unreadable_checks=unreadable)
+
+
+def nlvr2_report(records: list[dict]) -> dict:
+    from sparkles.data.synthetic.tasks import parse_statement
+
+    per_template: dict[str, list[int]] = {}
+    for rec in records:
+        row = per_template.setdefault(parse_statement(rec["sentence"]).template, [0, 0])
+        row[0] += _correct(rec)
+        row[1] += 1
+    return dict(items=len(records), accuracy=_ratio(sum(_correct(r) for r in records), len(records)),
+                by_template={k: dict(accuracy=_ratio(*v), items=v[1]) for k, v in sorted(per_template.items())})
+
+
+def build_report(root: Path, bison: Optional[Path] = None, nlvr2: Optional[Path] = None) -> dict:
+    from sparkles.data.synthetic import load_scenes
+
+    report: dict = {"root": str(root)}
+    bison = bison or _newest(root / "evaluation" / "BISON" / "results", "BISON")
+    nlvr2 = nlvr2 or _newest(root / "evaluation" / "NLVR2" / "results", "NLVR2")
+    if bison is None and nlvr2 is None:
+        raise FileNotFoundError(f"{root}: no BISON or NLVR2 result file under evaluation/*/results/")
+    if bison is not None:
+        annotations = json.loads((root / "evaluation" / "BISON" / "annotations" /
+                                  "sparkles_evaluation_bison_annotations.json").read_text())
+        report["BISON"] = dict(file=str(bison), **bison_report(json.loads(bison.read_text()), annotations,
+                                                               load_scenes(root)))
+    if nlvr2 is not None:
+        report["NLVR2"] = dict(file=str(nlvr2), **nlvr2_report(json.loads(nlvr2.read_text())))
+    return report
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--root", required=True, help="the synthetic world (run.sh: outputs/tiny)")
+    p.add_argument("--bison", type=Path, help="BISON result file (default: the newest)")
+    p.add_argument("--nlvr2", type=Path, help="NLVR2 result file (default: the newest)")
+    p.add_argument("--out", type=Path, help="also write the report as JSON here")
+    args = p.parse_args(argv)
+    try:
+        report = build_report(Path(args.root), args.bison, args.nlvr2)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"synthetic_report: {exc}", file=sys.stderr)
+        return 2
+    for name in ("BISON", "NLVR2"):
+        part = report.get(name)
+        if not part:
+            continue
+        print(f"{name}: accuracy {part['accuracy']} on {part['items']} items ({part['file']})")
+        for key, row in part.get("by_difference", part.get("by_template", {})).items():
+            print(f"  {key:<10} {row['accuracy']}  ({row['items']} items)")
+        for key, row in part.get("checks", {}).items():
+            print(f"  checks of {key}: the model's yes/no agrees with the scene {row['agreement']} ({row['checks']})")
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=1), encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

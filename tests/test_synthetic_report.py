@@ -1,0 +1,72 @@
+"""The BISON/NLVR2 error report on a small world, with answers whose correctness is known."""
+
+from __future__ import annotations
+
+import json
+import re
+
+from sparkles.data.synthetic import load_scenes, main as world_main
+from sparkles.data.synthetic.scenes import as_scene
+from sparkles.data.synthetic.tasks import Task, answer
+from sparkles.tools.synthetic_report import main
+
+
+def _bison_results(root, flip_checks: bool) -> list[dict]:
+    scenes = load_scenes(root)
+    annotations = json.loads((root / "evaluation/BISON/annotations/sparkles_evaluation_bison_annotations.json")
+                             .read_text())
+    out = []
+    for a in annotations:
+        ids = [str(c["image_id"]) for c in a["image_candidates"]]
+        pair = {"a": as_scene(scenes[ids[0]]), "b": as_scene(scenes[ids[1]])}
+        text = answer(Task("bison", ("a", "b"), text=a["caption"]), pair, {"a": "IMAGE#1", "b": "IMAGE#2"})
+        if flip_checks:
+            text = re.sub(r", (yes|no)\b", lambda m: ", no" if m[1] == "yes" else ", yes", text)
+        label = f"IMAGE#{ids.index(str(a['true_image_id'])) + 1}"
+        out.append({"evaluation_id": a["evaluation_id"], "label": label, "predict": label.lower(),
+                    "response": text, "sentence": a["caption"]})
+    return out
+
+
+def test_report_counts_accuracy_and_check_agreement(tmp_path):
+    root = tmp_path / "world"
+    assert world_main(["--out", str(root), "--seed", "3", "--preset", "ci", "--no-tokenizer", "--quiet",
+                       "--workers", "1"]) == 0
+    results = root / "evaluation/BISON/results"
+    results.mkdir(parents=True)
+    right, flipped = results / "BISON_right_acc1.000.json", results / "BISON_flipped_acc1.000.json"
+    right.write_text(json.dumps(_bison_results(root, flip_checks=False)))
+    flipped.write_text(json.dumps(_bison_results(root, flip_checks=True)))
+    nlvr2_annotations = json.loads((root / "evaluation/NLVR2/annotations/sparkles_evaluation_nlvr2_annotations.json")
+                                   .read_text())
+    nlvr2 = root / "evaluation/NLVR2/results/NLVR2_false_acc0.500.json"
+    nlvr2.parent.mkdir(parents=True)
+    nlvr2.write_text(json.dumps([{"evaluation_id": x["evaluation_id"], "label": x["label"], "predict": "false",
+                                  "sentence": x["sentence"], "response": ""} for x in nlvr2_annotations]))
+
+    out = tmp_path / "right.json"
+    assert main(["--root", str(root), "--bison", str(right), "--nlvr2", str(nlvr2), "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["BISON"]["accuracy"] == 1.0 and report["BISON"]["unreadable_checks"] == 0
+    assert {"false items", "true items"} <= set(report["BISON"]["checks"])
+    assert all(row["agreement"] == 1.0 for row in report["BISON"]["checks"].values())
+    # "FALSE" everywhere is right exactly on the false statements, template by template.
+    for template, row in report["NLVR2"]["by_template"].items():
+        falses = sum(x["label"] == "False" for x in nlvr2_annotations if _template(x["sentence"]) == template)
+        assert row["accuracy"] == round(falses / row["items"], 3), template
+
+    out = tmp_path / "flipped.json"
+    assert main(["--root", str(root), "--bison", str(flipped), "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert all(row["agreement"] == 0.0 for row in report["BISON"]["checks"].values())
+
+
+def _template(sentence: str) -> str:
+    from sparkles.data.synthetic.tasks import parse_statement
+
+    return parse_statement(sentence).template
+
+
+def test_report_says_what_is_missing(tmp_path, capsys):
+    assert main(["--root", str(tmp_path)]) == 2
+    assert "no BISON or NLVR2 result file" in capsys.readouterr().err
