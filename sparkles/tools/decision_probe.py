@@ -30,13 +30,11 @@ FORMATS = ("checks", "descriptions")
 def _descriptions_answer(task, scenes: dict) -> str:
     """The earlier reasoning form: every image described in full (BISON) or its count stated (NLVR2)."""
     from sparkles.data.synthetic.language import count_phrase, describe
-    from sparkles.data.synthetic.tasks import caption_position_of, parse_statement
+    from sparkles.data.synthetic.tasks import caption_matches, caption_position_of, parse_statement
     from sparkles.eval.prompts import BISON_ANSWER_PHRASE, NLVR2_ANSWER_PHRASE, REASONING_OPENER
 
     s1, s2 = scenes["1"], scenes["2"]
     if task.kind == "bison":
-        from sparkles.data.synthetic.tasks import caption_matches
-
         pos = caption_position_of(task.text)
         descs = []
         for s in (s1, s2):
@@ -93,23 +91,17 @@ class ItemMaker:
                         options=options, label=label)
 
 
-def encode(items: list[dict], tokenizer):
-    """Token ids (BOS + prompt + answer, right-padded) and labels (-100 outside the answer)."""
-    import torch
+def encode(items: list[dict], renderer):
+    """Token ids and labels of the items rendered exactly as training renders a one-turn sample."""
+    from sparkles.conversation.render import Message, collate
+    from sparkles.conversation.template import TRAIN_LAYOUT, USER
 
-    ids, labels = [], []
-    for it in items:
-        prompt = tokenizer(f"###Human: {it['prompt']}###Assistant:", add_special_tokens=False).input_ids
-        target = tokenizer(" " + it["answer"], add_special_tokens=False).input_ids
-        ids.append([tokenizer.bos_token_id] + prompt + target)
-        labels.append([-100] * (1 + len(prompt)) + target)
-    width = max(map(len, ids))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return (torch.tensor([i + [pad] * (width - len(i)) for i in ids]),
-            torch.tensor([lab + [-100] * (width - len(lab)) for lab in labels]))
+    rendered = [renderer.render([Message(USER, it["prompt"])], TRAIN_LAYOUT, target=it["answer"]) for it in items]
+    batch = collate(rendered, pad_id=renderer.pad_id)
+    return batch["input_ids"], batch["labels"]
 
 
-def decision_accuracy(model, items: list[dict], tokenizer, batch: int = 50) -> dict:
+def decision_accuracy(model, items: list[dict], renderer, batch: int = 50) -> dict:
     """Per kind: how often the label's last token outscores the other option's at the verdict position."""
     import torch
 
@@ -118,12 +110,12 @@ def decision_accuracy(model, items: list[dict], tokenizer, batch: int = 50) -> d
     with torch.no_grad():
         for start in range(0, len(items), batch):
             chunk = items[start:start + batch]
-            ids, labels = encode(chunk, tokenizer)
+            ids, labels = encode(chunk, renderer)
             logits = model(input_ids=ids).logits
             for row, it in enumerate(chunk):
-                targets = (labels[row] != -100).nonzero().flatten().tolist()
-                verdict = targets[-2]  # the option's last token; the answer ends with "."
-                option_ids = [tokenizer(" " + o, add_special_tokens=False).input_ids[-1] for o in it["options"]]
+                option_ids = [renderer.encode(" " + o)[-1] for o in it["options"]]
+                # The verdict is the answer's last option token (the answer ends "... is IMAGE#2.###").
+                verdict = max(i for i, t in enumerate(labels[row].tolist()) if t in option_ids)
                 scores = logits[row, verdict - 1, option_ids]
                 picked = it["options"][int(scores.argmax())]
                 h = hits.setdefault(it["kind"], [0, 0])
@@ -133,16 +125,22 @@ def decision_accuracy(model, items: list[dict], tokenizer, batch: int = 50) -> d
     return {k: round(c / n, 3) for k, (c, n) in hits.items()}
 
 
-def build_decoder(tokenizer, init: Optional[str]):
-    from types import SimpleNamespace
+def tiny_preset():
+    """The tiny model preset (sparkles/configs/models/sparkleschat_tiny.yaml) over the model defaults."""
+    from omegaconf import OmegaConf
 
+    from sparkles.models.sparkleschat import SparklesChat, SparklesChatConfig
+
+    preset = OmegaConf.load(SparklesChat.default_config_path("tiny"))
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SparklesChatConfig), preset))
+
+
+def build_decoder(tokenizer, init: Optional[str]):
     import torch
 
     from sparkles.models.loaders import build_llama_from_sizes
 
-    # The tiny preset's decoder sizes (sparkles/configs/models/sparkleschat_tiny.yaml).
-    sizes = SimpleNamespace(llm_hidden=192, llm_intermediate=512, llm_layers=4, llm_heads=4, llm_max_positions=1024)
-    model = build_llama_from_sizes(sizes, vocab_size=len(tokenizer))
+    model = build_llama_from_sizes(tiny_preset(), vocab_size=len(tokenizer))
     if init:
         state = torch.load(init, map_location="cpu", weights_only=False)
         state = state.get("model", state)
@@ -173,12 +171,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import torch
     import torch.nn.functional as F
 
+    from sparkles.conversation.render import Renderer
     from sparkles.models.tokenizer import load_tokenizer
 
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     tokenizer = load_tokenizer(args.tokenizer)
+    renderer = Renderer(tokenizer, tiny_preset().num_query_token)
     kinds = ("bison", "nlvr2") if args.kind == "both" else (args.kind,)
     train_items = ItemMaker(kinds, args.format, seed=args.seed + 1)
     held_out_items = ItemMaker(kinds, args.format, seed=args.seed + 999)
@@ -188,7 +188,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.05)
     curve, t0 = [], time.time()
     for step in range(1, args.steps + 1):
-        ids, labels = encode([train_items() for _ in range(args.batch_size)], tokenizer)
+        ids, labels = encode([train_items() for _ in range(args.batch_size)], renderer)
         logits = model(input_ids=ids).logits[:, :-1]
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
         opt.zero_grad()
@@ -198,7 +198,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         sched.step()
         if step % args.eval_every == 0 or step == args.steps:
             row = dict(step=step, loss=round(loss.item(), 4), seconds=round(time.time() - t0, 1),
-                       accuracy=decision_accuracy(model, held_out, tokenizer))
+                       accuracy=decision_accuracy(model, held_out, renderer))
             curve.append(row)
             print(json.dumps(row), flush=True)
     result = dict(kind=args.kind, format=args.format, init=args.init, batch_size=args.batch_size, lr=args.lr,

@@ -12,13 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
-
-_SECTION = re.compile(r"In IMAGE#([12]): ([^.]+)\.")
-
 
 def _newest(results_dir: Path, dataset: str) -> Optional[Path]:
     found = [p for p in results_dir.glob(f"{dataset}_*_acc*.json")] if results_dir.is_dir() else []
@@ -34,9 +30,8 @@ def _correct(rec: dict) -> bool:
 
 
 def bison_report(records: list[dict], annotations: list[dict], scenes: dict) -> dict:
-    from sparkles.data.synthetic.language import parse_items
     from sparkles.data.synthetic.scenes import as_scene
-    from sparkles.data.synthetic.tasks import item_holds
+    from sparkles.data.synthetic.tasks import CHECK_SECTION_RE, item_holds, parse_check_section
 
     by_id = {a["evaluation_id"]: a for a in annotations}
     per_kind: dict[str, list[int]] = {}
@@ -50,18 +45,12 @@ def bison_report(records: list[dict], annotations: list[dict], scenes: dict) -> 
         row[0] += _correct(rec)
         row[1] += 1
         candidates = [as_scene(scenes[str(c["image_id"])]) for c in ann["image_candidates"]]
-        for n, section in _SECTION.findall(rec.get("response", "")):
-            for check in section.split("; "):
-                phrase, _, verdict = check.rpartition(", ")
-                try:
-                    (item,) = parse_items(phrase)
-                except ValueError:
+        for name, section in CHECK_SECTION_RE.findall(rec.get("response", "")):
+            for item, verdict in parse_check_section(section):
+                if item is None or verdict is None or name not in ("1", "2"):
                     unreadable += 1
                     continue
-                if verdict not in ("yes", "no"):
-                    unreadable += 1
-                    continue
-                truth = item_holds(item, candidates[int(n) - 1])
+                truth = item_holds(item, candidates[int(name) - 1])
                 key = ("true " if truth else "false ") + ("positioned items" if item.position else "items")
                 row = checks.setdefault(key, [0, 0])
                 row[0] += (verdict == "yes") == truth

@@ -25,11 +25,11 @@ from typing import Mapping
 
 from .language import PHRASE_POSITIONS, COLOUR_RE, SHAPE_RE, Item, parse_items, sentences
 from .scenes import SIZES, Scene, as_scene
-from .tasks import InvalidTask, Task, answer, item_holds, parse_question, ref_names
+from .tasks import (CHECK_SECTION_RE, InvalidTask, Task, answer, item_holds, parse_check_section, parse_question,
+                    ref_names)
 
 SLOT_RE = re.compile(r"IMAGE#([0-9A-Za-z_-]+)<Img><ImageHere></Img>")
 _SHOWS = re.compile(r"(?:The (?:left|right) image, )?IMAGE#([0-9A-Za-z_-]+),? shows (.+)\.")
-_CHECKS = re.compile(r"In IMAGE#([0-9A-Za-z_-]+): (.+)\.")  # BISON reasoning: "a red circle, yes; ..."
 _ATTR = re.compile(rf"In IMAGE#([0-9A-Za-z_-]+) the ({COLOUR_RE}) ({SHAPE_RE}) is (.+)\.")
 _TOTAL = re.compile(r"That makes (.+) in total(?:, and the statement says \w+)?\.")
 
@@ -79,17 +79,11 @@ def extract_claims(text: str, name_to_key: Mapping[str, str]) -> Claims:
                 if it.position:
                     out.facts.append(("position", key, it.colour, it.shape, it.position))
             continue
-        m = _CHECKS.fullmatch(s)
+        m = CHECK_SECTION_RE.fullmatch(s)
         if m:
             key = name_to_key.get(m[1], "?" + m[1])
-            for check in m[2].split("; "):
-                phrase, _, verdict = check.rpartition(", ")
-                try:
-                    (it,) = parse_items(phrase)
-                except ValueError:
-                    out.unparsed += 1
-                    continue
-                if verdict not in ("yes", "no"):
+            for it, verdict in parse_check_section(m[2]):
+                if it is None or verdict is None:
                     out.unparsed += 1
                 elif verdict == "yes":  # the item holds: its count (and position) are facts of the image
                     out.facts.append(("count", key, it.colour, it.shape, it.count))

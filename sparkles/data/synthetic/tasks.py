@@ -243,6 +243,23 @@ def caption_checks(caption: str, scene: Scene) -> list[tuple[str, bool]]:
     return [(item_phrase(it.count, it.colour, it.shape, it.position), item_holds(it, scene)) for it in items]
 
 
+# One image's section of a BISON answer: "In IMAGE#1: a red circle, yes; two green squares, no."
+CHECK_SECTION_RE = re.compile(r"In IMAGE#([0-9A-Za-z_-]+): ([^.]+)\.")
+
+
+def parse_check_section(text: str) -> list[tuple[Item | None, str | None]]:
+    """The (item, "yes"/"no") pairs of a section's check list; None where an item or verdict is unreadable."""
+    out = []
+    for check in text.split("; "):
+        phrase, _, verdict = check.rpartition(", ")
+        try:
+            (item,) = parse_items(phrase)
+        except ValueError:
+            item = None
+        out.append((item, verdict if verdict in ("yes", "no") else None))
+    return out
+
+
 def caption_refuted(caption: str, scene: Scene) -> bool:
     """True when some item of the caption is false of ``scene`` (what makes a BISON decoy a decoy)."""
     return not all(ok for _, ok in caption_checks(caption, scene))
