@@ -2,17 +2,17 @@
 # Train SparklesChat, then evaluate it on BISON, NLVR2 and SparklesEval.
 #
 #   bash run.sh                  CPU default: generate the procedural world, train the tiny SparklesChat on it in
-#                                four steps (towers, warm-up, captions, dialogues), evaluate it (reference judge for
-#                                SparklesEval), write everything under outputs/tiny/ and print a summary
-#                                (summary.json there).
+#                                three steps (towers; perception questions and captions; dialogues), evaluate it
+#                                (reference judge for SparklesEval), write everything under outputs/tiny/ and print a
+#                                summary (summary.json there).
 #   bash run.sh ROOT [NGPU]      the paper pipeline on GPUs: torchrun train.py with train_configs/sparkleschat.yaml
 #                                on NGPU GPUs (default 8), then evaluate.sh on BISON and NLVR2 (and SparklesEval
 #                                when OPENAI_API_KEY or OPENAI_BASE_URL is set).
 #
 # Environment: SPARKLES_OUT (CPU default's folder, default outputs/tiny), SPARKLES_PRESET (default | ci: a small
-# world and a short training, used by the tests), STAGE0_OPTIONS / WARMUP_OPTIONS / STAGE1_OPTIONS / TRAIN_OPTIONS
-# (extra --options for the tower, warm-up, caption and dialogue stages), EVAL_BATCH (default 16), SKIP_INSTALL=1 (do not
-# check/install requirements), PYTHON (default python3).
+# world and a short training, used by the tests), STAGE0_OPTIONS / STAGE1_OPTIONS / TRAIN_OPTIONS (extra --options
+# for the tower, perception and dialogue stages), EVAL_BATCH (default 16), SKIP_INSTALL=1 (do not check/install
+# requirements), PYTHON (default python3).
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
@@ -32,10 +32,9 @@ ensure_installed() {
 run_tiny() {
   local out=${SPARKLES_OUT:-outputs/tiny} preset=${SPARKLES_PRESET:-default} batch=${EVAL_BATCH:-16}
   local train_opts=(${TRAIN_OPTIONS:-}) stage1_opts=(${STAGE1_OPTIONS:-})
-  local stage0_opts=(${STAGE0_OPTIONS:-}) warmup_opts=(${WARMUP_OPTIONS:-})
+  local stage0_opts=(${STAGE0_OPTIONS:-})
   if [[ "$preset" == ci ]]; then
     stage0_opts=(run.iters_per_epoch=${CI_STAGE0_ITERS:-300} run.warmup_steps=10 "${stage0_opts[@]}")
-    warmup_opts=(run.iters_per_epoch=${CI_ITERS:-30} run.warmup_steps=5 "${warmup_opts[@]}")
     stage1_opts=(run.iters_per_epoch=${CI_ITERS:-30} run.warmup_steps=5 "${stage1_opts[@]}")
     train_opts=(run.max_epoch=1 run.iters_per_epoch=${CI_ITERS:-30} run.warmup_steps=5 "${train_opts[@]}")
   fi
@@ -48,13 +47,11 @@ run_tiny() {
     echo "[run.sh] world found in $out (delete the folder to regenerate it)"
   fi
   local t1; t1=$(now)
-  # Stage 0 pretrains the vision towers on the world's scene tags (the stand-in for EVA-CLIP/BLIP-2 weights),
-  # the warm-up trains a fresh decoder on the two-image turns (where it learns the BISON/NLVR2 verdict step),
-  # stage 1 learns to describe single images, stage 2 trains on the dialogues from there.
+  # Stage 0 pretrains the vision towers on the world's scene tags (the stand-in for EVA-CLIP/BLIP-2 weights);
+  # with the towers frozen, stage 1 teaches a fresh decoder to look things up in them (single-image count and
+  # place questions, captions) and stage 2 trains it on the dialogues.
   "$PYTHON" train.py --cfg-path train_configs/sparkleschat_tiny_stage0.yaml --sparkles_root "$out" \
     ${stage0_opts[@]:+--options "${stage0_opts[@]}"}
-  "$PYTHON" train.py --cfg-path train_configs/sparkleschat_tiny_warmup.yaml --sparkles_root "$out" \
-    ${warmup_opts[@]:+--options "${warmup_opts[@]}"}
   "$PYTHON" train.py --cfg-path train_configs/sparkleschat_tiny_stage1.yaml --sparkles_root "$out" \
     ${stage1_opts[@]:+--options "${stage1_opts[@]}"}
   "$PYTHON" train.py --cfg-path train_configs/sparkleschat_tiny.yaml --sparkles_root "$out" \

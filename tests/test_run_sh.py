@@ -1,4 +1,4 @@
-"""`bash run.sh` end to end on the small (ci) world: world → four-step training → evaluation → summary."""
+"""`bash run.sh` end to end on the small (ci) world: world → three-step training → evaluation → summary."""
 
 from __future__ import annotations
 
@@ -24,9 +24,8 @@ def test_run_sh_ci_preset_end_to_end(tmp_path):
         assert summary[key] is not None, key
     assert 0.0 <= summary["bison_acc"] <= 1.0 and 0.0 <= summary["nlvr2_acc"] <= 1.0
     assert 1.0 <= summary["sparkleseval_score"] <= 10.0
-    # the four training steps wrote their outputs, and every evaluation has its HTML page
+    # the three training steps wrote their outputs, and every evaluation has its HTML page
     assert (out / "models" / "sparkleschat_tiny_towers" / "blip2_towers.pth").is_file()
-    assert (out / "models" / "sparkleschat_tiny_warmup" / "checkpoint_last.pth").is_file()
     assert (out / "models" / "sparkleschat_tiny_stage1" / "checkpoint_last.pth").is_file()
     assert (out / "models" / "sparkleschat_tiny" / "checkpoint_last.pth").is_file()
     for ds in ("BISON", "NLVR2", "SparklesEval"):

@@ -115,6 +115,37 @@ def test_caption_set_uses_training_images_with_their_descriptions(world):
     assert all((world / "data" / "cc_sbu_align" / "image" / f"{a['image_id']}.jpg").is_file() for a in ann)
 
 
+def test_perception_questions_are_true_and_use_training_images(world):
+    samples = _load(world / "data" / "cc_sbu_align" / "perception.json")
+    scenes = _scenes(world)
+    train_ids = {k for k, r in scenes.items() if r["dataset"] in ("CC", "VG")}
+    assert len(samples) >= 2 * len(train_ids)  # a one-image and a two-image count question for every image
+    kinds = Counter()
+    for s in samples:
+        ids = [img["image_id"] for img in s["tgt_imgs"]]
+        assert set(ids) <= train_ids and NAME_RE.findall(s["uniform_question"])[:len(ids)] == ids
+        assert s["instruction"] == f"###Human: {s['uniform_question']}###Assistant: "
+        assert (world / "data" / "cc_sbu_align" / "image" / f"{ids[0]}.jpg").is_file()
+        count = re.fullmatch(r"How many (?:(\w+) )?(circle|square|triangle|object)s? are there in .*", s["uniform_question"])
+        if count:
+            colour, shape = count.group(1), None if count.group(2) == "object" else count.group(2)
+            facts = re.findall(r"IMAGE#(\w+) shows (\w+) ", s["answer"])
+            assert [k for k, _ in facts] == ids
+            for key, word in facts:
+                assert WORDS[word] == _count(scenes[key], colour, shape), (s, key)
+            kinds[f"count{len(ids)}"] += 1
+            kinds["present"] += any(WORDS[w] > 0 for _, w in facts)
+        else:
+            place = re.fullmatch(r"In IMAGE#(\w+) the (\w+) (\w+) is (.+)\.", s["answer"])
+            assert place, s
+            (obj,) = [o for o in scenes[place.group(1)]["objects"]
+                      if (o["colour"], o["shape"]) == (place.group(2), place.group(3))]
+            assert PHRASES[place.group(4)] == (obj["row"], obj["col"])
+            kinds["where"] += 1
+    assert kinds["count1"] == kinds["count2"] == len(train_ids) and kinds["where"] > 0
+    assert 0.3 < kinds["present"] / (2 * len(train_ids)) < 0.8  # "no" is not the usual answer
+
+
 def test_dialogue_files_have_upstream_fields_and_types(world):
     scenes = _scenes(world)
     for subset, id_type in (("CC", str), ("VG", int)):

@@ -30,6 +30,60 @@ def test_cell_labels_of_a_scene_record():
     assert len(classes) == vocab.num_kinds - 1 and 0 not in classes
 
 
+def _tagger(**overrides):
+    from omegaconf import OmegaConf
+
+    from sparkles.models.sparkleschat import SparklesChat, SparklesChatConfig
+    from sparkles.tasks.tower_pretrain import TowerTagger
+
+    cfg = OmegaConf.merge(OmegaConf.structured(SparklesChatConfig),
+                          OmegaConf.load(SparklesChat.default_config_path("tiny")), overrides)
+    return TowerTagger(OmegaConf.to_object(cfg), TagVocabulary.of_world())
+
+
+def test_tagger_targets_give_each_query_its_own_count_place_and_size():
+    vocab = TagVocabulary.of_world()
+    record = {"objects": [{"shape": "circle", "colour": "red", "size": "large", "row": 0, "col": 0},
+                          {"shape": "square", "colour": "blue", "size": "small", "row": 1, "col": 1},
+                          {"shape": "square", "colour": "blue", "size": "large", "row": 2, "col": 2}]}
+    kinds, sizes = vocab.labels(record, "r")
+    tagger = _tagger()
+    t = tagger.targets(torch.tensor([kinds]), torch.tensor([sizes]))
+    quals = list(vocab.quals)
+    large, none_cell = vocab.sizes.index("large"), vocab.num_cells
+
+    def at(head, qual):
+        return int(t[head][0, quals.index(qual)])
+
+    assert [at("count", q) for q in [("red", "circle"), ("blue", "square"), ("red", None), (None, "square"),
+                                     (None, None), ("green", "circle")]] == [1, 2, 1, 2, 3, 0]
+    # a single object's cell and size; "not exactly one" where there are two or none
+    assert at("place", ("red", "circle")) == 0 and at("qual_size", ("red", "circle")) == large
+    assert at("place", ("red", None)) == 0 and at("place", (None, "circle")) == 0
+    assert at("place", ("blue", "square")) == none_cell and at("qual_size", ("blue", "square")) == IGNORE
+    assert at("place", ("green", "circle")) == none_cell
+    assert t["cell_kind"][0].tolist() == kinds and t["cell_size"][0].tolist() == sizes
+    assert len(quals) == 15 + 5 + 3 + 1 and vocab.num_query_slots == len(quals) + 9
+
+
+def test_tagger_needs_one_query_per_qual_and_cell():
+    with pytest.raises(ValueError, match="num_query_token = 33"):
+        _tagger(num_query_token=8)
+
+
+def test_tiny_towers_start_with_distinct_queries_and_xavier_cross_attention():
+    tagger = _tagger()
+    q = tagger.query_tokens[0]
+    assert 0.8 < q.std().item() < 1.2  # query_token_init_std 1.0, not BERT's 0.02
+    assert 0.4 < tagger.visual_encoder.vit.pos_embed.std().item() < 0.6
+    cross = tagger.Qformer.encoder.layer[0].crossattention.attention.key.weight
+    bound = (6 / sum(cross.shape)) ** 0.5  # Xavier-uniform: std = bound / sqrt(3)
+    assert abs(cross.std().item() - bound / 3 ** 0.5) < 0.01
+    self_attn = tagger.Qformer.encoder.layer[0].attention.attention.key.weight
+    assert abs(self_attn.std().item() - 0.02) < 0.005  # everything else keeps the configured normal init
+    assert all(m.p == 0.0 for m in tagger.Qformer.modules() if isinstance(m, torch.nn.Dropout))
+
+
 @pytest.mark.parametrize("objects, message", [
     ([{"shape": "circle", "colour": "red", "size": "large", "row": 0, "col": 0}] * 2, "sharing a cell"),
     ([{"shape": "hexagon", "colour": "red", "size": "large", "row": 0, "col": 0}], "malformed"),
@@ -83,13 +137,14 @@ def test_stage0_learns_the_cells_and_its_towers_load_into_sparkleschat(world):
     tagger.eval()
     data = builders.build_datasets(cfg, root=world, tokenizer=None)["synthetic_scene_tags"]
     batch = data.collate([data[(i, 0)] for i in range(64)])
-    acc = tagger.accuracy(batch["images"], batch["cell_kinds"])
+    acc = tagger.accuracy(batch["images"], batch["cell_kinds"], batch["cell_sizes"])
     untrained = task.build_model(root=world, device=torch.device("cpu")).eval()
-    base = untrained.accuracy(batch["images"], batch["cell_kinds"])
-    assert acc["kind_count"] > 0.9 and acc["image_exact"] > base["image_exact"] + 0.2, (acc, base)
+    base = untrained.accuracy(batch["images"], batch["cell_kinds"], batch["cell_sizes"])
+    assert acc["count"] > 0.9 and acc["image_counts_exact"] > base["image_counts_exact"] + 0.2, (acc, base)
+    assert acc["occupied_cell_kind"] > base["occupied_cell_kind"] + 0.2, (acc, base)
 
     # The exported file puts exactly the tagger's towers into the chat model: same Q-Former outputs.
-    model_cfg = load_config(str(REPO / "train_configs/sparkleschat_tiny_warmup.yaml"),
+    model_cfg = load_config(str(REPO / "train_configs/sparkleschat_tiny_stage1.yaml"),
                             [f"model.q_former_model={towers}"]).model
     chat_model = SparklesChat.from_config(model_cfg, root=world)
     with torch.no_grad():
@@ -101,6 +156,7 @@ def test_stage0_learns_the_cells_and_its_towers_load_into_sparkleschat(world):
 
 
 def test_image_text_configs_refuse_scene_tags_and_vice_versa():
+    import sparkles.data.builders  # noqa: F401  (registers the datasets, as train.py does)
     from sparkles.common.config import load_config
     from sparkles.tasks.image_text_pretrain import ImageTextPretrainTask
     from sparkles.tasks.tower_pretrain import TowerPretrainTask

@@ -16,7 +16,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "train_configs"
 @pytest.mark.parametrize("name", ["sparkleschat.yaml", "sparkleschat_tiny.yaml"])
 def test_configs_train_on_the_ten_splits(name):
     cfg = load_config(CONFIGS / name)
-    dialogue = [n for n in cfg.datasets if n != "cc_sbu_align"]
+    dialogue = [n for n in cfg.datasets if n not in ("cc_sbu_align", "synthetic_perception")]
     assert tuple(dialogue) == builders.DIALOGUE_NAMES
     ratios = {n: d.sample_ratio for n, d in cfg.datasets.items()}
     if name == "sparkleschat.yaml":  # the paper's 2/1 ratios
@@ -32,25 +32,30 @@ def test_configs_train_on_the_ten_splits(name):
         assert not Path(d.root_dir).is_absolute() and d.anno_path.startswith("annotations/")
 
 
-def test_tiny_stages_chain_towers_warmup_captions_dialogues():
+def test_tiny_stages_chain_towers_perception_dialogues():
     stage0 = load_config(CONFIGS / "sparkleschat_tiny_stage0.yaml")
-    warmup = load_config(CONFIGS / "sparkleschat_tiny_warmup.yaml")
     stage1 = load_config(CONFIGS / "sparkleschat_tiny_stage1.yaml")
     stage2 = load_config(CONFIGS / "sparkleschat_tiny.yaml")
+    evaluation = load_config(Path(__file__).resolve().parents[1] / "eval_configs" / "sparkles_tiny.yaml")
     assert stage0.run.task == "tower_pretrain" and list(stage0.datasets) == ["synthetic_scene_tags"]
     assert list(stage0.datasets.synthetic_scene_tags.splits) == ["CC", "VG"]  # training images only
-    # The warm-up loads the towers and starts the decoder from scratch on the two-image first turns.
-    assert warmup.model.q_former_model == f"{stage0.run.output_dir}/blip2_towers.pth" and not warmup.model.ckpt
-    ratios = {n: d.sample_ratio for n, d in warmup.datasets.items()}
-    assert max(ratios, key=ratios.get).endswith("turn1_2img") and sum(
-        r for n, r in ratios.items() if n.endswith("turn1_2img")) > 0.8 * sum(ratios.values())
-    assert stage1.model.ckpt == f"{warmup.run.output_dir}/checkpoint_last.pth" and not stage1.model.q_former_model
+    towers = f"{stage0.run.output_dir}/blip2_towers.pth"
+    # Stage 1 starts a fresh decoder on the frozen towers; stage 2 continues it; evaluation loads both files.
+    assert stage1.model.q_former_model == towers and not stage1.model.ckpt
+    assert stage2.model.q_former_model == towers
     assert stage2.model.ckpt == f"{stage1.run.output_dir}/checkpoint_last.pth"
+    assert evaluation.model.q_former_model == towers
+    assert evaluation.model.ckpt == f"{stage2.run.output_dir}/checkpoint_last.pth"
+    for cfg in (stage1, stage2):
+        assert cfg.model.freeze_vit and cfg.model.freeze_qformer and cfg.run.vision_feature_cache
+        assert cfg.datasets.synthetic_perception.sample_ratio > 0
 
 
-def test_tiny_stage1_trains_on_the_caption_set():
+def test_tiny_stage1_asks_perception_questions_and_captions():
     cfg = load_config(CONFIGS / "sparkleschat_tiny_stage1.yaml")
-    assert list(cfg.datasets) == ["cc_sbu_align"]
+    ratios = {n: d.sample_ratio for n, d in cfg.datasets.items()}
+    assert set(ratios) == {"synthetic_perception", "cc_sbu_align"}
+    assert ratios["synthetic_perception"] > ratios["cc_sbu_align"]
     assert cfg.run.output_dir == "models/sparkleschat_tiny_stage1" and cfg.model.model_type == "tiny"
 
 

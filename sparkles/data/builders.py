@@ -6,6 +6,8 @@ Importing this module registers, in ``sparkles.common.registry.DATASETS``:
   ``data/SparklesDialogue{CC,VG}/`` of the Sparkles root (``annotations/<name>.json`` + ``images/``);
 - ``cc_sbu_align`` — the single-image caption data (``data/cc_sbu_align/filter_cap.json`` + ``image/``);
 - ``LLaVA_description`` / ``LLaVA_reasoning`` — the re-formatted LLaVA files (``data/LLaVA/``);
+- ``synthetic_perception`` — the synthetic world's single-image count and place questions
+  (``data/cc_sbu_align/perception.json``, dialogue split-file format), the CPU tiny model's first decoder stage;
 - ``synthetic_scene_tags`` — cell labels of the synthetic world's training images (``world/scenes.json``), used
   only by the ``tower_pretrain`` task of the CPU tiny model.
 
@@ -114,6 +116,9 @@ class SceneTagBuilder(DatasetBuilder):
 # prompt_path: alignment prompts (one per line, relative to the Sparkles root); None = the package's own.
 _register("cc_sbu_align", CaptionBuilder, root_dir="data/cc_sbu_align", anno_path="filter_cap.json",
           img_root="image", _extra=[("prompt_path", Optional[str], field(default=None))])
+# The synthetic world's single-image perception questions (dialogue split-file format, next to its captions).
+_register("synthetic_perception", DialogueBuilder, root_dir="data/cc_sbu_align", anno_path="perception.json",
+          img_root="image")
 # The world's scene file; image paths in it are relative to the Sparkles root (img_root ".." from world/).
 _register("synthetic_scene_tags", SceneTagBuilder, root_dir="world", anno_path="scenes.json", img_root="..",
           _extra=[("splits", list[str], field(default_factory=lambda: ["CC", "VG"]))])

@@ -57,6 +57,27 @@ class TagVocabulary:
     def num_kinds(self) -> int:
         return 1 + len(self.colours) * len(self.shapes)  # class 0 = empty cell
 
+    @property
+    def quals(self) -> tuple[tuple[str | None, str | None], ...]:
+        """What the world's questions count: every colour × shape, every colour, every shape, all objects."""
+        return (tuple((c, s) for c in self.colours for s in self.shapes) + tuple((c, None) for c in self.colours)
+                + tuple((None, s) for s in self.shapes) + ((None, None),))
+
+    @property
+    def num_query_slots(self) -> int:
+        """Query tokens of legible towers: one per countable thing (``quals``), then one per grid cell."""
+        return len(self.quals) + self.num_cells
+
+    def qual_matrix(self) -> torch.Tensor:
+        """``[num_kinds, quals]`` 0/1: which cell classes (0 = empty) each qual counts."""
+        m = torch.zeros(self.num_kinds, len(self.quals))
+        for q, (colour, shape) in enumerate(self.quals):
+            for c in self.colours:
+                for s in self.shapes:
+                    if colour in (None, c) and shape in (None, s):
+                        m[self.kind_index(c, s), q] = 1.0
+        return m
+
     def kind_index(self, colour: str, shape: str) -> int:
         return 1 + self.colours.index(colour) * len(self.shapes) + self.shapes.index(shape)
 

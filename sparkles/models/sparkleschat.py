@@ -61,6 +61,13 @@ class SparklesChatConfig:
     # cross-attention output passes two 0.02-scale matrices before a post-LayerNorm residual, so the image
     # signal (and its gradient) starts near zero and the decoder learns to ignore images.
     qformer_init_std: float = 0.02
+    # From-scratch towers only (the tiny world): the query tokens' own spread (None = qformer_init_std),
+    # Xavier cross-attention ("xavier") and no dropout let the Q-Former learn per-query routing; a larger ViT
+    # position embedding keeps each patch's place legible after the blocks.
+    query_token_init_std: Optional[float] = None
+    qformer_cross_attention_init: str = "normal"
+    qformer_dropout: float = 0.1  # BLIP-2's hidden and attention dropout
+    vit_pos_embed_init_std: Optional[float] = None  # None = timm's 0.02
     freeze_qformer: bool = True
     # --- decoder ---
     llama_model: str = MISSING  # HF directory (Vicuna v0 for the paper)
@@ -124,9 +131,14 @@ def build_towers(cfg: SparklesChatConfig) -> tuple[nn.Module, nn.Module, nn.Modu
     qformer = build_qformer(
         hidden=cfg.qformer_hidden, layers=cfg.qformer_layers, heads=cfg.qformer_heads,
         intermediate=cfg.qformer_intermediate, encoder_width=cfg.vit_width,
-        cross_attention_freq=cfg.qformer_cross_attention_freq, init_std=cfg.qformer_init_std)
+        cross_attention_freq=cfg.qformer_cross_attention_freq, init_std=cfg.qformer_init_std,
+        dropout=cfg.qformer_dropout, cross_attention_init=cfg.qformer_cross_attention_init)
     query_tokens = nn.Parameter(torch.zeros(1, cfg.num_query_token, cfg.qformer_hidden))
-    nn.init.normal_(query_tokens, std=cfg.qformer_init_std)
+    query_std = cfg.query_token_init_std if cfg.query_token_init_std is not None else cfg.qformer_init_std
+    nn.init.normal_(query_tokens, std=query_std)
+    if cfg.vit_pos_embed_init_std is not None:
+        with torch.no_grad():
+            nn.init.normal_(visual_encoder.vit.pos_embed, std=cfg.vit_pos_embed_init_std)
     return visual_encoder, ln_vision(cfg.vit_width), qformer, query_tokens
 
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..common.registry import TASKS
+from ..data.scene_tags import IGNORE
 
 log = logging.getLogger(__name__)
 
@@ -28,46 +29,85 @@ TOWERS_FILE = "blip2_towers.pth"
 
 
 class TowerTagger(nn.Module):
-    """ViT → ln_vision → Q-Former (SparklesChat's names) → a linear read-out of how many of each object kind."""
+    """ViT → ln_vision → Q-Former (SparklesChat's names) → read-outs that make each query token legible.
+
+    The query tokens form two groups, each with heads shared by its queries, so that every token of a group
+    speaks the same code (which the decoder later reads through one projection):
+
+    - one query per *qual* of the world (each colour × shape, each colour, each shape, all objects): how many
+      the image holds and, when it holds exactly one, that object's cell and size;
+    - one query per grid cell: which kind of object is there (or none) and its size.
+
+    A head shared by the queries of a group can only be satisfied by each query's own token, so the count of
+    "red circles" is readable from one token and a cell's content from another, instead of being spread over
+    the concatenation of all queries (which the decoder's attention cannot read).
+    """
 
     def __init__(self, cfg, vocabulary) -> None:
         super().__init__()
         from ..models.sparkleschat import build_towers
 
+        if cfg.num_query_token != vocabulary.num_query_slots:
+            raise ValueError(f"tower_pretrain needs model.num_query_token = {vocabulary.num_query_slots} (one query "
+                             f"per counted thing, {len(vocabulary.quals)}, and one per grid cell, "
+                             f"{vocabulary.num_cells}); got {cfg.num_query_token}")
         self.cfg, self.vocabulary = cfg, vocabulary
         self.visual_encoder, self.ln_vision, self.Qformer, self.query_tokens = build_towers(cfg)
-        self.readout = nn.Linear(cfg.num_query_token * cfg.qformer_hidden,
-                                 vocabulary.num_object_kinds * vocabulary.max_count_class)
+        hidden, sizes = cfg.qformer_hidden, len(vocabulary.sizes)
+        self.count_head = nn.Linear(hidden, vocabulary.max_count_class)
+        self.place_head = nn.Linear(hidden, vocabulary.num_cells + 1)  # the single object's cell, or "not one"
+        self.qual_size_head = nn.Linear(hidden, sizes)
+        self.cell_kind_head = nn.Linear(hidden, vocabulary.num_kinds)
+        self.cell_size_head = nn.Linear(hidden, sizes)
+        self.register_buffer("qual_matrix", vocabulary.qual_matrix(), persistent=False)
         self.tokenizer = None  # no text side; train.py passes it to the dataset builders
 
     @property
     def device(self) -> torch.device:
-        return self.readout.weight.device
+        return self.count_head.weight.device
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Pixels ``[N, 3, H, W]`` → count logits ``[N, object kinds, max_count_class]``."""
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Pixels ``[N, 3, H, W]`` → the logits of every head, ``[N, quals or cells, classes]``."""
         from ..models.qformer import run_qformer
 
-        vis = self.ln_vision(self.visual_encoder(images))
-        queries = run_qformer(self.Qformer, self.query_tokens, vis)
+        queries = run_qformer(self.Qformer, self.query_tokens, self.ln_vision(self.visual_encoder(images)))
+        n_quals = len(self.vocabulary.quals)
+        quals, cells = queries[:, :n_quals], queries[:, n_quals:]
+        return {"count": self.count_head(quals), "place": self.place_head(quals),
+                "qual_size": self.qual_size_head(quals),
+                "cell_kind": self.cell_kind_head(cells), "cell_size": self.cell_size_head(cells)}
+
+    def targets(self, cell_kinds: torch.Tensor, cell_sizes: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every head's classes from the cell labels (``IGNORE`` where a head has nothing to say)."""
         v = self.vocabulary
-        return self.readout(queries.flatten(1)).view(images.shape[0], v.num_object_kinds, v.max_count_class)
+        counted = self.qual_matrix[cell_kinds]                  # [N, cells, quals]: does the cell count?
+        counts = counted.sum(1).long()                          # [N, quals]
+        single = counts == 1
+        first_cell = counted.argmax(1)                          # the counted cell, when there is only one
+        place = torch.where(single, first_cell, torch.full_like(counts, v.num_cells))
+        size = torch.where(single, cell_sizes.gather(1, first_cell), torch.full_like(counts, IGNORE))
+        return {"count": counts.clamp(max=v.max_count_class - 1), "place": place, "qual_size": size,
+                "cell_kind": cell_kinds, "cell_size": cell_sizes}
+
+    def loss(self, images: torch.Tensor, cell_kinds: torch.Tensor, cell_sizes: torch.Tensor) -> torch.Tensor:
+        logits, targets = self(images), self.targets(cell_kinds, cell_sizes)
+        return sum(F.cross_entropy(logits[k].flatten(0, 1).float(), targets[k].flatten(), ignore_index=IGNORE)
+                   for k in logits)
 
     @torch.no_grad()
-    def accuracy(self, images: torch.Tensor, cell_kinds: torch.Tensor) -> dict[str, float]:
-        """Fraction of (image, kind) counts right, and of images with every count right."""
-        logits = self(images)
-        ok = logits.argmax(-1) == kind_counts(cell_kinds, logits.shape[1], logits.shape[2])
-        return {"kind_count": ok.float().mean().item(), "image_exact": ok.all(1).float().mean().item()}
-
-
-def kind_counts(cell_kinds: torch.Tensor, num_object_kinds: int, num_classes: int) -> torch.Tensor:
-    """``[N, cells]`` cell classes (0 = empty) → ``[N, num_object_kinds]`` counts, capped at ``num_classes - 1``."""
-    onehot = F.one_hot(cell_kinds, num_object_kinds + 1)[..., 1:]
-    return onehot.sum(1).clamp(max=num_classes - 1)
+    def accuracy(self, images: torch.Tensor, cell_kinds: torch.Tensor, cell_sizes: torch.Tensor) -> dict[str, float]:
+        """Counts right (per qual, and images with every count right), single objects' cells, occupied cells."""
+        logits, targets = self(images), self.targets(cell_kinds, cell_sizes)
+        count_ok = logits["count"].argmax(-1) == targets["count"]
+        single = targets["place"] < self.vocabulary.num_cells
+        place_ok = logits["place"].argmax(-1) == targets["place"]
+        occupied = cell_kinds > 0
+        return {"count": count_ok.float().mean().item(), "image_counts_exact": count_ok.all(1).float().mean().item(),
+                "single_place": place_ok[single].float().mean().item(),
+                "occupied_cell_kind": (logits["cell_kind"].argmax(-1) == cell_kinds)[occupied].float().mean().item()}
 
 
 @TASKS.register("tower_pretrain")
@@ -98,9 +138,9 @@ class TowerPretrainTask:
         return builders.build_datasets(self.cfg, root=root, tokenizer=tokenizer, split="train")
 
     def train_step(self, model, batch: dict, *, device: torch.device) -> dict:
-        logits = model(batch["images"].to(device))
-        counts = kind_counts(batch["cell_kinds"].to(device), logits.shape[1], logits.shape[2])
-        return {"loss": F.cross_entropy(logits.flatten(0, 1).float(), counts.flatten())}
+        core = model.module if hasattr(model, "module") else model
+        loss = core.loss(batch["images"].to(device), batch["cell_kinds"].to(device), batch["cell_sizes"].to(device))
+        return {"loss": loss}
 
     def after_training(self, model: TowerTagger, output_dir: Path) -> dict:
         """Write the towers (without the read-out) as a BLIP-2 stage-1 file for ``model.q_former_model``."""

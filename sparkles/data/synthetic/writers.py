@@ -216,7 +216,68 @@ def write_caption_set(world: World, root: Path) -> dict[str, int]:
             shutil.copyfile(root / entry.file, target)
         annotations.append({"image_id": str(entry.image_id), "caption": describe(entry.scene)})
     write_json(base / "filter_cap.json", {"annotations": annotations})
-    return {"data/cc_sbu_align/filter_cap.json": len(annotations)}
+    perception = perception_samples(world)
+    write_json(base / PERCEPTION_FILE, perception)
+    return {"data/cc_sbu_align/filter_cap.json": len(annotations), f"data/cc_sbu_align/{PERCEPTION_FILE}": len(perception)}
+
+
+PERCEPTION_FILE = "perception.json"
+
+
+def perception_samples(world: World) -> list[dict]:
+    """Short questions that each need one or two facts of the images: counts and, where a kind occurs once, places.
+
+    Written next to the caption set in the dialogue split-file format (the ``synthetic_perception`` dataset). A
+    BISON check or an NLVR2 count is the same look-up (find the tokens of one kind in one image, read the count
+    or the cell), but buried in a long answer; a 4-layer decoder learns the look-up only after several hundred
+    steps of questions that ask nothing else (docs/notes/tiny_world.md, session 4). Every training image gets a
+    count question about itself alone and one about it together with another image (which image a fact belongs to
+    is part of the look-up), and a place question when one of its kinds occurs once. Half of the counted kinds
+    are in the image, so "no" is not the usual answer.
+    """
+    import random
+
+    from .language import Qual
+    from .tasks import Task, answer, image_name, question
+
+    rng = random.Random(f"{world.config.seed}:perception")
+    colours, shapes = world.config.colours, world.config.shapes
+    entries = {d: [e for e in world.scenes.values() if e.dataset == d] for d in ("CC", "VG")}
+    samples = []
+    for dataset, pool in entries.items():
+        for entry in pool:
+            key, scene = str(entry.image_id), entry.scene
+            other = rng.choice(pool)
+            while other is entry:
+                other = rng.choice(pool)
+            scenes = {key: scene, str(other.image_id): other.scene}
+            pair = (key, str(other.image_id)) if rng.random() < 0.5 else (str(other.image_id), key)
+            qual = _perception_qual(rng, scene, colours, shapes)
+            tasks = [Task("total", (key,), qual=qual),
+                     Task("total", pair, qual=_perception_qual(rng, scene, colours, shapes))]
+            if scene.unique_kinds():
+                ids = (key,) if rng.random() < 0.5 else pair
+                tasks.append(Task("where", ids, target=key, obj=rng.choice(scene.unique_kinds())))
+            names = {k: image_name(k) for k in scenes}
+            for task in tasks:
+                q = question(task, names, set(task.ids))
+                samples.append({"uniform_question": q, "instruction": turn_instruction(q),
+                                "answer": answer(task, scenes, names),
+                                "tgt_imgs": [{"image_id": k, "caption": caption(scenes[k])} for k in task.ids]})
+    return samples
+
+
+def _perception_qual(rng, scene: Scene, colours, shapes):
+    """A kind of the scene (half the time), a colour or a shape alone, or any kind (likely absent)."""
+    from .language import Qual
+
+    draw = rng.random()
+    if draw < 0.5:
+        colour, shape, _n = rng.choice(scene.groups())
+        return Qual(colour, shape)
+    if draw < 0.75:
+        return rng.choice([Qual(rng.choice(colours), None), Qual(None, rng.choice(shapes))])
+    return Qual(rng.choice(colours), rng.choice(shapes))
 
 
 def iter_world_texts(root: str | os.PathLike) -> Iterator[str]:
