@@ -29,7 +29,7 @@ def test_preset_then_file_then_options(tmp_path):
     assert cfg.model.vit_width == 128  # from the tiny preset
     assert cfg.model.freeze_vit is True  # --options win over the preset (false)
     assert cfg.run.init_lr == pytest.approx(1e-3) and cfg.run.max_epoch == 3
-    assert cfg.model.num_query_token == 8
+    assert cfg.model.num_query_token == 33
 
 
 def test_paper_preset_uses_relative_paths(tmp_path):
