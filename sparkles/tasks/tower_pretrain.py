@@ -2,11 +2,10 @@
 
 This is the CPU world's stand-in for the pretrained EVA-ViT and BLIP-2 Q-Former of the paper (see
 :mod:`sparkles.data.scene_tags` for why). The model is the image side of SparklesChat — the same modules under
-the same names, built by :func:`sparkles.models.sparkleschat.build_towers` — plus a linear read-out of the
-Q-Former's query outputs that predicts how many objects of each kind (colour × shape) the image holds. After
-training, the towers are written as a BLIP-2 stage-1 file (``<output_dir>/blip2_towers.pth``), which the chat
-model loads through ``model.q_former_model`` exactly as the paper config loads BLIP-2's file; the read-out is
-not part of it.
+the same names, built by :func:`sparkles.models.sparkleschat.build_towers` — plus read-out heads that train
+each query token to carry one fact of the image (:class:`TowerTagger`). After training, the towers are written
+as a BLIP-2 stage-1 file (``<output_dir>/blip2_towers.pth``), which the chat model loads through
+``model.q_former_model`` exactly as the paper config loads BLIP-2's file; the heads are not part of it.
 
     python train.py --cfg-path train_configs/sparkleschat_tiny_stage0.yaml --sparkles_root ROOT
 """
@@ -92,8 +91,9 @@ class TowerTagger(nn.Module):
         return {"count": counts.clamp(max=v.max_count_class - 1), "place": place, "qual_size": size,
                 "cell_kind": cell_kinds, "cell_size": cell_sizes}
 
-    def loss(self, images: torch.Tensor, cell_kinds: torch.Tensor, cell_sizes: torch.Tensor) -> torch.Tensor:
-        logits, targets = self(images), self.targets(cell_kinds, cell_sizes)
+    def loss(self, logits: dict[str, torch.Tensor], cell_kinds: torch.Tensor, cell_sizes: torch.Tensor) -> torch.Tensor:
+        """Sum of every head's cross-entropy; ``logits`` is what :meth:`forward` returned."""
+        targets = self.targets(cell_kinds, cell_sizes)
         return sum(F.cross_entropy(logits[k].flatten(0, 1).float(), targets[k].flatten(), ignore_index=IGNORE)
                    for k in logits)
 
@@ -138,9 +138,9 @@ class TowerPretrainTask:
         return builders.build_datasets(self.cfg, root=root, tokenizer=tokenizer, split="train")
 
     def train_step(self, model, batch: dict, *, device: torch.device) -> dict:
+        logits = model(batch["images"].to(device))  # through the DDP wrapper, so that gradients are reduced
         core = model.module if hasattr(model, "module") else model
-        loss = core.loss(batch["images"].to(device), batch["cell_kinds"].to(device), batch["cell_sizes"].to(device))
-        return {"loss": loss}
+        return {"loss": core.loss(logits, batch["cell_kinds"].to(device), batch["cell_sizes"].to(device))}
 
     def after_training(self, model: TowerTagger, output_dir: Path) -> dict:
         """Write the towers (without the read-out) as a BLIP-2 stage-1 file for ``model.q_former_model``."""

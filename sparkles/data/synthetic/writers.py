@@ -6,6 +6,8 @@ Files (paths from ``SparklesLayout``):
   ``SparklesDialogue{CC,VG}_turn{1,2}_{n}img.json``; images ``data/SparklesDialogue{CC,VG}/images/<id>.jpg``
 - ``evaluation/{SparklesEval,BISON,NLVR2}/annotations/sparkles_evaluation_<name>_annotations.json`` + images
 - ``world/scenes.json``: every image's scene record (read with ``load_scenes``)
+- ``data/cc_sbu_align/filter_cap.json`` + ``image/``: the training images with their descriptions, and
+  ``data/cc_sbu_align/perception.json``: short count and place questions about them (``perception_samples``)
 
 JSON is written with sorted-free, fixed formatting so the same seed gives byte-identical files.
 """
@@ -218,7 +220,8 @@ def write_caption_set(world: World, root: Path) -> dict[str, int]:
     write_json(base / "filter_cap.json", {"annotations": annotations})
     perception = perception_samples(world)
     write_json(base / PERCEPTION_FILE, perception)
-    return {"data/cc_sbu_align/filter_cap.json": len(annotations), f"data/cc_sbu_align/{PERCEPTION_FILE}": len(perception)}
+    return {"data/cc_sbu_align/filter_cap.json": len(annotations),
+            f"data/cc_sbu_align/{PERCEPTION_FILE}": len(perception)}
 
 
 PERCEPTION_FILE = "perception.json"
@@ -237,24 +240,25 @@ def perception_samples(world: World) -> list[dict]:
     """
     import random
 
-    from .language import Qual
     from .tasks import Task, answer, image_name, question
 
     rng = random.Random(f"{world.config.seed}:perception")
     colours, shapes = world.config.colours, world.config.shapes
-    entries = {d: [e for e in world.scenes.values() if e.dataset == d] for d in ("CC", "VG")}
+    pools = [[e for e in world.scenes.values() if e.dataset == d] for d in ("CC", "VG")]
     samples = []
-    for dataset, pool in entries.items():
+    for pool in pools:
         for entry in pool:
             key, scene = str(entry.image_id), entry.scene
-            other = rng.choice(pool)
-            while other is entry:
+            scenes, pair = {key: scene}, (key,)
+            if len(pool) > 1:
                 other = rng.choice(pool)
-            scenes = {key: scene, str(other.image_id): other.scene}
-            pair = (key, str(other.image_id)) if rng.random() < 0.5 else (str(other.image_id), key)
-            qual = _perception_qual(rng, scene, colours, shapes)
-            tasks = [Task("total", (key,), qual=qual),
-                     Task("total", pair, qual=_perception_qual(rng, scene, colours, shapes))]
+                while other is entry:  # a partner from the same subset, never the image itself
+                    other = rng.choice(pool)
+                scenes[str(other.image_id)] = other.scene
+                pair = (key, str(other.image_id)) if rng.random() < 0.5 else (str(other.image_id), key)
+            tasks = [Task("total", (key,), qual=_perception_qual(rng, scene, colours, shapes))]
+            if len(pair) == 2:
+                tasks.append(Task("total", pair, qual=_perception_qual(rng, scene, colours, shapes)))
             if scene.unique_kinds():
                 ids = (key,) if rng.random() < 0.5 else pair
                 tasks.append(Task("where", ids, target=key, obj=rng.choice(scene.unique_kinds())))
