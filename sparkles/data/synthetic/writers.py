@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from pathlib import Path
 from typing import Iterator
 
@@ -23,8 +24,9 @@ from sparkles.common.paths import SparklesLayout
 from sparkles.eval.prompts import bison_prompt, nlvr2_prompt
 
 from .build import World
-from .language import caption, describe
+from .language import Qual, caption, describe
 from .scenes import (ALL_COLOURS, ALL_SHAPES, BACKGROUND_RGB, POSITION_PHRASES, SIZES, Scene)
+from .tasks import Task, answer, image_name, question
 
 FORMAT = "sparkles-synthetic-world"
 FORMAT_VERSION = 1
@@ -238,10 +240,6 @@ def perception_samples(world: World) -> list[dict]:
     is part of the look-up), and a place question when one of its kinds occurs once. Half of the counted kinds
     are in the image, so "no" is not the usual answer.
     """
-    import random
-
-    from .tasks import Task, answer, image_name, question
-
     rng = random.Random(f"{world.config.seed}:perception")
     colours, shapes = world.config.colours, world.config.shapes
     pools = [[e for e in world.scenes.values() if e.dataset == d] for d in ("CC", "VG")]
@@ -272,9 +270,11 @@ def perception_samples(world: World) -> list[dict]:
 
 
 def _perception_qual(rng, scene: Scene, colours, shapes):
-    """A kind of the scene (half the time), a colour or a shape alone, or any kind (likely absent)."""
-    from .language import Qual
+    """A kind of the scene (half the time), a colour or a shape alone, or any kind (likely absent).
 
+    Not the dialogue builder's mix (mostly colours or shapes alone): here the kinds the image holds come first,
+    because a count of one kind is what the BISON checks ask.
+    """
     draw = rng.random()
     if draw < 0.5:
         colour, shape, _n = rng.choice(scene.groups())
