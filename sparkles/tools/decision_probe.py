@@ -24,6 +24,8 @@ import sys
 import time
 from typing import Optional, Sequence
 
+from .probe_training import ProbeOptimiser, add_training_args
+
 FORMATS = ("checks", "descriptions")
 
 
@@ -157,15 +159,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--tokenizer", required=True, help="the world's tokenizer folder (<root>/models/tiny_llm)")
     p.add_argument("--kind", choices=("bison", "nlvr2", "both"), default="both")
     p.add_argument("--format", choices=FORMATS, default="checks")
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--eval-every", type=int, default=100)
-    p.add_argument("--held-out", type=int, default=200)
     p.add_argument("--init", help="start from this SparklesChat checkpoint's decoder")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--out", help="write the curve as JSON here")
+    add_training_args(p, steps=200, eval_every=100, held_out=200)
     args = p.parse_args(argv)
 
     import torch
@@ -184,18 +179,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     held_out_items = ItemMaker(kinds, args.format, seed=args.seed + 999)
     held_out = [held_out_items() for _ in range(args.held_out)]
     model = build_decoder(tokenizer, args.init)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.05)
+    optimiser = ProbeOptimiser(model.parameters(), args)
     curve, t0 = [], time.time()
     for step in range(1, args.steps + 1):
         ids, labels = encode([train_items() for _ in range(args.batch_size)], renderer)
         logits = model(input_ids=ids).logits[:, :-1]
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        optimiser.step(loss)
         if step % args.eval_every == 0 or step == args.steps:
             row = dict(step=step, loss=round(loss.item(), 4), seconds=round(time.time() - t0, 1),
                        accuracy=decision_accuracy(model, held_out, renderer))

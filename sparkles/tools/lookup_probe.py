@@ -32,6 +32,8 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+from .probe_training import ProbeOptimiser, add_training_args
+
 TOWERS = "models/sparkleschat_tiny_towers/blip2_towers.pth"
 
 
@@ -116,15 +118,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--slot-embedding", type=float, default=0.0)
     p.add_argument("--order-embedding", type=float, default=0.0)
     p.add_argument("--pair-embedding", type=float, default=0.0)
-    p.add_argument("--steps", type=int, default=700)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--train-images", type=int, default=4000)
-    p.add_argument("--held-out", type=int, default=300)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--out", help="write the curve as JSON here")
+    add_training_args(p, steps=700, eval_every=50, held_out=300)
     args = p.parse_args(argv)
 
     import torch
@@ -145,7 +140,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     model, _ = load_model(args.cfg_path, sparkles_root=str(root),
                           options=[f"model.ckpt={args.init}", f"model.q_former_model={args.towers}"])
     chat = make_chat(model)
-    renderer, tokenizer = chat.renderer, chat.renderer.tokenizer
+    renderer = chat.renderer
     train_scenes, train_feats = world_features(model, chat, root, {"CC", "VG"}, args.train_images)
     test_scenes, test_feats = world_features(model, chat, root, {"NLVR2"}, args.held_out)
     number_ids = torch.tensor(sorted({renderer.encode(" " + number_word(n))[-1] for n in range(10)}))
@@ -201,8 +196,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     params += list(extra.values())
     for param in params:
         param.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.05)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.05)
+    optimiser = ProbeOptimiser(params, args)
     rng, questions = random.Random(args.seed), Questions(args.images, args.ask, args.kinds, seed=args.seed + 1, present=args.present)
     model.train()
     curve, t0 = [], time.time()
@@ -213,11 +207,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         b, f = batch(train_scenes, train_feats, groups_of(rng, len(train_scenes), args.batch_size), questions)
         loss = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
                      image_slot_mask=b["image_slot_mask"], image_embeds=image_embeds(f), labels=b["labels"])["loss"]
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
+        optimiser.step(loss)
         if step % args.eval_every == 0 or step == args.steps:
             row = dict(step=step, loss=round(loss.item(), 4), count_word_accuracy=round(accuracy(), 3),
                        seconds=round(time.time() - t0, 1))
