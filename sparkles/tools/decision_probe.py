@@ -24,7 +24,7 @@ import sys
 import time
 from typing import Optional, Sequence
 
-from .probe_training import ProbeOptimiser, add_training_args
+from .probe_training import ProbeOptimiser, add_training_args, set_threads_and_seed
 
 FORMATS = ("checks", "descriptions")
 
@@ -163,15 +163,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     add_training_args(p, steps=200, eval_every=100, held_out=200)
     args = p.parse_args(argv)
 
-    import torch
     import torch.nn.functional as F
 
     from sparkles.conversation.render import Renderer
     from sparkles.models.tokenizer import load_tokenizer
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
+    set_threads_and_seed(args)
     tokenizer = load_tokenizer(args.tokenizer)
     renderer = Renderer(tokenizer, tiny_preset().num_query_token)
     kinds = ("bison", "nlvr2") if args.kind == "both" else (args.kind,)

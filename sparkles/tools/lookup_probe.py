@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .probe_training import ProbeOptimiser, add_training_args
+from .probe_training import ProbeOptimiser, add_training_args, set_threads_and_seed
 
 TOWERS = "models/sparkleschat_tiny_towers/blip2_towers.pth"
 
@@ -129,9 +129,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from sparkles.data.synthetic.language import number_word
     from sparkles.serve.loading import load_model, make_chat
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
+    set_threads_and_seed(args)
     root = Path(args.root)
     if not (root / args.towers).is_file():
         raise SystemExit(f"{root / args.towers} not found: train the towers first (train_configs/"

@@ -22,6 +22,15 @@ def add_training_args(parser: argparse.ArgumentParser, *, steps: int, eval_every
     parser.add_argument("--out", help="write the curve as JSON here")
 
 
+def set_threads_and_seed(args: argparse.Namespace) -> None:
+    """``--threads`` (before any work, so that it applies to all of it) and ``--seed`` for torch."""
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+
+
 class ProbeOptimiser:
     """AdamW on ``params`` with the one-cycle schedule over ``args.steps``; ``step(loss)`` is one update."""
 
