@@ -84,7 +84,8 @@ def test_probe_runs_on_frozen_towers_and_reports_prior_and_curve(world, tmp_path
     loaders.save_blip2(model, world / "models" / "towers.pth")
     out = tmp_path / "curve.json"
     assert main(["--root", str(world), "--towers", "models/towers.pth", "--cfg-path", CFG, "--images", "2",
-                 "--kinds", "2", "--slot-embedding", "0.5", "--order-embedding", "0.5", "--pair-embedding", "0.5", "--steps", "2",
+                 "--kinds", "2", "--slot-embedding", "0.5", "--order-embedding", "0.5", "--pair-embedding", "0.5",
+                 "--present", "0.5", "--steps", "2",
                  "--eval-every", "1", "--batch-size", "4", "--train-images", "30", "--held-out", "10",
                  "--threads", "1", "--out", str(out)]) == 0
     result = json.loads(out.read_text())

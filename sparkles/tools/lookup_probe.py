@@ -195,7 +195,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for param in params:
         param.requires_grad_(True)
     optimiser = ProbeOptimiser(params, args)
-    rng, questions = random.Random(args.seed), Questions(args.images, args.ask, args.kinds, seed=args.seed + 1, present=args.present)
+    rng = random.Random(args.seed)
+    questions = Questions(args.images, args.ask, args.kinds, seed=args.seed + 1, present=args.present)
     model.train()
     curve, t0 = [], time.time()
     start = accuracy()  # what a fresh decoder gets by chance, or what --init already knows
