@@ -57,6 +57,16 @@ def test_single_questions_are_true_to_the_asked_image(scenes):
         assert targets == set(range(images))  # with two images, either one is asked about
 
 
+def test_present_asks_about_kinds_the_asked_image_holds(scenes):
+    uniform, held = Questions(2, "kind", 1, seed=6), Questions(2, "kind", 1, seed=6, present=1.0)
+
+    def counts(questions):
+        return [NUMBERS[re.fullmatch(r"IMAGE#\d shows (\w+) .+\.", questions(scenes[i:i + 2])[1]).group(1)]
+                for i in range(0, 30, 2)]
+    assert all(n >= 1 for n in counts(held))  # every scene of the ci world holds at least one object
+    assert 0 in counts(uniform)  # without it, most kinds asked are absent
+
+
 def test_dense_answers_count_every_asked_kind_in_both_images(scenes):
     questions = Questions(2, "kind", 3, seed=4)
     for i in range(0, 20, 2):
