@@ -54,7 +54,7 @@ class Questions:
 
     def __call__(self, scenes: Sequence) -> tuple[str, str]:
         """``(question, answer)`` about ``scenes`` (one or two :class:`Scene`)."""
-        from sparkles.data.synthetic.language import Qual, number_word
+        from sparkles.data.synthetic.language import Qual, count_phrase, number_word
 
         rng, slots = self.rng, [f"IMAGE#{k + 1}<Img><ImageHere></Img>" for k in range(len(scenes))]
         if self.kinds > 1:
@@ -79,7 +79,7 @@ class Questions:
             question = f"How many {q.plural} are there in {slots[0]}?"
         else:
             question = f"Look at {slots[0]} and {slots[1]}. How many {q.plural} are there in IMAGE#{target + 1}?"
-        return question, f"IMAGE#{target + 1} shows {number_word(q.count(scenes[target]))} {q.plural}."
+        return question, f"IMAGE#{target + 1} shows {count_phrase(q.count(scenes[target]), q)}."  # the world's words
 
 
 def world_features(model, chat, root: Path, datasets: set, limit: int):
