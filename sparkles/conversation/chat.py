@@ -87,7 +87,7 @@ class Chat:
 
 @dataclass
 class _CacheState:
-    cache: object  # transformers DynamicCache
+    cache: object  # transformers DynamicCache (sparkles.models.kv_cache layers)
     keys: list[int]  # identity of each cached position (token id or negative slot key)
 
 
@@ -184,9 +184,9 @@ class ChatSession:
             if surplus > 0:
                 cache.crop(-surplus)  # negative = drop that many (accepted by old and new transformers)
         else:
-            from transformers import DynamicCache
+            from ..models.kv_cache import new_kv_cache
 
-            cache, reuse = DynamicCache(), 0
+            cache, reuse = new_kv_cache(), 0
         self.stats["prefill_tokens"] += len(keys) - reuse
         self.stats["reused_tokens"] += reuse
         embeds = self._embed(rendered, images, reuse)

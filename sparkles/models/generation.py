@@ -171,9 +171,9 @@ def decode_tokens(llm, *, inputs_embeds: torch.Tensor, attention_mask: torch.Ten
     full_mask = torch.cat([past_attention_mask, attention_mask.to(device)], dim=1)
     positions = (full_mask.cumsum(-1) - 1).clamp(min=0)[:, -inputs_embeds.shape[1]:]
     if past_key_values is None:
-        from transformers import DynamicCache
+        from .kv_cache import new_kv_cache
 
-        past_key_values = DynamicCache()
+        past_key_values = new_kv_cache()
     generator = None
     if gen.do_sample and gen.seed is not None:
         generator = torch.Generator(device=device).manual_seed(int(gen.seed))
