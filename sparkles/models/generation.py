@@ -3,10 +3,10 @@
 Greedy or sampled decoding (temperature, top-p, repetition penalty, minimum length), stop strings checked on
 decoded text (so they come from the tokenizer, not from hard-coded ids), per-row stopping for left-padded
 batches, and a generator interface that yields each new token for streaming. A cache passed in is extended
-in place, which is what lets a chat reuse it across turns;
-a new one appends without copying what it holds (:mod:`sparkles.models.kv_cache`). Prefill and every decode step project only the
-last position onto the vocabulary (:func:`lm_head_logits`, column-wise for a few rows on the CPU). Beam
-search goes through ``transformers``' ``generate`` (no streaming, no cache reuse, its own LM head call).
+in place, which is what lets a chat reuse it across turns; a new one appends without copying what it holds
+(:mod:`sparkles.models.kv_cache`). Prefill and every decode step project only the last position onto the
+vocabulary (:func:`lm_head_logits`, column-wise for a few rows on the CPU). Beam search goes through
+``transformers``' ``generate`` (no streaming, no cache reuse, its own LM head call).
 """
 
 from __future__ import annotations
