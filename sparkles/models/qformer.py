@@ -1,8 +1,12 @@
-"""The BLIP-2 Q-Former on ``transformers``' ``Blip2QFormerModel``, used on the query-only path.
+"""The BLIP-2 Q-Former on ``transformers``' ``Blip2QFormerModel``.
 
 Learned query tokens self-attend, cross-attend to every vision token in every ``cross_attention_freq``-th
-layer (0, 2, 4, ...), and use the query feed-forward pair; no text enters, so the word/position embeddings,
-the text feed-forward and the LM head of the BLIP-2 checkpoint are not part of this module.
+layer (0, 2, 4, ...), and use the query feed-forward pair. On SparklesChat's path no text enters, so the
+word/position embeddings, the text feed-forward and the LM head of the BLIP-2 checkpoint are not part of this
+module. ``text_input=True`` builds the InstructBLIP variant instead: the tokens of an instruction
+(:class:`QFormerTextEmbeddings`) join the queries in self-attention, with their own feed-forward pair, and
+only the queries cross-attend to the image — so what the queries extract can depend on the question
+(``sparkles.tools.conditioned_towers_probe`` measures that on the synthetic world).
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from torch import nn
 
 def build_qformer(*, hidden: int, layers: int, heads: int, intermediate: int, encoder_width: int,
                   cross_attention_freq: int = 2, init_std: float = 0.02, dropout: float = 0.1,
-                  cross_attention_init: str = "normal") -> nn.Module:
+                  cross_attention_init: str = "normal", text_input: bool = False) -> nn.Module:
     """A fresh Q-Former. ``cross_attention_init="xavier"`` re-draws the cross-attention matrices Xavier-uniform.
 
     With BERT's 0.02 everywhere, a Q-Former trained from scratch learns content-based attention (every query
@@ -28,7 +32,7 @@ def build_qformer(*, hidden: int, layers: int, heads: int, intermediate: int, en
     config = Blip2QFormerConfig(
         hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=intermediate,
         encoder_hidden_size=encoder_width, cross_attention_frequency=cross_attention_freq, layer_norm_eps=1e-12,
-        hidden_act="gelu", vocab_size=1, max_position_embeddings=1, use_qformer_text_input=False,
+        hidden_act="gelu", vocab_size=1, max_position_embeddings=1, use_qformer_text_input=text_input,
         initializer_range=init_std, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
     )
     config._attn_implementation = "sdpa"
@@ -41,8 +45,45 @@ def build_qformer(*, hidden: int, layers: int, heads: int, intermediate: int, en
     return qformer
 
 
-def run_qformer(qformer: nn.Module, query_tokens: torch.Tensor, vision_tokens: torch.Tensor) -> torch.Tensor:
-    """Queries ``[1, nq, H]`` attending to ``vision_tokens [N, L, W]`` → ``[N, nq, H]``."""
+class QFormerTextEmbeddings(nn.Module):
+    """Word and learned position embeddings of instruction tokens for a ``text_input`` Q-Former.
+
+    The Q-Former's own LayerNorm is applied to queries and text together, as in BLIP-2's embedding layer, so
+    this module only sums the two tables. ``init_std`` sets both tables' spread (BERT's 0.02 by default).
+    """
+
+    def __init__(self, vocab_size: int, hidden: int, max_length: int, *, init_std: float = 0.02) -> None:
+        super().__init__()
+        self.word_embeddings = nn.Embedding(vocab_size, hidden)
+        self.position_embeddings = nn.Embedding(max_length, hidden)
+        nn.init.normal_(self.word_embeddings.weight, std=init_std)
+        nn.init.normal_(self.position_embeddings.weight, std=init_std)
+
+    @property
+    def max_length(self) -> int:
+        return self.position_embeddings.num_embeddings
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if input_ids.shape[1] > self.max_length:
+            raise ValueError(f"instruction of {input_ids.shape[1]} tokens; the Q-Former's text takes at most "
+                             f"{self.max_length}")
+        return self.word_embeddings(input_ids) + self.position_embeddings.weight[: input_ids.shape[1]]
+
+
+def run_qformer(qformer: nn.Module, query_tokens: torch.Tensor, vision_tokens: torch.Tensor,
+                text_embeds: torch.Tensor | None = None, text_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Queries ``[1, nq, H]`` attending to ``vision_tokens [N, L, W]`` → ``[N, nq, H]``.
+
+    With ``text_embeds [N, T, H]`` (a ``text_input`` Q-Former) the queries also attend to those instruction
+    tokens; ``text_mask [N, T]`` (1 = token, 0 = padding) keeps padding out. Only the queries' outputs return.
+    """
     queries = query_tokens.expand(vision_tokens.shape[0], -1, -1)
-    out = qformer(query_embeds=queries, encoder_hidden_states=vision_tokens)
-    return out.last_hidden_state
+    if text_embeds is None:
+        return qformer(query_embeds=queries, encoder_hidden_states=vision_tokens).last_hidden_state
+    nq = queries.shape[1]
+    if text_mask is None:
+        text_mask = torch.ones(text_embeds.shape[:2], dtype=torch.long, device=text_embeds.device)
+    mask = torch.cat([torch.ones(queries.shape[:2], dtype=text_mask.dtype, device=text_mask.device), text_mask], 1)
+    out = qformer(query_embeds=torch.cat([queries, text_embeds.to(queries.dtype)], 1), query_length=nq,
+                  attention_mask=mask, encoder_hidden_states=vision_tokens)
+    return out.last_hidden_state[:, :nq]

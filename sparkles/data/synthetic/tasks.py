@@ -162,7 +162,10 @@ class Statement:
     n: int | None = None       # total
 
     def truth(self, left: Scene, right: Scene) -> bool:
-        a, b = self.qual.count(left), self.qual.count(right)
+        return self.truth_of_counts(self.qual.count(left), self.qual.count(right))
+
+    def truth_of_counts(self, a: int, b: int) -> bool:
+        """The statement's truth when the left image holds ``a`` and the right ``b`` of its qual."""
         mine, other = (a, b) if self.side == "left" else (b, a)
         if self.template == "total":
             return a + b == self.n
