@@ -13,6 +13,7 @@ import torch
 from sparkles.data.synthetic import main as synthetic_main
 from sparkles.data.synthetic.scenes import Scene
 from sparkles.data.synthetic.writers import load_scenes
+from sparkles.data.synthetic.tasks import parse_question
 from sparkles.models.qformer import QFormerTextEmbeddings, build_qformer, run_qformer
 from sparkles.tools.conditioned_towers_probe import IGNORE, main, training_samples
 
@@ -96,3 +97,37 @@ def test_probe_runs_and_reports_its_figures(world, tmp_path):
     assert row["step"] == 3
     for key in ("bison_fit", "bison_pair", "nlvr2_asked", "nlvr2_from_counts"):
         assert 0.0 <= row[key] <= 1.0
+
+
+POSITIONS = {"at the top left": (0, 0), "at the top": (0, 1), "at the top right": (0, 2), "on the left": (1, 0),
+             "in the centre": (1, 1), "on the right": (1, 2), "at the bottom left": (2, 0), "at the bottom": (2, 1),
+             "at the bottom right": (2, 2)}
+
+
+def _caption_holds(caption: str, scene: Scene) -> bool:
+    """Every item of a BISON caption ("two red circles, a blue square and a green triangle on the left") holds."""
+    for item in re.split(r", | and ", caption):
+        position = next((p for p in sorted(POSITIONS, key=len, reverse=True) if item.endswith(" " + p)), None)
+        words = item[: -len(position) - 1].split() if position else item.split()
+        count, colour, shape = WORDS[words[0]], words[1], words[2].rstrip("s")
+        objs = [o for o in scene.objects if (o.colour, o.shape) == (colour, shape)]
+        if len(objs) != count or (position and (count != 1 or (objs[0].row, objs[0].col) != POSITIONS[position])):
+            return False
+    return True
+
+
+def test_caption_variants_fit_exactly_when_every_item_holds(world):
+    from sparkles.tools.conditioned_towers_probe import CaptionVariants
+
+    scenes = load_scenes(world)
+    keys = sorted(k for k, r in scenes.items() if r["dataset"] in ("CC", "VG"))[:60]
+    variants = CaptionVariants(scenes, keys, seed=4)
+    fits = []
+    for _ in range(200):
+        sample = variants()
+        caption = parse_question(sample.message).text  # the world's own BISON template parser
+        assert sample.fit == int(_caption_holds(caption, Scene.from_record(scenes[sample.image]))), caption
+        fits.append(sample.fit)
+    assert 0.3 < sum(fits) / len(fits) < 0.7
+    assert any(" at the " in s or " on the " in s or " in the centre" in s
+               for s in (variants().message for _ in range(100)))  # positioned captions occur

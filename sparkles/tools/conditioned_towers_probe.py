@@ -69,6 +69,77 @@ def conditioned_targets(message: str, scene) -> tuple[int, int]:
     return IGNORE, IGNORE
 
 
+class CaptionVariants:
+    """BISON fit samples for any training image, from its own caption or a one-attribute variant it refutes.
+
+    The world's dialogues hold ~1,100 BISON pairs; this writes as many fit questions as wanted about the training
+    images, in the world's BISON style (``describe`` of the image, or of a copy with one object recoloured,
+    reshaped, added, removed or moved, whose caption the image refutes). Text only: no new image is drawn.
+    """
+
+    def __init__(self, scenes: dict, keys: Sequence[str], seed: int) -> None:
+        from sparkles.data.synthetic.scenes import ALL_COLOURS, ALL_SHAPES, Scene
+
+        self.scenes = {k: Scene.from_record(scenes[k]) for k in keys}
+        self.keys = list(keys)
+        self.colours = sorted({o.colour for sc in self.scenes.values() for o in sc.objects} or ALL_COLOURS)
+        self.shapes = sorted({o.shape for sc in self.scenes.values() for o in sc.objects} or ALL_SHAPES)
+        self.rng = random.Random(seed)
+
+    def variant(self, scene):
+        """``(scene', position_of)``: one attribute changed (None when this scene allows no such change)."""
+        from dataclasses import replace
+
+        from sparkles.data.synthetic.scenes import MAX_OBJECTS, Obj, Scene
+
+        rng, objs = self.rng, list(scene.objects)
+        free = scene.free_cells()
+        attribute = rng.choice(("colour", "shape", "count", "position"))
+        i = rng.randrange(len(objs))
+        if attribute == "colour":
+            objs[i] = replace(objs[i], colour=rng.choice([c for c in self.colours if c != objs[i].colour]))
+        elif attribute == "shape":
+            objs[i] = replace(objs[i], shape=rng.choice([s for s in self.shapes if s != objs[i].shape]))
+        elif attribute == "count":
+            if free and (len(objs) == 1 or (len(objs) < MAX_OBJECTS and rng.random() < 0.5)):
+                row, col = rng.choice(free)
+                objs.append(Obj(objs[i].shape, objs[i].colour, objs[i].size, row, col))
+            elif len(objs) > 1:
+                del objs[i]
+            else:
+                return None
+        else:
+            unique = scene.unique_kinds()
+            if not unique or not free:
+                return None
+            kind = rng.choice(unique)
+            j = next(k for k, o in enumerate(objs) if (o.colour, o.shape) == kind)
+            row, col = rng.choice(free)
+            objs[j] = replace(objs[j], row=row, col=col)
+            return Scene(tuple(objs), scene.background), kind
+        return Scene(tuple(objs), scene.background), None
+
+    def __call__(self) -> Sample:
+        from sparkles.data.synthetic.language import describe
+        from sparkles.data.synthetic.tasks import caption_refuted
+        from sparkles.eval.prompts import bison_prompt
+
+        while True:
+            key = self.rng.choice(self.keys)
+            scene = self.scenes[key]
+            if self.rng.random() < 0.5:
+                unique = scene.unique_kinds()
+                position_of = self.rng.choice(unique) if unique and self.rng.random() < 0.25 else None
+                return Sample(key, bison_prompt(describe(scene, position_of)), fit=1)
+            changed = self.variant(scene)
+            if changed is None:
+                continue
+            other, position_of = changed
+            text = describe(other, position_of)
+            if caption_refuted(text, scene):
+                return Sample(key, bison_prompt(text), fit=0)
+
+
 def training_samples(root: Path, scenes: dict) -> list[Sample]:
     """Every (image, message) pair of the dialogues' first turns and of the perception questions with a target."""
     from sparkles.data.synthetic.scenes import Scene
@@ -239,6 +310,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help="queries cross-attend to the image every N-th layer (the tiny preset: 2)")
     p.add_argument("--fit-share", type=float, default=0.35,
                    help="share of training samples drawn from the BISON messages (they are ~5%% of the pairs)")
+    p.add_argument("--caption-variants", action="store_true",
+                   help="draw the BISON fit samples from CaptionVariants of every training image instead of the "
+                        "dialogues' BISON messages")
     p.add_argument("--max-text", type=int, default=128, help="message tokens the Q-Former reads")
     add_training_args(p, steps=1500, eval_every=100, held_out=150)
     p.set_defaults(lr=2e-3)  # stage 0's rate
@@ -270,6 +344,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     batcher = Batcher(root, scenes, tokenizer, vocabulary, cfg.image_size, args.max_text)
     bison_batch, nlvr2_batch = batcher(bison), batcher(nlvr2)
 
+    variants = CaptionVariants(scenes, sorted({s.image for s in train}), args.seed + 7) \
+        if args.caption_variants else None
     model = build_probe_model(cfg, vocabulary, len(tokenizer), args.max_text, args.cross_attention_freq)
     model.train()
     optimiser = ProbeOptimiser(model.parameters(), args)
@@ -278,8 +354,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(json.dumps(dict(step=0, train_pairs=len(train), bison_pairs=len(fit_pool), **start)), flush=True)
     curve, t0 = [], time.time()
     for step in range(1, args.steps + 1):
-        samples = [(fit_pool if rng.random() < args.fit_share else asked_pool) for _ in range(args.batch_size)]
-        loss = probe_loss(model, batcher([pool[rng.randrange(len(pool))] for pool in samples]))
+        batch = []
+        for _ in range(args.batch_size):
+            if rng.random() >= args.fit_share:
+                batch.append(asked_pool[rng.randrange(len(asked_pool))])
+            else:
+                batch.append(variants() if variants else fit_pool[rng.randrange(len(fit_pool))])
+        loss = probe_loss(model, batcher(batch))
         optimiser.step(loss)
         if step % args.eval_every == 0 or step == args.steps:
             row = dict(step=step, loss=round(loss.item(), 4), seconds=round(time.time() - t0, 1),
