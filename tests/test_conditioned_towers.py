@@ -17,6 +17,9 @@ from sparkles.data.synthetic.tasks import parse_question
 from sparkles.models.qformer import QFormerTextEmbeddings, build_qformer, run_qformer
 from sparkles.tools.conditioned_towers_probe import IGNORE, main, training_samples
 
+POSITIONS = {"at the top left": (0, 0), "at the top": (0, 1), "at the top right": (0, 2), "on the left": (1, 0),
+             "in the centre": (1, 1), "on the right": (1, 2), "at the bottom left": (2, 0), "at the bottom": (2, 1),
+             "at the bottom right": (2, 2)}
 WORDS = {"no": 0, "a": 1, "an": 1, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6}
 
 
@@ -53,6 +56,22 @@ def _count(scene: Scene, phrase: str) -> int:
     return sum(1 for o in scene.objects if colour in (None, o.colour) and shape in (None, o.shape))
 
 
+def _item_kind(item: str) -> str:
+    """The kind phrase of a caption item, its count word and position dropped ("two red circles on the left")."""
+    for phrase in sorted(POSITIONS, key=len, reverse=True):
+        item = item.removesuffix(" " + phrase)
+    return " ".join(item.split()[1:])
+
+
+def _place(scene: Scene, phrase: str) -> int:
+    """Row-major cell of the one object of the kind, 9 if there is not exactly one."""
+    words = phrase.split()
+    shape = None if words[-1].startswith("object") else words[-1].rstrip("s")
+    colour = words[0] if len(words) == 2 else None
+    objs = [o for o in scene.objects if colour in (None, o.colour) and shape in (None, o.shape)]
+    return objs[0].row * 3 + objs[0].col if len(objs) == 1 else 9
+
+
 def test_targets_are_true_to_the_scenes(world):
     scenes = load_scenes(world)
     samples = training_samples(world, scenes)
@@ -73,35 +92,45 @@ def test_targets_are_true_to_the_scenes(world):
         statement = re.search(r"'(.+?)'\?", s.message)
         if s.fit != IGNORE:  # the image a BISON answer chooses is the one the caption fits
             assert fits[(s.message, s.image)] == {s.fit}
+            caption = re.search(r"describes exactly one of them: '(.+?)'\. ", s.message).group(1)
+            kinds = [_item_kind(item) for item in re.split(r", | and ", caption)]
+            assert [count for count, _ in s.items] == [_count(scene, k) for k in kinds]
+            assert [place for _, place in s.items] == [_place(scene, k) for k in kinds]
             checked["bison"] += 1
         elif asked:
-            assert s.asked == _count(scene, asked.group(1) or asked.group(2))
+            kind = asked.group(1) or asked.group(2)
+            assert s.asked == _count(scene, kind)
+            assert s.items == ((s.asked, _place(scene, kind)),)
             checked["count"] += 1
         else:
             text = statement.group(1)
             phrase = re.search(r"exactly \w+ (.+) in total|contain a (.+)\.|has more (.+) than|contains a (.+)\."
                                r"|contains no (.+)\.", text)
-            assert s.asked == _count(scene, next(g for g in phrase.groups() if g)), text
+            kind = next(g for g in phrase.groups() if g)
+            assert s.asked == _count(scene, kind), text
+            assert s.items == ((s.asked, _place(scene, kind)),)
             checked["statement"] += 1
     assert min(checked.values()) > 5, checked
 
 
-def test_probe_runs_and_reports_its_figures(world, tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--items", "3", "--caption-variants"]])
+def test_probe_runs_and_reports_its_figures(world, tmp_path, extra):
     out = tmp_path / "probe.json"
     assert main(["--root", str(world), "--steps", "3", "--eval-every", "3", "--held-out", "12", "--batch-size", "4",
-                 "--max-text", "160", "--threads", "1", "--out", str(out)]) == 0
+                 "--max-text", "160", "--threads", "1", "--out", str(out), *extra]) == 0
     result = json.loads(out.read_text())
     assert result["held_out_bison_items"] == 12 and result["held_out_nlvr2_items"] == 12
     assert 0 < result["bison_pairs"] < result["train_pairs"]
     (row,) = result["curve"]
     assert row["step"] == 3
-    for key in ("bison_fit", "bison_pair", "nlvr2_asked", "nlvr2_from_counts"):
+    keys = ["bison_fit", "bison_pair", "nlvr2_asked", "nlvr2_from_counts"]
+    if extra:
+        keys += ["bison_item_counts", "bison_from_items"]
+    else:
+        assert "bison_from_items" not in row
+    for key in keys:
         assert 0.0 <= row[key] <= 1.0
 
-
-POSITIONS = {"at the top left": (0, 0), "at the top": (0, 1), "at the top right": (0, 2), "on the left": (1, 0),
-             "in the centre": (1, 1), "on the right": (1, 2), "at the bottom left": (2, 0), "at the bottom": (2, 1),
-             "at the bottom right": (2, 2)}
 
 
 def _caption_holds(caption: str, scene: Scene) -> bool:

@@ -39,6 +39,7 @@ from typing import Optional, Sequence
 from .probe_training import ProbeOptimiser, add_training_args, set_threads_and_seed
 
 IGNORE = -100
+NO_PLACE = 9  # place class "not exactly one object" (after the 3 × 3 grid's cells)
 BISON_FILE = "evaluation/BISON/annotations/sparkles_evaluation_bison_annotations.json"
 NLVR2_FILE = "evaluation/NLVR2/annotations/sparkles_evaluation_nlvr2_annotations.json"
 
@@ -51,22 +52,37 @@ class Sample:
     message: str    # the user message, as the dialogue or prompt writes it
     asked: int = IGNORE
     fit: int = IGNORE
+    # per item of a BISON caption, or the one counted kind: (how many of its kind the image holds, the cell of
+    # the single one or NO_PLACE)
+    items: tuple[tuple[int, int], ...] = ()
 
 
-def conditioned_targets(message: str, scene) -> tuple[int, int]:
-    """``(asked, fit)`` of ``message`` about ``scene``: the counted kind's count, or whether a BISON caption holds."""
+def place_of(colour, shape, scene) -> int:
+    """The grid cell (row-major) of the one object of a (colour?, shape?) kind; ``NO_PLACE`` if not exactly one."""
+    from sparkles.data.synthetic.scenes import GRID
+
+    objs = [o for o in scene.objects if colour in (None, o.colour) and shape in (None, o.shape)]
+    return objs[0].row * GRID + objs[0].col if len(objs) == 1 else NO_PLACE
+
+
+def targeted_sample(key: str, message: str, scene) -> Sample | None:
+    """``message`` about the image ``key`` with its targets: the counted kind's count (NLVR2 statements, count
+    questions), or whether a BISON caption holds and each caption item's count and place; None without any."""
+    from sparkles.data.synthetic.language import parse_items
     from sparkles.data.synthetic.tasks import caption_refuted, parse_question, parse_statement
 
     task = parse_question(message)
     if task is None:
-        return IGNORE, IGNORE
-    if task.kind == "nlvr2":
-        return parse_statement(task.text).qual.count(scene), IGNORE
-    if task.kind in ("total", "compare", "more2", "total2"):
-        return task.qual.count(scene), IGNORE
+        return None
+    if task.kind in ("nlvr2", "total", "compare", "more2", "total2"):
+        qual = parse_statement(task.text).qual if task.kind == "nlvr2" else task.qual
+        n = qual.count(scene)
+        return Sample(key, message, asked=n, items=((n, place_of(qual.colour, qual.shape, scene)),))
     if task.kind == "bison":
-        return IGNORE, int(not caption_refuted(task.text, scene))
-    return IGNORE, IGNORE
+        items = tuple((scene.count(it.colour, it.shape), place_of(it.colour, it.shape, scene))
+                      for it in parse_items(task.text))
+        return Sample(key, message, fit=int(not caption_refuted(task.text, scene)), items=items)
+    return None
 
 
 class CaptionVariants:
@@ -130,14 +146,14 @@ class CaptionVariants:
             if self.rng.random() < 0.5:
                 unique = scene.unique_kinds()
                 position_of = self.rng.choice(unique) if unique and self.rng.random() < 0.25 else None
-                return Sample(key, bison_prompt(describe(scene, position_of)), fit=1)
+                return targeted_sample(key, bison_prompt(describe(scene, position_of)), scene)
             changed = self.variant(scene)
             if changed is None:
                 continue
             other, position_of = changed
             text = describe(other, position_of)
             if caption_refuted(text, scene):
-                return Sample(key, bison_prompt(text), fit=0)
+                return targeted_sample(key, bison_prompt(text), scene)
 
 
 def training_samples(root: Path, scenes: dict) -> list[Sample]:
@@ -157,39 +173,41 @@ def training_samples(root: Path, scenes: dict) -> list[Sample]:
     out = []
     for message, keys in messages:
         for key in keys:
-            asked, fit = conditioned_targets(message, Scene.from_record(scenes[key]))
-            if asked != IGNORE or fit != IGNORE:
-                out.append(Sample(key, message, asked, fit))
+            sample = targeted_sample(key, message, Scene.from_record(scenes[key]))
+            if sample is not None:
+                out.append(sample)
     return out
 
 
 def held_out_items(root: Path, limit: int) -> tuple[list[Sample], list[Sample], list]:
     """BISON samples (two per item, candidate order), NLVR2 samples (left, right per item) and the statements."""
     from sparkles.data.synthetic.scenes import Scene
-    from sparkles.data.synthetic.tasks import caption_refuted, parse_statement
+    from sparkles.data.synthetic.tasks import parse_statement
     from sparkles.data.synthetic.writers import load_scenes
     from sparkles.eval.prompts import bison_prompt, nlvr2_prompt
 
     scenes = load_scenes(root)
     bison = []
     for item in json.loads((root / BISON_FILE).read_text(encoding="utf-8"))[:limit]:
-        message = bison_prompt(item["caption"])
         for cand in item["image_candidates"]:
             key = str(cand["image_id"])
-            bison.append(Sample(key, message, fit=int(not caption_refuted(item["caption"], Scene.from_record(scenes[key])))))
+            bison.append(targeted_sample(key, bison_prompt(item["caption"]), Scene.from_record(scenes[key])))
     nlvr2, statements = [], []
     for item in json.loads((root / NLVR2_FILE).read_text(encoding="utf-8"))[:limit]:
-        st = parse_statement(item["sentence"])
         stem = item["identifier"].rsplit("-", 1)[0]
         for side in (0, 1):
             key = f"{stem}-img{side}"
-            nlvr2.append(Sample(key, nlvr2_prompt(item["sentence"]), asked=st.qual.count(Scene.from_record(scenes[key]))))
-        statements.append((st, item["label"] == "True"))
+            nlvr2.append(targeted_sample(key, nlvr2_prompt(item["sentence"]), Scene.from_record(scenes[key])))
+        statements.append((parse_statement(item["sentence"]), item["label"] == "True"))
     return bison, nlvr2, statements
 
 
-def build_probe_model(cfg, vocabulary, vocab_size: int, max_text: int, cross_attention_freq: int):
-    """A :class:`TowerTagger` whose Q-Former reads the message, with two more query tokens and their heads."""
+def build_probe_model(cfg, vocabulary, vocab_size: int, max_text: int, cross_attention_freq: int, items: int = 0):
+    """A :class:`TowerTagger` whose Q-Former reads the message, with more query tokens and their heads.
+
+    The extra queries: ``max(items, 1)`` item queries (the first is "asked"; with ``items`` > 0 each reads the
+    count and single-object place of one caption item), then the fit query.
+    """
     import torch
     from torch import nn
 
@@ -206,12 +224,14 @@ def build_probe_model(cfg, vocabulary, vocab_size: int, max_text: int, cross_att
                 cross_attention_freq=cross_attention_freq, init_std=cfg.qformer_init_std, dropout=cfg.qformer_dropout,
                 cross_attention_init=cfg.qformer_cross_attention_init, text_input=True)
             std = cfg.query_token_init_std if cfg.query_token_init_std is not None else cfg.qformer_init_std
-            extra = torch.randn(1, 2, hidden) * std
+            self.num_items = max(items, 1)
+            extra = torch.randn(1, self.num_items + 1, hidden) * std
             self.query_tokens = nn.Parameter(torch.cat([self.query_tokens.detach(), extra], 1))
             # the same spread as the query tokens, so that text and queries enter the shared LayerNorm alike
             self.text_embeddings = QFormerTextEmbeddings(vocab_size, hidden, max_text, init_std=std)
             self.asked_head = nn.Linear(hidden, vocabulary.max_count_class)
             self.fit_head = nn.Linear(hidden, 2)
+            self.item_place_head = nn.Linear(hidden, NO_PLACE + 1)
 
         def forward(self, images, text_ids, text_mask):
             from sparkles.models.qformer import run_qformer
@@ -223,7 +243,9 @@ def build_probe_model(cfg, vocabulary, vocab_size: int, max_text: int, cross_att
             return {"count": self.count_head(quals), "place": self.place_head(quals),
                     "qual_size": self.qual_size_head(quals), "cell_kind": self.cell_kind_head(cells),
                     "cell_size": self.cell_size_head(cells),
-                    "asked": self.asked_head(out[:, n_slots]), "fit": self.fit_head(out[:, n_slots + 1])}
+                    "asked": self.asked_head(out[:, n_slots]), "fit": self.fit_head(out[:, n_slots + self.num_items]),
+                    "items": self.asked_head(out[:, n_slots:n_slots + self.num_items]),
+                    "item_places": self.item_place_head(out[:, n_slots:n_slots + self.num_items])}
 
     return ConditionedTagger()
 
@@ -231,12 +253,13 @@ def build_probe_model(cfg, vocabulary, vocab_size: int, max_text: int, cross_att
 class Batcher:
     """Pixels, message tokens (image markup removed, padded) and targets of a list of samples."""
 
-    def __init__(self, root: Path, scenes: dict, tokenizer, vocabulary, image_size: int, max_text: int) -> None:
+    def __init__(self, root: Path, scenes: dict, tokenizer, vocabulary, image_size: int, max_text: int,
+                 items: int = 0) -> None:
         from sparkles.processors.image import Blip2ImageEvalProcessor
 
         self.root, self.scenes, self.tokenizer, self.vocabulary = root, scenes, tokenizer, vocabulary
         self.process = Blip2ImageEvalProcessor(image_size=image_size)
-        self.max_text = max_text
+        self.max_text, self.items = max_text, max(items, 1)
         self._pixels: dict = {}
 
     def pixels(self, key: str):
@@ -265,39 +288,86 @@ class Batcher:
                 "cell_kinds": torch.tensor([k for k, _ in labels]), "cell_sizes": torch.tensor([z for _, z in labels]),
                 "asked": torch.tensor([min(s.asked, self.vocabulary.max_count_class - 1) if s.asked != IGNORE
                                        else IGNORE for s in samples]),
-                "fit": torch.tensor([s.fit for s in samples])}
+                "fit": torch.tensor([s.fit for s in samples]),
+                "items": self.item_targets(samples, 0), "item_places": self.item_targets(samples, 1)}
+
+    def item_targets(self, samples: Sequence[Sample], field: int):
+        """``[N, items]`` counts (``field`` 0) or places (1) of each sample's caption items; for a counted-kind
+        message the first item is the asked kind. ``IGNORE`` where a sample has no such item."""
+        import torch
+
+        out = torch.full((len(samples), self.items), IGNORE, dtype=torch.long)
+        top = self.vocabulary.max_count_class - 1
+        for row, s in enumerate(samples):
+            for col, pair in enumerate(s.items[: self.items]):
+                out[row, col] = min(pair[0], top) if field == 0 else pair[1]
+        return out
 
 
-def probe_loss(model, batch: dict):
-    """Stage-0 tag losses plus the conditioned read-outs' cross-entropy where the batch has targets."""
+CONDITIONED = ("asked", "fit", "items", "item_places")
+
+
+def probe_loss(model, batch: dict, *, items: bool = False):
+    """Stage-0 tag losses plus the conditioned read-outs' cross-entropy where the batch has targets: the asked
+    count and the fit, or (``items``) every item query's count and place."""
     import torch.nn.functional as F
 
     logits = model(batch["images"], batch["text_ids"], batch["text_mask"])
-    tags = {k: v for k, v in logits.items() if k not in ("asked", "fit")}
-    loss = model.loss(tags, batch["cell_kinds"], batch["cell_sizes"])
-    for name in ("asked", "fit"):
+    loss = model.loss({k: v for k, v in logits.items() if k not in CONDITIONED}, batch["cell_kinds"],
+                      batch["cell_sizes"])
+    for name in (("items", "item_places") if items else ("asked", "fit")):
         if (batch[name] != IGNORE).any():
-            loss = loss + F.cross_entropy(logits[name], batch[name], ignore_index=IGNORE)
+            loss = loss + F.cross_entropy(logits[name].flatten(0, -2), batch[name].flatten(), ignore_index=IGNORE)
     return loss
 
 
-def held_out_figures(model, bison_batch: dict, nlvr2_batch: dict, statements: list) -> dict:
+def caption_claims(samples: Sequence[Sample]) -> list:
+    """Per BISON sample, the caption's items as ``(count, cell or None)``: what each item query is checked against."""
+    from sparkles.data.synthetic.language import parse_items
+    from sparkles.data.synthetic.scenes import CELL_OF_POSITION, GRID
+    from sparkles.data.synthetic.tasks import parse_question
+
+    out = []
+    for s in samples:
+        items = parse_items(parse_question(s.message).text)
+        out.append([(it.count, None if it.position is None else
+                     CELL_OF_POSITION[it.position][0] * GRID + CELL_OF_POSITION[it.position][1]) for it in items])
+    return out
+
+
+def held_out_figures(model, bison_batch: dict, nlvr2_batch: dict, statements: list, claims: list) -> dict:
+    """The held-out figures (module docstring); with item queries also ``bison_item_counts`` (an item query's
+    count right) and ``bison_from_items`` (the image whose predicted items all match the caption's)."""
     import torch
 
     with torch.no_grad():
         model.eval()
-        fit = model(bison_batch["images"], bison_batch["text_ids"], bison_batch["text_mask"])["fit"]
+        b = model(bison_batch["images"], bison_batch["text_ids"], bison_batch["text_mask"])
         asked = model(nlvr2_batch["images"], nlvr2_batch["text_ids"], nlvr2_batch["text_mask"])["asked"]
         model.train()
+    fit = b["fit"]
     fit_prob = fit.softmax(-1)[:, 1].view(-1, 2)
     truth = bison_batch["fit"].view(-1, 2)
     counts = asked.argmax(-1)
     verdicts = [st.truth_of_counts(int(counts[2 * i]), int(counts[2 * i + 1])) == label
                 for i, (st, label) in enumerate(statements)]
-    return dict(bison_fit=round((fit.argmax(-1) == bison_batch["fit"]).float().mean().item(), 3),
-                bison_pair=round((fit_prob.argmax(1) == truth.argmax(1)).float().mean().item(), 3),
-                nlvr2_asked=round((counts == nlvr2_batch["asked"]).float().mean().item(), 3),
-                nlvr2_from_counts=round(sum(verdicts) / len(verdicts), 3))
+    figures = dict(bison_fit=round((fit.argmax(-1) == bison_batch["fit"]).float().mean().item(), 3),
+                   bison_pair=round((fit_prob.argmax(1) == truth.argmax(1)).float().mean().item(), 3),
+                   nlvr2_asked=round((counts == nlvr2_batch["asked"]).float().mean().item(), 3),
+                   nlvr2_from_counts=round(sum(verdicts) / len(verdicts), 3))
+    if model.num_items > 1:
+        item_counts, item_places = b["items"].argmax(-1), b["item_places"].argmax(-1)
+        known = bison_batch["items"] != IGNORE
+        figures["bison_item_counts"] = round((item_counts == bison_batch["items"])[known].float().mean().item(), 3)
+        scores = []  # per image: (all checked items match, how many match)
+        for row, claim in enumerate(claims):
+            matches = [count == int(item_counts[row, i]) and (cell is None or cell == int(item_places[row, i]))
+                       for i, (count, cell) in enumerate(claim[: model.num_items])]
+            scores.append((all(matches), sum(matches)))
+        chosen = [0 if scores[2 * i] >= scores[2 * i + 1] else 1 for i in range(len(scores) // 2)]
+        figures["bison_from_items"] = round(sum(int(c == int(t)) for c, t in zip(chosen, truth.argmax(1)))
+                                            / len(chosen), 3)
+    return figures
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -313,6 +383,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--caption-variants", action="store_true",
                    help="draw the BISON fit samples from CaptionVariants of every training image instead of the "
                         "dialogues' BISON messages")
+    p.add_argument("--items", type=int, default=0,
+                   help="K > 0: K item queries, each trained on one caption item's count and place (the first on "
+                        "the asked kind), instead of the asked count and the fit")
     p.add_argument("--max-text", type=int, default=128, help="message tokens the Q-Former reads")
     add_training_args(p, steps=1500, eval_every=100, held_out=150)
     p.set_defaults(lr=2e-3)  # stage 0's rate
@@ -341,16 +414,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not fit_pool or not asked_pool:
         raise SystemExit(f"{root}: the world's dialogues hold no BISON or no count messages to train on")
     bison, nlvr2, statements = held_out_items(root, args.held_out)
-    batcher = Batcher(root, scenes, tokenizer, vocabulary, cfg.image_size, args.max_text)
+    batcher = Batcher(root, scenes, tokenizer, vocabulary, cfg.image_size, args.max_text, args.items)
+    claims = caption_claims(bison)
     bison_batch, nlvr2_batch = batcher(bison), batcher(nlvr2)
 
     variants = CaptionVariants(scenes, sorted({s.image for s in train}), args.seed + 7) \
         if args.caption_variants else None
-    model = build_probe_model(cfg, vocabulary, len(tokenizer), args.max_text, args.cross_attention_freq)
+    model = build_probe_model(cfg, vocabulary, len(tokenizer), args.max_text, args.cross_attention_freq, args.items)
     model.train()
     optimiser = ProbeOptimiser(model.parameters(), args)
     rng = random.Random(args.seed)
-    start = held_out_figures(model, bison_batch, nlvr2_batch, statements)
+    start = held_out_figures(model, bison_batch, nlvr2_batch, statements, claims)
     print(json.dumps(dict(step=0, train_pairs=len(train), bison_pairs=len(fit_pool), **start)), flush=True)
     curve, t0 = [], time.time()
     for step in range(1, args.steps + 1):
@@ -360,11 +434,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 batch.append(asked_pool[rng.randrange(len(asked_pool))])
             else:
                 batch.append(variants() if variants else fit_pool[rng.randrange(len(fit_pool))])
-        loss = probe_loss(model, batcher(batch))
+        loss = probe_loss(model, batcher(batch), items=args.items > 0)
         optimiser.step(loss)
         if step % args.eval_every == 0 or step == args.steps:
             row = dict(step=step, loss=round(loss.item(), 4), seconds=round(time.time() - t0, 1),
-                       **held_out_figures(model, bison_batch, nlvr2_batch, statements))
+                       **held_out_figures(model, bison_batch, nlvr2_batch, statements, claims))
             curve.append(row)
             print(json.dumps(row), flush=True)
     if args.out:
