@@ -1,4 +1,4 @@
-"""Towers probe: can vision towers that read the question (InstructBLIP-style) extract what it asks, fast?
+r"""Towers probe: can vision towers that read the question (InstructBLIP-style) extract what it asks, fast?
 
 The tiny decoder does not learn, within the CPU budget, to find the asked kind's token among an image's query
 tokens when two images are in its context (``lookup_probe``; docs/notes/tiny_world.md, session 5). This probe
@@ -20,7 +20,15 @@ it shows; the held-out figures are on the world's BISON and NLVR2 evaluation ite
 - ``bison_fit``: the fit read-out right, per image; ``bison_pair``: the image with the higher fit probability
   is the caption's image.
 
-    python -m sparkles.tools.conditioned_towers_probe --root outputs/tiny --steps 1500
+``--items K`` replaces the asked and fit targets with K item queries, each trained on one caption item's count
+and the cell of its single object (the first also on the asked kind), and adds ``bison_item_counts`` (an item
+query's count right) and ``bison_from_items`` (the image whose predicted items all match the caption is the
+caption's image). ``--caption-variants`` draws the BISON samples from :class:`CaptionVariants` (captions of any
+training image or of a one-attribute variant it refutes) instead of the dialogues' ~1,100 BISON pairs.
+
+    python -m sparkles.tools.conditioned_towers_probe --root outputs/tiny --steps 1500 --fit-share 0
+    python -m sparkles.tools.conditioned_towers_probe --root outputs/tiny --steps 2000 --fit-share 0.5 \
+        --caption-variants --items 4
 
 Measured figures are in docs/notes/tiny_world.md (session 6).
 """
