@@ -261,13 +261,12 @@ def build_probe_model(cfg, vocabulary, vocab_size: int, max_text: int, cross_att
 class Batcher:
     """Pixels, message tokens (image markup removed, padded) and targets of a list of samples."""
 
-    def __init__(self, root: Path, scenes: dict, tokenizer, vocabulary, image_size: int, max_text: int,
-                 items: int = 0) -> None:
+    def __init__(self, root: Path, scenes: dict, tokenizer, vocabulary, image_size: int, items: int = 0) -> None:
         from sparkles.processors.image import Blip2ImageEvalProcessor
 
         self.root, self.scenes, self.tokenizer, self.vocabulary = root, scenes, tokenizer, vocabulary
         self.process = Blip2ImageEvalProcessor(image_size=image_size)
-        self.max_text, self.items = max_text, max(items, 1)
+        self.items = max(items, 1)
         self._pixels: dict = {}
 
     def pixels(self, key: str):
@@ -278,8 +277,8 @@ class Batcher:
     def text_ids(self, message: str) -> list[int]:
         from sparkles.conversation.template import IMAGE_MARKER
 
-        ids = self.tokenizer(message.replace(IMAGE_MARKER, ""), add_special_tokens=False)["input_ids"]
-        return ids[: self.max_text]
+        # not truncated: a message longer than --max-text is an error of QFormerTextEmbeddings, not a silent cut
+        return self.tokenizer(message.replace(IMAGE_MARKER, ""), add_special_tokens=False)["input_ids"]
 
     def __call__(self, samples: Sequence[Sample]) -> dict:
         import torch
@@ -422,7 +421,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not fit_pool or not asked_pool:
         raise SystemExit(f"{root}: the world's dialogues hold no BISON or no count messages to train on")
     bison, nlvr2, statements = held_out_items(root, args.held_out)
-    batcher = Batcher(root, scenes, tokenizer, vocabulary, cfg.image_size, args.max_text, args.items)
+    batcher = Batcher(root, scenes, tokenizer, vocabulary, cfg.image_size, args.items)
     claims = caption_claims(bison)
     bison_batch, nlvr2_batch = batcher(bison), batcher(nlvr2)
 
