@@ -44,10 +44,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
+from sparkles.data.synthetic.scenes import GRID
+
 from .probe_training import ProbeOptimiser, add_training_args, set_threads_and_seed
 
 IGNORE = -100
-NO_PLACE = 9  # place class "not exactly one object" (after the 3 × 3 grid's cells)
+NO_PLACE = GRID * GRID  # place class "not exactly one object", after the grid's cells
 BISON_FILE = "evaluation/BISON/annotations/sparkles_evaluation_bison_annotations.json"
 NLVR2_FILE = "evaluation/NLVR2/annotations/sparkles_evaluation_nlvr2_annotations.json"
 
@@ -67,8 +69,6 @@ class Sample:
 
 def place_of(colour, shape, scene) -> int:
     """The grid cell (row-major) of the one object of a (colour?, shape?) kind; ``NO_PLACE`` if not exactly one."""
-    from sparkles.data.synthetic.scenes import GRID
-
     objs = [o for o in scene.objects if colour in (None, o.colour) and shape in (None, o.shape)]
     return objs[0].row * GRID + objs[0].col if len(objs) == 1 else NO_PLACE
 
@@ -331,7 +331,7 @@ def probe_loss(model, batch: dict, *, items: bool = False):
 def caption_claims(samples: Sequence[Sample]) -> list:
     """Per BISON sample, the caption's items as ``(count, cell or None)``: what each item query is checked against."""
     from sparkles.data.synthetic.language import parse_items
-    from sparkles.data.synthetic.scenes import CELL_OF_POSITION, GRID
+    from sparkles.data.synthetic.scenes import CELL_OF_POSITION
     from sparkles.data.synthetic.tasks import parse_question
 
     out = []
@@ -342,7 +342,8 @@ def caption_claims(samples: Sequence[Sample]) -> list:
     return out
 
 
-def held_out_figures(model, bison_batch: dict, nlvr2_batch: dict, statements: list, claims: list) -> dict:
+def held_out_figures(model, bison_batch: dict, nlvr2_batch: dict, statements: list, claims: list, *,
+                     items: bool = False) -> dict:
     """The held-out figures (module docstring); with item queries also ``bison_item_counts`` (an item query's
     count right) and ``bison_from_items`` (the image whose predicted items all match the caption's)."""
     import torch
@@ -362,7 +363,7 @@ def held_out_figures(model, bison_batch: dict, nlvr2_batch: dict, statements: li
                    bison_pair=round((fit_prob.argmax(1) == truth.argmax(1)).float().mean().item(), 3),
                    nlvr2_asked=round((counts == nlvr2_batch["asked"]).float().mean().item(), 3),
                    nlvr2_from_counts=round(sum(verdicts) / len(verdicts), 3))
-    if model.num_items > 1:
+    if items:
         item_counts, item_places = b["items"].argmax(-1), b["item_places"].argmax(-1)
         known = bison_batch["items"] != IGNORE
         figures["bison_item_counts"] = round((item_counts == bison_batch["items"])[known].float().mean().item(), 3)
@@ -398,7 +399,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.set_defaults(lr=2e-3)  # stage 0's rate
     args = p.parse_args(argv)
 
-    import torch
     from omegaconf import OmegaConf
 
     from sparkles.data.scene_tags import TagVocabulary
@@ -431,7 +431,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     model.train()
     optimiser = ProbeOptimiser(model.parameters(), args)
     rng = random.Random(args.seed)
-    start = held_out_figures(model, bison_batch, nlvr2_batch, statements, claims)
+    start = held_out_figures(model, bison_batch, nlvr2_batch, statements, claims, items=args.items > 0)
     print(json.dumps(dict(step=0, train_pairs=len(train), bison_pairs=len(fit_pool), **start)), flush=True)
     curve, t0 = [], time.time()
     for step in range(1, args.steps + 1):
@@ -445,7 +445,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         optimiser.step(loss)
         if step % args.eval_every == 0 or step == args.steps:
             row = dict(step=step, loss=round(loss.item(), 4), seconds=round(time.time() - t0, 1),
-                       **held_out_figures(model, bison_batch, nlvr2_batch, statements, claims))
+                       **held_out_figures(model, bison_batch, nlvr2_batch, statements, claims, items=args.items > 0))
             curve.append(row)
             print(json.dumps(row), flush=True)
     if args.out:
