@@ -32,6 +32,35 @@ def test_preset_then_file_then_options(tmp_path):
     assert cfg.model.num_query_token == 33
 
 
+def test_a_preset_builds_on_its_base_and_options_pick_the_preset(tmp_path):
+    path = write(tmp_path, GOOD.replace("model_type: tiny", "model_type: tiny\n  vit_depth: 3"))
+    tiny = load_config(path).model
+    instructed = load_config(path, ["model.model_type=tiny_instructed"]).model
+    # the instructed preset changes what it names and keeps every other value of its base, the tiny preset
+    assert (tiny.num_query_token, tiny.qformer_text_input) == (33, False)
+    assert (instructed.num_query_token, instructed.qformer_text_input, instructed.model_type) == \
+        (36, True, "tiny_instructed")
+    assert instructed.vit_width == tiny.vit_width == 128 and instructed.llm_layers == tiny.llm_layers
+    assert instructed.vit_depth == tiny.vit_depth == 3  # the file's own values still win over either preset
+    # options other than model_type still come last
+    assert load_config(path, ["model.model_type=tiny_instructed", "model.num_query_token=40"]).model \
+        .num_query_token == 40
+
+
+def test_preset_base_errors_name_the_preset(tmp_path, monkeypatch):
+    from sparkles.models.sparkleschat import SparklesChat
+
+    (tmp_path / "sparkleschat_a.yaml").write_text("_base_: b\nvit_depth: 1\n")
+    (tmp_path / "sparkleschat_b.yaml").write_text("_base_: a\n")
+    (tmp_path / "sparkleschat_c.yaml").write_text("_base_: nowhere\n")
+    monkeypatch.setattr("sparkles.models.sparkleschat.PRESET_DIR", tmp_path)
+    assert SparklesChat.default_config_path("a") == tmp_path / "sparkleschat_a.yaml"
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(write(tmp_path, GOOD.replace("tiny", "a")))
+    with pytest.raises(ConfigError, match=r"sparkleschat_c\.yaml: _base_: .*nowhere"):
+        load_config(write(tmp_path, GOOD.replace("tiny", "c")))
+
+
 def test_paper_preset_uses_relative_paths(tmp_path):
     cfg = load_config(write(tmp_path, "model: {arch: sparkleschat, model_type: pretrain_vicuna}\n"))
     for key in ("vit_weights", "q_former_model", "llama_model"):

@@ -2,8 +2,9 @@
 
 Each registered model or dataset builder names a dataclass schema (``config_class``) that holds every
 default exactly once, plus an optional preset YAML (``default_config_path``) with the values of a named
-variant (``model_type``). Loading merges, in the upstream order: the run section, then for the model its
-schema → preset → the run file's ``model`` section, then for every dataset its schema → preset → the run
+variant (``model_type``; a preset may build on another through ``_base_: <model_type>``, and
+``--options model.model_type=X`` picks X's preset). Loading merges, in the upstream order: the run section, then
+for the model its schema → preset → the run file's ``model`` section, then for every dataset its schema → preset → the run
 file's entry, then ``--options key=value`` overrides. An unknown key, a wrong type or a missing required
 value is a :class:`ConfigError` naming the key and the file it came from.
 """
@@ -140,8 +141,25 @@ def build_model_config(section: Any, *, source: str = "<model section>") -> Dict
     except KeyError as exc:
         raise ConfigError(f"{source}: model.model_type: {exc.args[0]}") from None
     if preset is not None:
-        cfg = _merge(cfg, _load_yaml(preset), source=str(preset), section="model")
+        for path in _preset_chain(model_cls, preset):
+            values = _load_yaml(path)
+            values.pop("_base_", None)
+            cfg = _merge(cfg, values, source=str(path), section="model")
     return _merge(cfg, section, source=source, section="model")
+
+
+def _preset_chain(model_cls, preset: Path) -> list[Path]:
+    """``preset`` after the presets it builds on: a preset's ``_base_`` names the ``model_type`` it changes."""
+    chain = [preset]
+    while "_base_" in (values := _load_yaml(chain[0])):
+        try:
+            base = model_cls.default_config_path(values["_base_"])
+        except KeyError as exc:
+            raise ConfigError(f"{chain[0]}: _base_: {exc.args[0]}") from None
+        if base in chain:
+            raise ConfigError(f"{chain[0]}: _base_ {values['_base_']!r} makes a cycle")
+        chain.insert(0, base)
+    return chain
 
 
 def build_dataset_config(name: str, section: Any, *, source: str = "<datasets section>") -> DictConfig:
@@ -178,12 +196,16 @@ def load_config(cfg_path: str | os.PathLike, options: Sequence[str] | None = Non
     if unknown:
         raise ConfigError(f"{source}: unknown top-level key(s) {unknown}; expected {list(ROOT_SECTIONS)}")
     run = _merge(_structured(RunConfig), raw.get("run") or {}, source=source, section="run")
-    model = build_model_config(raw.get("model"), source=source)
+    overrides = parse_options(options)
+    model_section = raw.get("model")
+    if model_section is not None and "model" in overrides and "model_type" in overrides.model:
+        # --options model.model_type=X picks X's preset, under the file's other model values
+        model_section = OmegaConf.merge(model_section, {"model_type": overrides.model.model_type})
+    model = build_model_config(model_section, source=source)
     datasets = {}
     for name, section in (raw.get("datasets") or {}).items():
         datasets[name] = build_dataset_config(name, section, source=source)
     cfg = OmegaConf.create({"model": model, "datasets": datasets, "run": run})
-    overrides = parse_options(options)
     for key in overrides.keys():
         if key not in ROOT_SECTIONS:
             raise ConfigError(f"--options: unknown section {key!r}; expected one of {list(ROOT_SECTIONS)}")
