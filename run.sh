@@ -5,11 +5,15 @@
 #                                three steps (towers; perception questions and captions; dialogues), evaluate it
 #                                (reference judge for SparklesEval), write everything under outputs/tiny/ and print a
 #                                summary (summary.json there).
+#   SPARKLES_TOWERS=instructed bash run.sh
+#                                the same with towers whose Q-Former reads the question (model_type tiny_instructed,
+#                                stage 0 train_configs/sparkleschat_tiny_stage0_instructed.yaml), in outputs/tiny_instructed/.
 #   bash run.sh ROOT [NGPU]      the paper pipeline on GPUs: torchrun train.py with train_configs/sparkleschat.yaml
 #                                on NGPU GPUs (default 8), then evaluate.sh on BISON and NLVR2 (and SparklesEval
 #                                when OPENAI_API_KEY or OPENAI_BASE_URL is set).
 #
-# Environment: SPARKLES_OUT (CPU default's folder, default outputs/tiny), SPARKLES_PRESET (default | ci: a small
+# Environment: SPARKLES_OUT (CPU default's folder, default outputs/tiny), SPARKLES_TOWERS (image | instructed),
+# SPARKLES_PRESET (default | ci: a small
 # world and a short training, used by the tests), STAGE0_OPTIONS / STAGE1_OPTIONS / TRAIN_OPTIONS (extra --options
 # for the tower, perception and dialogue stages), EVAL_BATCH (default 16), SKIP_INSTALL=1 (do not check/install
 # requirements), PYTHON (default python3).
@@ -30,8 +34,17 @@ ensure_installed() {
 }
 
 run_tiny() {
+  local towers=${SPARKLES_TOWERS:-image} stage0_cfg=train_configs/sparkleschat_tiny_stage0.yaml model_opts=()
   local out=${SPARKLES_OUT:-outputs/tiny} preset=${SPARKLES_PRESET:-default} batch=${EVAL_BATCH:-16}
-  local train_opts=(${TRAIN_OPTIONS:-}) stage1_opts=(${STAGE1_OPTIONS:-})
+  case "$towers" in
+    image) ;;
+    instructed)
+      stage0_cfg=train_configs/sparkleschat_tiny_stage0_instructed.yaml
+      model_opts=(model.model_type=tiny_instructed)
+      out=${SPARKLES_OUT:-outputs/tiny_instructed} ;;
+    *) echo "run.sh: SPARKLES_TOWERS must be image or instructed, not '$towers'" >&2; exit 2 ;;
+  esac
+  local train_opts=("${model_opts[@]}" ${TRAIN_OPTIONS:-}) stage1_opts=("${model_opts[@]}" ${STAGE1_OPTIONS:-})
   local stage0_opts=(${STAGE0_OPTIONS:-})
   if [[ "$preset" == ci ]]; then
     stage0_opts=(run.iters_per_epoch=${CI_STAGE0_ITERS:-300} run.warmup_steps=10 "${stage0_opts[@]}")
@@ -50,7 +63,7 @@ run_tiny() {
   # Stage 0 pretrains the vision towers on the world's scene tags (the stand-in for EVA-CLIP/BLIP-2 weights);
   # with the towers frozen, stage 1 teaches a fresh decoder to look things up in them (single-image count and
   # place questions, captions) and stage 2 trains it on the dialogues.
-  "$PYTHON" train.py --cfg-path train_configs/sparkleschat_tiny_stage0.yaml --sparkles_root "$out" \
+  "$PYTHON" train.py --cfg-path "$stage0_cfg" --sparkles_root "$out" \
     ${stage0_opts[@]:+--options "${stage0_opts[@]}"}
   "$PYTHON" train.py --cfg-path train_configs/sparkleschat_tiny_stage1.yaml --sparkles_root "$out" \
     ${stage1_opts[@]:+--options "${stage1_opts[@]}"}
@@ -62,13 +75,16 @@ run_tiny() {
     local judge=()
     [[ "$ds" == SparklesEval ]] && judge=(--judge_models reference)
     "$PYTHON" evaluate.py --cfg-path eval_configs/sparkles_tiny.yaml --sparkles_root "$out" --dataset "$ds" \
-      --inference --merge-results --batch-size "$batch" --max-new-tokens 120 --no-progress "${judge[@]}"
+      --inference --merge-results --batch-size "$batch" --max-new-tokens 120 --no-progress "${judge[@]}" \
+      ${model_opts[@]:+--options "${model_opts[@]}"}
   done
   local t3; t3=$(now)
   "$PYTHON" -m sparkles.tools.summary --root "$out" --train-seconds "$(elapsed "$t1" "$t2")" \
     --eval-seconds "$(elapsed "$t2" "$t3")" \
-    --extra "{\"world_seconds\": $(elapsed "$t0" "$t1"), \"total_seconds\": $(elapsed "$t0" "$t3"), \"preset\": \"$preset\"}"
-  echo "[run.sh] result pages: $out/evaluation/*/results/*.html; chat with it: python demo.py"
+    --extra "{\"world_seconds\": $(elapsed "$t0" "$t1"), \"total_seconds\": $(elapsed "$t0" "$t3"), \"preset\": \"$preset\", \"towers\": \"$towers\"}"
+  local demo="python demo.py"
+  [[ "$towers" == instructed ]] && demo="python demo.py --sparkles_root $out --options model.model_type=tiny_instructed"
+  echo "[run.sh] result pages: $out/evaluation/*/results/*.html; chat with it: $demo"
 }
 
 run_paper() {

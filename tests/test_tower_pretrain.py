@@ -30,15 +30,15 @@ def test_cell_labels_of_a_scene_record():
     assert len(classes) == vocab.num_kinds - 1 and 0 not in classes
 
 
-def _tagger(**overrides):
+def _tagger(tokenizer=None, model_type="tiny", **overrides):
     from omegaconf import OmegaConf
 
-    from sparkles.models.sparkleschat import SparklesChat, SparklesChatConfig
+    import sparkles.models  # noqa: F401  (registers the model)
+    from sparkles.common.config import build_model_config
     from sparkles.tasks.tower_pretrain import TowerTagger
 
-    cfg = OmegaConf.merge(OmegaConf.structured(SparklesChatConfig),
-                          OmegaConf.load(SparklesChat.default_config_path("tiny")), overrides)
-    return TowerTagger(OmegaConf.to_object(cfg), TagVocabulary.of_world())
+    cfg = build_model_config({"arch": "sparkleschat", "model_type": model_type, **overrides})
+    return TowerTagger(OmegaConf.to_object(cfg), TagVocabulary.of_world(), tokenizer)
 
 
 def test_tagger_targets_give_each_query_its_own_count_place_and_size():
@@ -66,9 +66,16 @@ def test_tagger_targets_give_each_query_its_own_count_place_and_size():
     assert len(quals) == 15 + 5 + 3 + 1 and vocab.num_query_slots == len(quals) + 9
 
 
-def test_tagger_needs_one_query_per_qual_and_cell():
+def test_tagger_needs_one_query_per_qual_and_cell(tmp_path):
     with pytest.raises(ValueError, match="num_query_token = 33"):
         _tagger(num_query_token=8)
+    # towers that read the message need item queries after the slots, and a tokenizer to read with
+    tokenizer = build_tiny_model(tmp_path, seed=0).tokenizer
+    with pytest.raises(ValueError, match="item queries"):
+        _tagger(tokenizer, "tiny_instructed", num_query_token=33)
+    with pytest.raises(ValueError, match="item queries"):
+        _tagger(None, "tiny_instructed")
+    assert _tagger(tokenizer, "tiny_instructed").num_items == 3  # 33 slots and three items
 
 
 def test_tiny_towers_start_with_distinct_queries_and_xavier_cross_attention():

@@ -1,7 +1,8 @@
 """The chat engine: multi-image, multi-turn conversations with SparklesChat.
 
-Images are encoded once, when added. Each turn renders the whole conversation with the shared renderer,
-finds the longest prefix that the decoder's KV cache already holds, crops the cache there and runs only the
+Images are encoded once, when added; with a Q-Former that reads each image's message (``reads_messages``) the
+vision tower runs when the image is added and the Q-Former when the message that shows it is first answered.
+Each turn renders the whole conversation with the shared renderer, finds the longest prefix that the decoder's KV cache already holds, crops the cache there and runs only the
 rest, so a new turn costs its new tokens, not the whole history — and yields exactly the tokens a full
 re-prefill would. :func:`generate_batch` answers many independent prompts at once (left padding).
 
@@ -57,32 +58,36 @@ class Chat:
     def session(self) -> "ChatSession":
         return ChatSession(self)
 
-    @torch.no_grad()
-    def encode_image(self, image) -> torch.Tensor:
-        """Path / PIL image / ``[3, H, W]`` tensor → ``[nq, D]`` image tokens."""
-        if isinstance(image, torch.Tensor):
-            pixels = image if image.ndim == 4 else image.unsqueeze(0)
-        else:
-            if self.image_processor is None:
-                raise ChatError("no image processor configured; pass image tensors or image_processor=...")
-            pixels = self.image_processor(image).unsqueeze(0)
-        return self.model.encode_images(pixels.to(self.model.device))[0]
+    @property
+    def reads_messages(self) -> bool:
+        """The model encodes each image together with the user message that shows it."""
+        return bool(getattr(self.model, "reads_messages", False))
 
-    @torch.no_grad()
-    def encode_images(self, images: Sequence) -> torch.Tensor:
-        """Encode several images in one pass of the vision tower."""
+    def pixels_of(self, images: Sequence) -> torch.Tensor:
+        """Paths / PIL images / ``[3, H, W]`` tensors → ``[N, 3, H, W]`` on the model's device."""
         pixels = []
         for image in images:
             if isinstance(image, torch.Tensor):
                 pixels.append(image if image.ndim == 3 else image[0])
             else:
                 if self.image_processor is None:
-                    raise ChatError("no image processor configured")
+                    raise ChatError("no image processor configured; pass image tensors or image_processor=...")
                 pixels.append(self.image_processor(image))
-        if not pixels:
+        return torch.stack(pixels).to(self.model.device)
+
+    @torch.no_grad()
+    def encode_image(self, image, message: Optional[str] = None) -> torch.Tensor:
+        """Path / PIL image / ``[3, H, W]`` tensor (and the message that shows it) → ``[nq, D]`` image tokens."""
+        return self.encode_images([image], None if message is None else [message])[0]
+
+    @torch.no_grad()
+    def encode_images(self, images: Sequence, messages: Optional[Sequence[str]] = None) -> torch.Tensor:
+        """Encode several images in one pass of the vision tower; ``messages`` (one per image) are what a
+        message-reading Q-Former reads with them (ignored by other models)."""
+        if not images:
             return torch.zeros(0, self.model.num_query_token, self.model.llama_model.config.hidden_size,
                                device=self.model.device)
-        return self.model.encode_images(torch.stack(pixels).to(self.model.device))
+        return self.model.encode_images(self.pixels_of(images), messages if self.reads_messages else None)
 
 
 @dataclass
@@ -97,7 +102,11 @@ class ChatSession:
     def __init__(self, chat: Chat) -> None:
         self.chat = chat
         self.messages: list[Message] = []
-        self.image_embeds: list[torch.Tensor] = []
+        # decoder-space tokens per image (upload order); for a model that reads messages None until the message
+        # that shows the image is answered, and the vision tokens and that message are kept beside them
+        self.image_embeds: list[Optional[torch.Tensor]] = []
+        self._vision: dict[int, torch.Tensor] = {}
+        self._read_with: dict[int, str] = {}
         self.last_warning: Optional[str] = None
         self._state: Optional[_CacheState] = None
         self.stats = {"prefill_tokens": 0, "reused_tokens": 0}
@@ -105,8 +114,38 @@ class ChatSession:
     # ----------------------------------------------------------------- building the conversation
     def add_image(self, image) -> int:
         """Encode an image now and keep its tokens; returns its 1-based number (upload order)."""
-        self.image_embeds.append(self.chat.encode_image(image))
+        return self.add_images([image])
+
+    @torch.no_grad()
+    def add_images(self, images: Sequence) -> int:
+        """Encode several images in one vision pass; returns the number of the last one (0 if none)."""
+        if not images:
+            return len(self.image_embeds)
+        if self.chat.reads_messages:
+            vision = self.chat.model.vision_tokens(self.chat.pixels_of(images))
+            for tokens in vision:
+                self._vision[len(self.image_embeds)] = tokens
+                self.image_embeds.append(None)
+        else:
+            self.image_embeds.extend(self.chat.encode_images(images).unbind(0))
         return len(self.image_embeds)
+
+    @torch.no_grad()
+    def _encode_pending(self, rendered) -> None:
+        """Run the Q-Former on the images of ``rendered`` not yet read with the message that now shows them."""
+        if not self.chat.reads_messages:
+            return
+        pending = [(i, m) for i, m in zip(rendered.image_indices, rendered.image_messages)
+                   if self.image_embeds[i] is None or self._read_with.get(i) != m]
+        if not pending:
+            return
+        if any(self.image_embeds[i] is not None for i, _ in pending):
+            self._state = None  # a message was replaced (an interrupted turn asked again): its images change
+        model = self.chat.model
+        tokens = model.project(model.query_features(torch.stack([self._vision[i] for i, _ in pending]),
+                                                    [m for _, m in pending]))
+        for (i, m), t in zip(pending, tokens):
+            self.image_embeds[i], self._read_with[i] = t, m
 
     def ask(self, text: str) -> None:
         """Add a user message; ✨/⭐ become image slots (filled by images in upload order)."""
@@ -118,6 +157,8 @@ class ChatSession:
     def reset(self) -> None:
         self.messages.clear()
         self.image_embeds.clear()
+        self._vision.clear()
+        self._read_with.clear()
         self._state = None
         self.last_warning = None
 
@@ -158,6 +199,7 @@ class ChatSession:
                                  f"{rendered.dropped_turns} turn(s) and their images were left out.")
             log.warning(self.last_warning)
         model, tok = self.chat.model, self.chat.tokenizer
+        self._encode_pending(rendered)
         images = torch.stack([self.image_embeds[i] for i in rendered.image_indices]) if rendered.image_indices \
             else None
 
@@ -222,7 +264,7 @@ def generate_batch(chat: Chat, prompts: Sequence[tuple[str, Sequence]], **option
     """
     gen = chat.generation.updated(**options)
     renderer, model, tok = chat.renderer, chat.model, chat.tokenizer
-    rendered, all_images = [], []
+    rendered, all_images, all_messages = [], [], []
     for i, (text, images) in enumerate(prompts):
         text = replace_glyphs(text)
         if count_slots(text) != len(images):
@@ -233,9 +275,10 @@ def generate_batch(chat: Chat, prompts: Sequence[tuple[str, Sequence]], **option
             raise ChatError(f"prompt {i} does not fit in the context: {exc}") from None
         rendered.append(r)
         all_images.extend(images)
+        all_messages.extend(r.image_messages)
     if not rendered:
         return []
-    image_embeds = chat.encode_images(all_images) if all_images else None
+    image_embeds = chat.encode_images(all_images, all_messages) if all_images else None
     batch = collate(rendered, pad_id=renderer.pad_id, padding_side="left")
     embeds = model.embed_inputs(batch["input_ids"].to(model.device), batch["image_slot_mask"].to(model.device),
                                 image_embeds)

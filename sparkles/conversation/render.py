@@ -48,6 +48,9 @@ class Rendered:
     dropped_turns: int = 0
     # Identity of every position for prefix matching: token id, or -(1 + image*nq + j) for slot j of an image.
     keys: list[int] = field(default_factory=list)
+    # The user message that shows each image, in slot order (image markup left in): what an instruction-reading
+    # Q-Former reads with that image. Filled by Renderer.render; tokenize() alone does not know messages.
+    image_messages: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -149,6 +152,7 @@ class Renderer:
             out = self.tokenize(prompt, full_target, image_offset=first_image)
             if max_length is None or len(out) <= max_length:
                 out.dropped_turns = dropped
+                out.image_messages = [m.content for m, n in zip(kept, slots_per_msg[2 * dropped:]) for _ in range(n)]
                 return out
             if len(kept) <= 1:
                 raise SampleTooLong(f"the last turn alone needs {len(out)} tokens, more than max_length="

@@ -299,6 +299,7 @@ def collate_samples(items: Sequence[EncodedSample | BadRecord], *, pad_id: int) 
     pix = [s.pixels for s in good if s.pixels is not None]
     batch["images"] = torch.cat(pix) if pix else None
     batch["image_keys"] = [k for s in good for k in s.image_keys]
+    batch["image_messages"] = [m for s in good for m in s.rendered.image_messages]
     return batch
 
 

@@ -9,7 +9,9 @@ Importing this module registers, in ``sparkles.common.registry.DATASETS``:
 - ``synthetic_perception`` — the synthetic world's single-image count and place questions
   (``data/cc_sbu_align/perception.json``, dialogue split-file format), the CPU tiny model's first decoder stage;
 - ``synthetic_scene_tags`` — cell labels of the synthetic world's training images (``world/scenes.json``), used
-  only by the ``tower_pretrain`` task of the CPU tiny model.
+  only by the ``tower_pretrain`` task of the CPU tiny model;
+- ``synthetic_instruction_tags`` — the same images read with a user message and its targets
+  (``sparkles.data.instruction_tags``), for the towers of a message-reading Q-Former.
 
 Each builder has a ``config_class`` (the :class:`~sparkles.data.base.DatasetConfig` schema with that
 dataset's default location); a train config only needs to name the dataset and its ``sample_ratio``.
@@ -113,6 +115,25 @@ class SceneTagBuilder(DatasetBuilder):
                                skip_bad=bool(run_cfg.skip_bad_records), sample_ratio=float(cfg.sample_ratio))
 
 
+class InstructionTagBuilder(SceneTagBuilder):
+    """The world's training images read with a message (``sparkles.data.instruction_tags``), for towers whose
+    Q-Former reads the user message."""
+
+    @classmethod
+    def build_training_dataset(cls, name: str, cfg, *, root: Path, model_cfg, run_cfg, split: str):
+        from .instruction_tags import load_instruction_tags
+        from .scene_tags import TagVocabulary
+
+        items = int(model_cfg.num_query_token) - TagVocabulary.of_world().num_query_slots
+        return load_instruction_tags(name, resolve_under(root, cfg.root_dir), num_items=items,
+                                     image_transform=build_vis_transform(cfg.vis_processor[split],
+                                                                         model_cfg.image_size),
+                                     caption_variants=float(cfg.caption_variants),
+                                     nlvr2_statements=float(cfg.nlvr2_statements),
+                                     skip_bad=bool(run_cfg.skip_bad_records), sample_ratio=float(cfg.sample_ratio),
+                                     seed=int(run_cfg.seed))
+
+
 # prompt_path: alignment prompts (one per line, relative to the Sparkles root); None = the package's own.
 _register("cc_sbu_align", CaptionBuilder, root_dir="data/cc_sbu_align", anno_path="filter_cap.json",
           img_root="image", _extra=[("prompt_path", Optional[str], field(default=None))])
@@ -122,7 +143,12 @@ _register("synthetic_perception", DialogueBuilder, root_dir="data/cc_sbu_align",
 # The world's scene file; image paths in it are relative to the Sparkles root (img_root ".." from world/).
 _register("synthetic_scene_tags", SceneTagBuilder, root_dir="world", anno_path="scenes.json", img_root="..",
           _extra=[("splits", list[str], field(default_factory=lambda: ["CC", "VG"]))])
-
+# It reads the world under the Sparkles root (world/scenes.json, the dialogues, the perception questions);
+# caption_variants / nlvr2_statements: the shares of samples that are caption questions about any training image
+# / the dialogues' NLVR2 statements read with any training image.
+_register("synthetic_instruction_tags", InstructionTagBuilder, root_dir=".", anno_path="world/scenes.json",
+          img_root=".", _extra=[("caption_variants", float, field(default=0.0)),
+                                ("nlvr2_statements", float, field(default=0.0))])
 
 # --------------------------------------------------------------------------------------------- factories
 def image_key_prefix(cfg) -> str:

@@ -155,8 +155,17 @@ _QFORMER_IGNORED = (
 )
 
 
-def qformer_key(lavis_key: str) -> str | None | tuple:
-    """LAVIS ``Qformer.bert.*`` key → ``Blip2QFormerModel`` key (or an ignore marker)."""
+_TEXT_EMBEDDINGS = "Qformer.bert.embeddings."
+_TEXT_TABLES = ("word_embeddings.weight", "position_embeddings.weight")
+
+
+def qformer_key(lavis_key: str, *, text_input: bool = False) -> str | None | tuple:
+    """LAVIS ``Qformer.bert.*`` key → ``Blip2QFormerModel`` key (or an ignore marker).
+
+    ``text_input``: the model's Q-Former reads instructions (InstructBLIP), so the text feed-forward pairs are
+    its own, and the word/position tables belong to its text embeddings (:func:`qformer_text_key`)."""
+    if text_input and lavis_key.startswith(_TEXT_EMBEDDINGS) and lavis_key[len(_TEXT_EMBEDDINGS):] in _TEXT_TABLES:
+        return None
     for prefix, reason in _QFORMER_IGNORED:
         if lavis_key.startswith(prefix):
             return ("ignore", reason)
@@ -169,7 +178,7 @@ def qformer_key(lavis_key: str) -> str | None | tuple:
     if not m:
         return ("ignore", "not part of the query path")
     idx, rest = m.groups()
-    if rest.startswith(("intermediate.", "output.")):
+    if rest.startswith(("intermediate.", "output.")) and not text_input:
         return ("ignore", "text feed-forward (query-only Q-Former)")
     rest = rest.replace("attention.self.", "attention.attention.").replace("crossattention.self.",
                                                                            "crossattention.attention.")
@@ -192,7 +201,10 @@ def load_blip2(model: nn.Module, path: str | os.PathLike) -> LoadReport:
     report.loaded.append("query_tokens")
     _load_mapped(model.ln_vision, sd, lambda k: k[len("ln_vision."):] if k.startswith("ln_vision.") else None,
                  path, report)
-    _load_mapped(model.Qformer, sd, qformer_key, path, report)
+    text = getattr(model, "qformer_text", None)
+    _load_mapped(model.Qformer, sd, lambda k: qformer_key(k, text_input=text is not None), path, report)
+    if text is not None:
+        _load_mapped(text, sd, qformer_text_key, path, report)
     vis = {k: v for k, v in sd.items() if k.startswith("visual_encoder.")}
     if vis:
         vit = model.visual_encoder.vit
@@ -204,6 +216,12 @@ def load_blip2(model: nn.Module, path: str | os.PathLike) -> LoadReport:
     if stray:
         raise CheckpointError(f"{path}: unrecognised key(s) {stray[:8]}")
     return report
+
+
+def qformer_text_key(lavis_key: str) -> str | None:
+    """LAVIS ``Qformer.bert.embeddings.{word,position}_embeddings.weight`` → :class:`QFormerTextEmbeddings` key."""
+    rest = lavis_key[len(_TEXT_EMBEDDINGS):] if lavis_key.startswith(_TEXT_EMBEDDINGS) else ""
+    return rest if rest in _TEXT_TABLES else None
 
 
 def lavis_qformer_key(hf_key: str) -> str:
@@ -228,6 +246,10 @@ def save_blip2(model: nn.Module, path: str | os.PathLike) -> Path:
     for k, v in model.Qformer.state_dict().items():
         if not k.endswith(_BUFFER_SUFFIXES):
             sd[lavis_qformer_key(k)] = v.detach().cpu().clone()
+    text = getattr(model, "qformer_text", None)
+    if text is not None:  # an instruction-reading Q-Former: its word and position tables, in BERT's place
+        for k, v in text.state_dict().items():
+            sd[_TEXT_EMBEDDINGS + k] = v.detach().cpu().clone()
     for k, v in model.visual_encoder.vit.state_dict().items():
         if not k.endswith(_BUFFER_SUFFIXES + ("relative_position_index",)):
             sd[f"visual_encoder.{k}"] = v.detach().cpu().clone()

@@ -11,8 +11,13 @@ only the queries cross-attend to the image — so what the queries extract can d
 
 from __future__ import annotations
 
+import logging
+from typing import Sequence
+
 import torch
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 
 def build_qformer(*, hidden: int, layers: int, heads: int, intermediate: int, encoder_width: int,
@@ -50,24 +55,69 @@ class QFormerTextEmbeddings(nn.Module):
 
     The Q-Former's own LayerNorm is applied to queries and text together, as in BLIP-2's embedding layer, so
     this module only sums the two tables. ``init_std`` sets both tables' spread (BERT's 0.02 by default).
+
+    ``position_jitter`` > 0: in training, each text starts at a random position in ``0..position_jitter`` (the
+    table holds that many more positions). A Q-Former trained from scratch otherwise finds a short question's
+    words by their position, which fails on longer messages where the same words come later; with the start
+    jittered, only the words' content and their order tell it where to look. Evaluation starts at 0.
     """
 
-    def __init__(self, vocab_size: int, hidden: int, max_length: int, *, init_std: float = 0.02) -> None:
+    def __init__(self, vocab_size: int, hidden: int, max_length: int, *, init_std: float = 0.02,
+                 position_jitter: int = 0) -> None:
         super().__init__()
+        self.max_text = max_length
+        self.position_jitter = int(position_jitter)
         self.word_embeddings = nn.Embedding(vocab_size, hidden)
-        self.position_embeddings = nn.Embedding(max_length, hidden)
+        self.position_embeddings = nn.Embedding(max_length + self.position_jitter, hidden)
         nn.init.normal_(self.word_embeddings.weight, std=init_std)
         nn.init.normal_(self.position_embeddings.weight, std=init_std)
 
     @property
     def max_length(self) -> int:
-        return self.position_embeddings.num_embeddings
+        return self.max_text
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        if input_ids.shape[1] > self.max_length:
-            raise ValueError(f"instruction of {input_ids.shape[1]} tokens; the Q-Former's text takes at most "
-                             f"{self.max_length}")
-        return self.word_embeddings(input_ids) + self.position_embeddings.weight[: input_ids.shape[1]]
+        n, length = input_ids.shape
+        if length > self.max_length:
+            raise ValueError(f"instruction of {length} tokens; the Q-Former's text takes at most {self.max_length}")
+        positions = torch.arange(length, device=input_ids.device).expand(n, -1)
+        if self.training and self.position_jitter:
+            positions = positions + torch.randint(0, self.position_jitter + 1, (n, 1), device=input_ids.device)
+        return self.word_embeddings(input_ids) + self.position_embeddings(positions)
+
+
+_warned_truncation = False
+
+
+def _note_truncation(count: int, longest: int, max_length: int) -> None:
+    global _warned_truncation
+    _warned_truncation = True  # once per process: training cuts the same long prompts every step
+    log.warning("%d instruction(s) of up to %d tokens cut to the Q-Former's first %d (model.qformer_max_text; "
+                "the decoder still reads the whole message; said once)", count, longest, max_length)
+
+
+def tokenize_instructions(tokenizer, texts: Sequence[str], max_length: int,
+                          device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Instruction texts → right-padded ``(ids [N, T], mask [N, T])`` for :class:`QFormerTextEmbeddings`.
+
+    Image markup is removed (the Q-Former sees the image itself). A text longer than ``max_length`` tokens keeps
+    its first ``max_length`` (InstructBLIP's Q-Former truncates its instruction the same way), with a warning,
+    so a long chat message still gets an answer. An empty text is one padding token that no query attends to.
+    """
+    from ..conversation.template import strip_slots
+
+    rows = [list(tokenizer(strip_slots(t), add_special_tokens=False)["input_ids"]) for t in texts]
+    long = [len(r) for r in rows if len(r) > max_length]
+    if long and not _warned_truncation:
+        _note_truncation(len(long), max(long), max_length)
+    rows = [r[:max_length] for r in rows]
+    width = max([1] + [len(r) for r in rows])
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, :len(r)] = 1
+    return ids.to(device), mask.to(device)
 
 
 def run_qformer(qformer: nn.Module, query_tokens: torch.Tensor, vision_tokens: torch.Tensor,

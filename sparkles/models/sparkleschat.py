@@ -12,7 +12,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +21,7 @@ from torch import nn
 
 from ..common.registry import MODELS
 from .generation import logits_keep_kwarg
-from .qformer import build_qformer, run_qformer
+from .qformer import QFormerTextEmbeddings, build_qformer, run_qformer, tokenize_instructions
 from .vision import VisionTower, build_eva_vit, ln_vision
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,12 @@ class SparklesChatConfig:
     qformer_dropout: float = 0.1  # BLIP-2's hidden and attention dropout
     vit_pos_embed_init_std: Optional[float] = None  # None = timm's 0.02
     freeze_qformer: bool = True
+    # InstructBLIP's Q-Former (off in the paper, whose BLIP-2 towers see only the image): each image's queries
+    # also read the user message that shows it, through word and position embeddings over the decoder's
+    # tokenizer (at most qformer_max_text tokens), so what they extract can depend on the question.
+    qformer_text_input: bool = False
+    qformer_max_text: int = 128
+    qformer_text_position_jitter: int = 0  # training only: random start position of the text (QFormerTextEmbeddings)
     # --- decoder ---
     llama_model: str = MISSING  # HF directory (Vicuna v0 for the paper)
     tokenizer_path: str = ""  # defaults to llama_model
@@ -118,6 +124,19 @@ def first_target_position(labels: torch.Tensor) -> int:
     return int(has_label.nonzero()[0]) if bool(has_label.any()) else 0
 
 
+def query_token_std(cfg: SparklesChatConfig) -> float:
+    return cfg.query_token_init_std if cfg.query_token_init_std is not None else cfg.qformer_init_std
+
+
+def build_instruction_embeddings(cfg: SparklesChatConfig, vocab_size: int) -> Optional[nn.Module]:
+    """The Q-Former's text embeddings when ``qformer_text_input`` is on (else None), with the query tokens'
+    spread, so that text and queries enter the Q-Former's shared LayerNorm alike."""
+    if not cfg.qformer_text_input:
+        return None
+    return QFormerTextEmbeddings(vocab_size, cfg.qformer_hidden, cfg.qformer_max_text,
+                                 init_std=query_token_std(cfg), position_jitter=cfg.qformer_text_position_jitter)
+
+
 def build_towers(cfg: SparklesChatConfig) -> tuple[nn.Module, nn.Module, nn.Module, nn.Parameter]:
     """The image side of the model, freshly initialised: ``(visual_encoder, ln_vision, Qformer, query_tokens)``.
 
@@ -132,10 +151,10 @@ def build_towers(cfg: SparklesChatConfig) -> tuple[nn.Module, nn.Module, nn.Modu
         hidden=cfg.qformer_hidden, layers=cfg.qformer_layers, heads=cfg.qformer_heads,
         intermediate=cfg.qformer_intermediate, encoder_width=cfg.vit_width,
         cross_attention_freq=cfg.qformer_cross_attention_freq, init_std=cfg.qformer_init_std,
-        dropout=cfg.qformer_dropout, cross_attention_init=cfg.qformer_cross_attention_init)
+        dropout=cfg.qformer_dropout, cross_attention_init=cfg.qformer_cross_attention_init,
+        text_input=cfg.qformer_text_input)
     query_tokens = nn.Parameter(torch.zeros(1, cfg.num_query_token, cfg.qformer_hidden))
-    query_std = cfg.query_token_init_std if cfg.query_token_init_std is not None else cfg.qformer_init_std
-    nn.init.normal_(query_tokens, std=query_std)
+    nn.init.normal_(query_tokens, std=query_token_std(cfg))
     if cfg.vit_pos_embed_init_std is not None:
         with torch.no_grad():
             nn.init.normal_(visual_encoder.vit.pos_embed, std=cfg.vit_pos_embed_init_std)
@@ -164,6 +183,8 @@ class SparklesChat(nn.Module):
         self.visual_encoder, self.ln_vision, self.Qformer, self.query_tokens = build_towers(cfg)
         self.llama_model = llama_model
         self.llama_proj = nn.Linear(cfg.qformer_hidden, llama_model.config.hidden_size)
+        # named after LAVIS' Qformer.bert.embeddings (word and position tables), which loaders map to it
+        self.qformer_text = build_instruction_embeddings(cfg, llama_model.get_input_embeddings().num_embeddings)
         self.tokenizer = None  # attached by from_config; not a module
         self.apply_freezing()
 
@@ -182,6 +203,8 @@ class SparklesChat(nn.Module):
             mods += [self.visual_encoder, self.ln_vision]
         if self.cfg.freeze_qformer:
             mods.append(self.Qformer)
+            if self.qformer_text is not None:
+                mods.append(self.qformer_text)
         if self.cfg.freeze_llm:
             mods.append(self.llama_model)
         return mods
@@ -210,22 +233,46 @@ class SparklesChat(nn.Module):
             return torch.autocast("cuda", dtype=dtype)
         return contextlib.nullcontext()
 
-    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        """``[N, 3, H, W]`` → Q-Former outputs ``[N, nq, qformer_hidden]`` (before the projection)."""
+    @property
+    def reads_messages(self) -> bool:
+        """True when each image is encoded together with the user message that shows it."""
+        return self.qformer_text is not None
+
+    def vision_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``[N, 3, H, W]`` → the ViT's LayerNormed tokens ``[N, L, vit_width]`` (float32): what the Q-Former reads."""
         pixels = pixels.to(self.device)
         with self._autocast(pixels.device):
             vis = self.visual_encoder(pixels.to(self.visual_encoder.vit.patch_embed.proj.weight.dtype))
             vis = self.ln_vision(vis.float()).to(vis.dtype)  # upcast like LAVIS' fp16-safe LayerNorm
-        return run_qformer(self.Qformer, self.query_tokens, vis.float())
+        return vis.float()
+
+    def query_features(self, vision_tokens: torch.Tensor, messages: Optional[Sequence[str]] = None) -> torch.Tensor:
+        """Q-Former outputs ``[N, nq, qformer_hidden]`` from :meth:`vision_tokens`; with ``qformer_text_input``
+        image ``i`` is read together with ``messages[i]`` (required then, ignored otherwise)."""
+        if self.qformer_text is None:
+            return run_qformer(self.Qformer, self.query_tokens, vision_tokens)
+        if messages is None or len(messages) != vision_tokens.shape[0]:
+            got = "no messages" if messages is None else f"{len(messages)} message(s)"
+            raise ValueError(f"model.qformer_text_input: each image is encoded with the user message that shows "
+                             f"it; {vision_tokens.shape[0]} image(s) but {got}")
+        if self.tokenizer is None:
+            raise ValueError("model.qformer_text_input needs the tokenizer (SparklesChat.from_config attaches it)")
+        ids, mask = tokenize_instructions(self.tokenizer, messages, self.cfg.qformer_max_text, vision_tokens.device)
+        return run_qformer(self.Qformer, self.query_tokens, vision_tokens, self.qformer_text(ids), mask)
+
+    def image_features(self, pixels: torch.Tensor, messages: Optional[Sequence[str]] = None) -> torch.Tensor:
+        """``[N, 3, H, W]`` (and, with ``qformer_text_input``, one message per image) → Q-Former outputs
+        ``[N, nq, qformer_hidden]`` (before the projection)."""
+        return self.query_features(self.vision_tokens(pixels), messages)
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         return self.llama_proj(features.to(self.llama_proj.weight.dtype))
 
-    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+    def encode_images(self, pixels: torch.Tensor, messages: Optional[Sequence[str]] = None) -> torch.Tensor:
         """``[N, 3, H, W]`` → decoder-space image tokens ``[N, nq, llm_hidden]``, one pass for all N."""
         if pixels.ndim != 4:
             raise ValueError(f"encode_images expects [N, 3, H, W], got shape {tuple(pixels.shape)}")
-        return self.project(self.image_features(pixels))
+        return self.project(self.image_features(pixels, messages))
 
     # ------------------------------------------------------------------ text + images
     def embed_inputs(self, input_ids: torch.Tensor, image_slot_mask: torch.Tensor,
@@ -247,8 +294,10 @@ class SparklesChat(nn.Module):
 
     def forward(self, *, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_slot_mask: torch.Tensor,
                 images: torch.Tensor | None = None, image_embeds: torch.Tensor | None = None,
-                image_features: torch.Tensor | None = None, labels: torch.Tensor | None = None, full_logits: bool = False) -> dict:
-        """Training/scoring forward. Give ``images`` (pixels), cached ``image_features`` or ``image_embeds``.
+                image_features: torch.Tensor | None = None, image_messages: Optional[Sequence[str]] = None,
+                labels: torch.Tensor | None = None, full_logits: bool = False) -> dict:
+        """Training/scoring forward. Give ``images`` (pixels, with ``image_messages`` when the Q-Former reads
+        them), cached ``image_features`` or ``image_embeds``.
 
         Returns ``{"loss", "logits", "logits_start", "num_target_tokens"}``; the loss is the mean next-token
         cross-entropy over positions whose label is not -100, computed in float32. With labels, the LM head runs
@@ -260,7 +309,7 @@ class SparklesChat(nn.Module):
             if image_features is not None:
                 image_embeds = self.project(image_features.to(self.device))
             elif images is not None and images.numel():
-                image_embeds = self.encode_images(images)
+                image_embeds = self.encode_images(images, image_messages)
         inputs_embeds = self.embed_inputs(input_ids.to(self.device), image_slot_mask.to(self.device), image_embeds)
         start = 0
         if labels is not None and not full_logits:

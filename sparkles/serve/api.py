@@ -64,7 +64,7 @@ def _prepare(chat, req: ChatRequest, images: list) -> tuple[object, dict, int]:
                        "max_tokens.", param="messages", code="context_length_exceeded")
     session = engine.session()
     if images:
-        session.image_embeds.extend(engine.encode_images(images).unbind(0))  # one vision pass
+        session.add_images(images)  # one vision pass
     session.messages.extend(messages)
     return session, options, len(prompt)
 

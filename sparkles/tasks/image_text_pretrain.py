@@ -1,9 +1,10 @@
 """The ``image_text_pretrain`` task (upstream name): multi-image dialogue fine-tuning of SparklesChat.
 
 It builds the model and the datasets of a run config and computes one step's loss. With
-``run.vision_feature_cache`` the frozen vision tower and Q-Former run once per distinct image: their outputs
-are kept (on the training device) and reused, which removes most of the compute of the paper recipe, where
-only ``llama_proj`` learns. The cache needs frozen towers and a deterministic image transform.
+``run.vision_feature_cache`` the frozen vision tower and Q-Former run once per distinct image (the vision tower
+only, when the Q-Former reads each image's message): their outputs are kept (on the training device) and
+reused, which removes most of the compute of the paper recipe, where only ``llama_proj`` learns. The cache
+needs frozen towers and a deterministic image transform.
 """
 
 from __future__ import annotations
@@ -20,7 +21,12 @@ log = logging.getLogger(__name__)
 
 
 class VisionFeatureCache:
-    """Q-Former outputs by image key, computed on first use."""
+    """Frozen-tower outputs by image key, computed on first use.
+
+    Q-Former outputs for the paper's towers; for a Q-Former that reads each image's message
+    (``model.qformer_text_input``) the outputs depend on the message, so the ViT's tokens are kept instead and
+    the (frozen, small) Q-Former runs on every use.
+    """
 
     def __init__(self) -> None:
         self.store: dict[str, torch.Tensor] = {}
@@ -28,15 +34,18 @@ class VisionFeatureCache:
         self.misses = 0
 
     @torch.no_grad()
-    def features(self, model, pixels: torch.Tensor, keys: list[str]) -> torch.Tensor:
+    def features(self, model, pixels: torch.Tensor, keys: list[str],
+                 messages: Optional[list[str]] = None) -> torch.Tensor:
+        per_image = model.vision_tokens if model.reads_messages else model.image_features
         missing = [i for i, k in enumerate(keys) if k not in self.store]
         if missing:
-            feats = model.image_features(pixels[missing])
+            feats = per_image(pixels[missing])
             for j, i in enumerate(missing):
                 self.store[keys[i]] = feats[j].detach()
         self.misses += len(missing)
         self.hits += len(keys) - len(missing)
-        return torch.stack([self.store[k] for k in keys])
+        cached = torch.stack([self.store[k] for k in keys])
+        return model.query_features(cached, messages) if model.reads_messages else cached
 
 
 def check_feature_cache(cfg) -> None:
@@ -104,7 +113,8 @@ class ImageTextPretrainTask:
             if self.feature_cache is not None:
                 core = model.module if hasattr(model, "module") else model
                 kwargs["image_features"] = self.feature_cache.features(
-                    core, images.to(device, non_blocking=nb), batch["image_keys"])
+                    core, images.to(device, non_blocking=nb), batch["image_keys"], batch.get("image_messages"))
             else:
                 kwargs["images"] = images.to(device, non_blocking=nb)
+                kwargs["image_messages"] = batch.get("image_messages")
         return model(**kwargs)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -40,26 +41,39 @@ class TowerTagger(nn.Module):
     A head shared by the queries of a group can only be satisfied by each query's own token, so the count of
     "red circles" is readable from one token and a cell's content from another, instead of being spread over
     the concatenation of all queries (which the decoder's attention cannot read).
+
+    With ``qformer_text_input`` the Q-Former also reads each image's message, and the queries after the slots
+    are *item queries* (:mod:`sparkles.data.instruction_tags`) with two heads of their own: the count and the
+    single object's cell of the message's *i*-th item.
     """
 
-    def __init__(self, cfg, vocabulary) -> None:
+    def __init__(self, cfg, vocabulary, tokenizer=None) -> None:
         super().__init__()
-        from ..models.sparkleschat import build_towers
+        from ..models.sparkleschat import build_instruction_embeddings, build_towers
 
-        if cfg.num_query_token != vocabulary.num_query_slots:
-            raise ValueError(f"tower_pretrain needs model.num_query_token = {vocabulary.num_query_slots} (one query "
+        slots = vocabulary.num_query_slots
+        self.num_items = cfg.num_query_token - slots if cfg.qformer_text_input else 0
+        if cfg.qformer_text_input and (self.num_items < 1 or tokenizer is None):
+            raise ValueError(f"tower_pretrain with model.qformer_text_input needs item queries after the {slots} "
+                             f"slots (model.num_query_token > {slots}; got {cfg.num_query_token}) and a tokenizer")
+        if not cfg.qformer_text_input and cfg.num_query_token != slots:
+            raise ValueError(f"tower_pretrain needs model.num_query_token = {slots} (one query "
                              f"per counted thing, {len(vocabulary.quals)}, and one per grid cell, "
                              f"{vocabulary.num_cells}); got {cfg.num_query_token}")
         self.cfg, self.vocabulary = cfg, vocabulary
         self.visual_encoder, self.ln_vision, self.Qformer, self.query_tokens = build_towers(cfg)
+        self.qformer_text = build_instruction_embeddings(cfg, len(tokenizer)) if self.num_items else None
         hidden, sizes = cfg.qformer_hidden, len(vocabulary.sizes)
         self.count_head = nn.Linear(hidden, vocabulary.max_count_class)
         self.place_head = nn.Linear(hidden, vocabulary.num_cells + 1)  # the single object's cell, or "not one"
         self.qual_size_head = nn.Linear(hidden, sizes)
         self.cell_kind_head = nn.Linear(hidden, vocabulary.num_kinds)
         self.cell_size_head = nn.Linear(hidden, sizes)
+        if self.num_items:
+            self.item_count_head = nn.Linear(hidden, vocabulary.max_count_class)
+            self.item_place_head = nn.Linear(hidden, vocabulary.num_cells + 1)
         self.register_buffer("qual_matrix", vocabulary.qual_matrix(), persistent=False)
-        self.tokenizer = None  # no text side; train.py passes it to the dataset builders
+        self.tokenizer = tokenizer  # the message-reading Q-Former's (train.py also hands it to the datasets)
 
     @property
     def device(self) -> torch.device:
@@ -68,16 +82,29 @@ class TowerTagger(nn.Module):
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
 
-    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Pixels ``[N, 3, H, W]`` → the logits of every head, ``[N, quals or cells, classes]``."""
-        from ..models.qformer import run_qformer
+    def forward(self, images: torch.Tensor, messages: Optional[Sequence[str]] = None) -> dict[str, torch.Tensor]:
+        """Pixels ``[N, 3, H, W]`` (and, with item queries, one message per image) → the logits of every head,
+        ``[N, quals, cells or items, classes]``."""
+        from ..models.qformer import run_qformer, tokenize_instructions
 
-        queries = run_qformer(self.Qformer, self.query_tokens, self.ln_vision(self.visual_encoder(images)))
-        n_quals = len(self.vocabulary.quals)
-        quals, cells = queries[:, :n_quals], queries[:, n_quals:]
-        return {"count": self.count_head(quals), "place": self.place_head(quals),
-                "qual_size": self.qual_size_head(quals),
-                "cell_kind": self.cell_kind_head(cells), "cell_size": self.cell_size_head(cells)}
+        vision = self.ln_vision(self.visual_encoder(images))
+        if self.num_items:
+            if messages is None or len(messages) != images.shape[0]:
+                raise ValueError("towers that read the message need one message per image: train them on "
+                                 "synthetic_instruction_tags / synthetic_caption_variants")
+            ids, mask = tokenize_instructions(self.tokenizer, messages, self.cfg.qformer_max_text, images.device)
+            queries = run_qformer(self.Qformer, self.query_tokens, vision, self.qformer_text(ids), mask)
+        else:
+            queries = run_qformer(self.Qformer, self.query_tokens, vision)
+        n_quals, n_slots = len(self.vocabulary.quals), self.vocabulary.num_query_slots
+        quals, cells = queries[:, :n_quals], queries[:, n_quals:n_slots]
+        out = {"count": self.count_head(quals), "place": self.place_head(quals),
+               "qual_size": self.qual_size_head(quals),
+               "cell_kind": self.cell_kind_head(cells), "cell_size": self.cell_size_head(cells)}
+        if self.num_items:
+            items = queries[:, n_slots:]
+            out.update(item_count=self.item_count_head(items), item_place=self.item_place_head(items))
+        return out
 
     def targets(self, cell_kinds: torch.Tensor, cell_sizes: torch.Tensor) -> dict[str, torch.Tensor]:
         """Every head's classes from the cell labels (``IGNORE`` where a head has nothing to say)."""
@@ -91,16 +118,23 @@ class TowerTagger(nn.Module):
         return {"count": counts.clamp(max=v.max_count_class - 1), "place": place, "qual_size": size,
                 "cell_kind": cell_kinds, "cell_size": cell_sizes}
 
-    def loss(self, logits: dict[str, torch.Tensor], cell_kinds: torch.Tensor, cell_sizes: torch.Tensor) -> torch.Tensor:
-        """Sum of every head's cross-entropy; ``logits`` is what :meth:`forward` returned."""
+    def loss(self, logits: dict[str, torch.Tensor], cell_kinds: torch.Tensor, cell_sizes: torch.Tensor,
+             item_counts: Optional[torch.Tensor] = None, item_places: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Sum of every head's cross-entropy; ``logits`` is what :meth:`forward` returned. The item heads count
+        where the batch has item targets (``[N, items]``, ``IGNORE`` elsewhere)."""
         targets = self.targets(cell_kinds, cell_sizes)
+        if self.num_items:
+            if item_counts is None or item_places is None:
+                raise ValueError("towers with item queries need item_counts and item_places targets")
+            targets.update(item_count=item_counts, item_place=item_places)
         return sum(F.cross_entropy(logits[k].flatten(0, 1).float(), targets[k].flatten(), ignore_index=IGNORE)
-                   for k in logits)
+                   for k in logits if (targets[k] != IGNORE).any())
 
     @torch.no_grad()
-    def accuracy(self, images: torch.Tensor, cell_kinds: torch.Tensor, cell_sizes: torch.Tensor) -> dict[str, float]:
+    def accuracy(self, images: torch.Tensor, cell_kinds: torch.Tensor, cell_sizes: torch.Tensor,
+                 messages: Optional[Sequence[str]] = None) -> dict[str, float]:
         """Counts right (per qual, and images with every count right), single objects' cells, occupied cells."""
-        logits, targets = self(images), self.targets(cell_kinds, cell_sizes)
+        logits, targets = self(images, messages), self.targets(cell_kinds, cell_sizes)
         count_ok = logits["count"].argmax(-1) == targets["count"]
         single = targets["place"] < self.vocabulary.num_cells
         place_ok = logits["place"].argmax(-1) == targets["place"]
@@ -126,11 +160,17 @@ class TowerPretrainTask:
     def build_model(self, *, root: Path, device: torch.device) -> TowerTagger:
         from omegaconf import OmegaConf
 
+        from ..common.paths import resolve_path
         from ..data.scene_tags import TagVocabulary
         from ..models.sparkleschat import SparklesChatConfig
+        from ..models.tokenizer import load_tokenizer
 
         mcfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SparklesChatConfig), self.cfg.model))
-        return TowerTagger(mcfg, TagVocabulary.of_world()).to(device)
+        tokenizer = None
+        if mcfg.qformer_text_input:  # the chat model's tokenizer, which it will read the messages with
+            tokenizer = load_tokenizer(resolve_path(mcfg.tokenizer_path or mcfg.llama_model, root,
+                                                    what="model.tokenizer_path / model.llama_model"))
+        return TowerTagger(mcfg, TagVocabulary.of_world(), tokenizer).to(device)
 
     def build_datasets(self, *, root: Path, tokenizer=None) -> dict:
         from ..data import builders
@@ -138,9 +178,11 @@ class TowerPretrainTask:
         return builders.build_datasets(self.cfg, root=root, tokenizer=tokenizer, split="train")
 
     def train_step(self, model, batch: dict, *, device: torch.device) -> dict:
-        logits = model(batch["images"].to(device))  # through the DDP wrapper, so that gradients are reduced
+        # through the DDP wrapper, so that gradients are reduced
+        logits = model(batch["images"].to(device), batch.get("messages"))
         core = model.module if hasattr(model, "module") else model
-        return {"loss": core.loss(logits, batch["cell_kinds"].to(device), batch["cell_sizes"].to(device))}
+        items = {k: batch[k].to(device) for k in ("item_counts", "item_places") if k in batch}
+        return {"loss": core.loss(logits, batch["cell_kinds"].to(device), batch["cell_sizes"].to(device), **items)}
 
     def after_training(self, model: TowerTagger, output_dir: Path) -> dict:
         """Write the towers (without the read-out) as a BLIP-2 stage-1 file for ``model.q_former_model``."""

@@ -40,151 +40,17 @@ import json
 import random
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
+from sparkles.data.instruction_tags import IGNORE, CaptionVariants, InstructionSample as Sample
+from sparkles.data.instruction_tags import no_place, targeted_sample, training_samples
 from sparkles.data.synthetic.scenes import GRID
 
 from .probe_training import ProbeOptimiser, add_training_args, set_threads_and_seed
 
-IGNORE = -100
-NO_PLACE = GRID * GRID  # place class "not exactly one object", after the grid's cells
 BISON_FILE = "evaluation/BISON/annotations/sparkles_evaluation_bison_annotations.json"
 NLVR2_FILE = "evaluation/NLVR2/annotations/sparkles_evaluation_nlvr2_annotations.json"
-
-
-@dataclass(frozen=True)
-class Sample:
-    """One image seen with one message, and the conditioned targets (``IGNORE`` where the message has none)."""
-
-    image: str      # image key (str(image_id))
-    message: str    # the user message, as the dialogue or prompt writes it
-    asked: int = IGNORE
-    fit: int = IGNORE
-    # per item of a BISON caption, or the one counted kind: (how many of its kind the image holds, the cell of
-    # the single one or NO_PLACE)
-    items: tuple[tuple[int, int], ...] = ()
-
-
-def place_of(colour, shape, scene) -> int:
-    """The grid cell (row-major) of the one object of a (colour?, shape?) kind; ``NO_PLACE`` if not exactly one."""
-    objs = [o for o in scene.objects if colour in (None, o.colour) and shape in (None, o.shape)]
-    return objs[0].row * GRID + objs[0].col if len(objs) == 1 else NO_PLACE
-
-
-def targeted_sample(key: str, message: str, scene) -> Sample | None:
-    """``message`` about the image ``key`` with its targets: the counted kind's count (NLVR2 statements, count
-    questions), or whether a BISON caption holds and each caption item's count and place; None without any."""
-    from sparkles.data.synthetic.language import parse_items
-    from sparkles.data.synthetic.tasks import caption_refuted, parse_question, parse_statement
-
-    task = parse_question(message)
-    if task is None:
-        return None
-    if task.kind in ("nlvr2", "total", "compare", "more2", "total2"):
-        qual = parse_statement(task.text).qual if task.kind == "nlvr2" else task.qual
-        n = qual.count(scene)
-        return Sample(key, message, asked=n, items=((n, place_of(qual.colour, qual.shape, scene)),))
-    if task.kind == "bison":
-        items = tuple((scene.count(it.colour, it.shape), place_of(it.colour, it.shape, scene))
-                      for it in parse_items(task.text))
-        return Sample(key, message, fit=int(not caption_refuted(task.text, scene)), items=items)
-    return None
-
-
-class CaptionVariants:
-    """BISON fit samples for any training image, from its own caption or a one-attribute variant it refutes.
-
-    The world's dialogues hold ~1,100 BISON pairs; this writes as many fit questions as wanted about the training
-    images, in the world's BISON style (``describe`` of the image, or of a copy with one object recoloured,
-    reshaped, added, removed or moved, whose caption the image refutes). Text only: no new image is drawn.
-    """
-
-    def __init__(self, scenes: dict, keys: Sequence[str], seed: int) -> None:
-        from sparkles.data.synthetic.scenes import ALL_COLOURS, ALL_SHAPES, Scene
-
-        self.scenes = {k: Scene.from_record(scenes[k]) for k in keys}
-        self.keys = list(keys)
-        self.colours = sorted({o.colour for sc in self.scenes.values() for o in sc.objects} or ALL_COLOURS)
-        self.shapes = sorted({o.shape for sc in self.scenes.values() for o in sc.objects} or ALL_SHAPES)
-        self.rng = random.Random(seed)
-
-    def variant(self, scene):
-        """``(scene', position_of)``: one attribute changed (None when this scene allows no such change)."""
-        from dataclasses import replace
-
-        from sparkles.data.synthetic.scenes import MAX_OBJECTS, Obj, Scene
-
-        rng, objs = self.rng, list(scene.objects)
-        free = scene.free_cells()
-        attribute = rng.choice(("colour", "shape", "count", "position"))
-        i = rng.randrange(len(objs))
-        if attribute == "colour":
-            objs[i] = replace(objs[i], colour=rng.choice([c for c in self.colours if c != objs[i].colour]))
-        elif attribute == "shape":
-            objs[i] = replace(objs[i], shape=rng.choice([s for s in self.shapes if s != objs[i].shape]))
-        elif attribute == "count":
-            if free and (len(objs) == 1 or (len(objs) < MAX_OBJECTS and rng.random() < 0.5)):
-                row, col = rng.choice(free)
-                objs.append(Obj(objs[i].shape, objs[i].colour, objs[i].size, row, col))
-            elif len(objs) > 1:
-                del objs[i]
-            else:
-                return None
-        else:
-            unique = scene.unique_kinds()
-            if not unique or not free:
-                return None
-            kind = rng.choice(unique)
-            j = next(k for k, o in enumerate(objs) if (o.colour, o.shape) == kind)
-            row, col = rng.choice(free)
-            objs[j] = replace(objs[j], row=row, col=col)
-            return Scene(tuple(objs), scene.background), kind
-        return Scene(tuple(objs), scene.background), None
-
-    def __call__(self) -> Sample:
-        from sparkles.data.synthetic.language import describe
-        from sparkles.data.synthetic.tasks import caption_refuted
-        from sparkles.eval.prompts import bison_prompt
-
-        while True:
-            key = self.rng.choice(self.keys)
-            scene = self.scenes[key]
-            if self.rng.random() < 0.5:
-                unique = scene.unique_kinds()
-                position_of = self.rng.choice(unique) if unique and self.rng.random() < 0.25 else None
-                return targeted_sample(key, bison_prompt(describe(scene, position_of)), scene)
-            changed = self.variant(scene)
-            if changed is None:
-                continue
-            other, position_of = changed
-            text = describe(other, position_of)
-            if caption_refuted(text, scene):
-                return targeted_sample(key, bison_prompt(text), scene)
-
-
-def training_samples(root: Path, scenes: dict) -> list[Sample]:
-    """Every (image, message) pair of the dialogues' first turns and of the perception questions with a target."""
-    from sparkles.data.synthetic.scenes import Scene
-
-    messages: list[tuple[str, list[str]]] = []
-    for subset in ("CC", "VG"):
-        path = root / "data" / f"SparklesDialogue{subset}" / "annotations" / f"SparklesDialogue{subset}.json"
-        for record in json.loads(path.read_text(encoding="utf-8")):
-            first = record["dialogue"][0]
-            messages.append((first["content"], [str(im["image_id"]) for im in first.get("images", [])]))
-    perception = root / "data" / "cc_sbu_align" / "perception.json"
-    if perception.is_file():
-        for record in json.loads(perception.read_text(encoding="utf-8")):
-            messages.append((record["uniform_question"], [str(im["image_id"]) for im in record["tgt_imgs"]]))
-    out = []
-    for message, keys in messages:
-        for key in keys:
-            sample = targeted_sample(key, message, Scene.from_record(scenes[key]))
-            if sample is not None:
-                out.append(sample)
-    return out
 
 
 def held_out_items(root: Path, limit: int) -> tuple[list[Sample], list[Sample], list]:
@@ -232,14 +98,14 @@ def build_probe_model(cfg, vocabulary, vocab_size: int, max_text: int, cross_att
                 cross_attention_freq=cross_attention_freq, init_std=cfg.qformer_init_std, dropout=cfg.qformer_dropout,
                 cross_attention_init=cfg.qformer_cross_attention_init, text_input=True)
             std = cfg.query_token_init_std if cfg.query_token_init_std is not None else cfg.qformer_init_std
-            self.num_items = max(items, 1)
-            extra = torch.randn(1, self.num_items + 1, hidden) * std
+            self.probe_items = max(items, 1)
+            extra = torch.randn(1, self.probe_items + 1, hidden) * std
             self.query_tokens = nn.Parameter(torch.cat([self.query_tokens.detach(), extra], 1))
             # the same spread as the query tokens, so that text and queries enter the shared LayerNorm alike
             self.text_embeddings = QFormerTextEmbeddings(vocab_size, hidden, max_text, init_std=std)
             self.asked_head = nn.Linear(hidden, vocabulary.max_count_class)
             self.fit_head = nn.Linear(hidden, 2)
-            self.item_place_head = nn.Linear(hidden, NO_PLACE + 1)
+            self.item_place_head = nn.Linear(hidden, no_place() + 1)
 
         def forward(self, images, text_ids, text_mask):
             from sparkles.models.qformer import run_qformer
@@ -251,9 +117,9 @@ def build_probe_model(cfg, vocabulary, vocab_size: int, max_text: int, cross_att
             return {"count": self.count_head(quals), "place": self.place_head(quals),
                     "qual_size": self.qual_size_head(quals), "cell_kind": self.cell_kind_head(cells),
                     "cell_size": self.cell_size_head(cells),
-                    "asked": self.asked_head(out[:, n_slots]), "fit": self.fit_head(out[:, n_slots + self.num_items]),
-                    "items": self.asked_head(out[:, n_slots:n_slots + self.num_items]),
-                    "item_places": self.item_place_head(out[:, n_slots:n_slots + self.num_items])}
+                    "asked": self.asked_head(out[:, n_slots]), "fit": self.fit_head(out[:, n_slots + self.probe_items]),
+                    "items": self.asked_head(out[:, n_slots:n_slots + self.probe_items]),
+                    "item_places": self.item_place_head(out[:, n_slots:n_slots + self.probe_items])}
 
     return ConditionedTagger()
 
@@ -370,7 +236,7 @@ def held_out_figures(model, bison_batch: dict, nlvr2_batch: dict, statements: li
         scores = []  # per image: (all checked items match, how many match)
         for row, claim in enumerate(claims):
             matches = [count == int(item_counts[row, i]) and (cell is None or cell == int(item_places[row, i]))
-                       for i, (count, cell) in enumerate(claim[: model.num_items])]
+                       for i, (count, cell) in enumerate(claim[: model.probe_items])]
             scores.append((all(matches), sum(matches)))
         chosen = [0 if scores[2 * i] >= scores[2 * i + 1] else 1 for i in range(len(scores) // 2)]
         figures["bison_from_items"] = round(sum(int(c == int(t)) for c, t in zip(chosen, truth.argmax(1)))
@@ -412,6 +278,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not preset.is_absolute():
         preset = Path(__file__).resolve().parents[2] / preset
     cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SparklesChatConfig), OmegaConf.load(preset)))
+    # the probe adds its own message-reading Q-Former and queries to the image-only towers of the preset's sizes
+    cfg.qformer_text_input, cfg.num_query_token = False, TagVocabulary.of_world().num_query_slots
     tokenizer = load_tokenizer(root / "models" / "tiny_llm")
     vocabulary = TagVocabulary.of_world()
     scenes = load_scenes(root)
