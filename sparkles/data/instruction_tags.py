@@ -16,10 +16,13 @@ training images only, sample by sample:
 - with probability ``caption_variants``, a BISON-style caption question about any training image — its own
   caption, or that of a copy with one attribute changed, which the image refutes (:class:`CaptionVariants`;
   text only, no new image);
+- with probability ``nlvr2_statements``, one of the dialogues' NLVR2 statements read with any training image
+  (:class:`StatementTransfer`);
 - otherwise one (image, message) pair of the dialogues' first turns and of the perception questions whose
   message has such a target.
 
-Mixing within each batch matters: batches that alternate between the two kinds learn both much more slowly.
+Mixing within each batch matters: batches that alternate between the kinds learn them much more slowly
+(docs/notes/tiny_world.md, session 7).
 """
 
 from __future__ import annotations

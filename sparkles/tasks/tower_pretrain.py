@@ -84,14 +84,14 @@ class TowerTagger(nn.Module):
 
     def forward(self, images: torch.Tensor, messages: Optional[Sequence[str]] = None) -> dict[str, torch.Tensor]:
         """Pixels ``[N, 3, H, W]`` (and, with item queries, one message per image) → the logits of every head,
-        ``[N, quals, cells or items, classes]``."""
+        ``[N, queries of the head's group, classes]``."""
         from ..models.qformer import run_qformer, tokenize_instructions
 
         vision = self.ln_vision(self.visual_encoder(images))
         if self.num_items:
             if messages is None or len(messages) != images.shape[0]:
                 raise ValueError("towers that read the message need one message per image: train them on "
-                                 "synthetic_instruction_tags / synthetic_caption_variants")
+                                 "synthetic_instruction_tags (train_configs/sparkleschat_tiny_stage0_instructed.yaml)")
             ids, mask = tokenize_instructions(self.tokenizer, messages, self.cfg.qformer_max_text, images.device)
             queries = run_qformer(self.Qformer, self.query_tokens, vision, self.qformer_text(ids), mask)
         else:
