@@ -3,9 +3,9 @@
 Each registered model or dataset builder names a dataclass schema (``config_class``) that holds every
 default exactly once, plus an optional preset YAML (``default_config_path``) with the values of a named
 variant (``model_type``; a preset may build on another through ``_base_: <model_type>``, and
-``--options model.model_type=X`` picks X's preset). Loading merges, in the upstream order: the run section, then
-for the model its schema → preset → the run file's ``model`` section, then for every dataset its schema → preset → the run
-file's entry, then ``--options key=value`` overrides. An unknown key, a wrong type or a missing required
+``--options model.model_type=X`` picks X's preset). Loading merges, in the upstream order: the run section,
+then for the model its schema → preset → the run file's ``model`` section, then for every dataset its schema →
+preset → the run file's entry, then ``--options key=value`` overrides. An unknown key, a wrong type or a missing required
 value is a :class:`ConfigError` naming the key and the file it came from.
 """
 

@@ -2,9 +2,9 @@
 
 Images are encoded once, when added; with a Q-Former that reads each image's message (``reads_messages``) the
 vision tower runs when the image is added and the Q-Former when the message that shows it is first answered.
-Each turn renders the whole conversation with the shared renderer, finds the longest prefix that the decoder's KV cache already holds, crops the cache there and runs only the
-rest, so a new turn costs its new tokens, not the whole history — and yields exactly the tokens a full
-re-prefill would. :func:`generate_batch` answers many independent prompts at once (left padding).
+Each turn renders the whole conversation with the shared renderer, finds the longest prefix that the decoder's
+KV cache already holds, crops the cache there and runs only the rest, so a new turn costs its new tokens, not
+the whole history — and yields exactly the tokens a full re-prefill would. :func:`generate_batch` answers many independent prompts at once (left padding).
 
     chat = Chat(model, image_processor)
     s = chat.session()

@@ -150,6 +150,7 @@ _register("synthetic_instruction_tags", InstructionTagBuilder, root_dir=".", ann
           img_root=".", _extra=[("caption_variants", float, field(default=0.0)),
                                 ("nlvr2_statements", float, field(default=0.0))])
 
+
 # --------------------------------------------------------------------------------------------- factories
 def image_key_prefix(cfg) -> str:
     return f"{cfg.root_dir}/{cfg.img_root}"

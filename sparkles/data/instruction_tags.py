@@ -165,7 +165,7 @@ class StatementTransfer:
     """NLVR2 statements of the training dialogues read with any training image.
 
     A statement names the kind it counts, so its count target holds for every image: pairing the dialogues'
-    ~2,200 statements with all training images multiplies the samples that teach the towers to parse a
+    ~1,100 statements with all training images multiplies the samples that teach the towers to parse a
     statement, the rarest message of the world (text only, no new image).
     """
 
@@ -222,9 +222,9 @@ def item_targets(samples: Sequence[InstructionSample], num_items: int, max_count
 class InstructionTagDataset(RecordDataset):
     """(image, message) samples with the image's scene tags and the message's item targets.
 
-    Records are the fixed (image, message) pairs; a draw with probability ``variant_share`` (decided by the
-    sample's seed, like the variant itself, so a sample depends on its seed only) is instead a caption question
-    about a training image chosen by that seed.
+    Records are the fixed (image, message) pairs; a draw is instead, with probability ``variant_share``, a
+    caption question about a training image, or with probability ``statement_share`` an NLVR2 statement read with
+    a training image — the image and the text chosen by the sample's seed, so a sample depends on its seed only.
     """
 
     def __init__(self, records: RecordSet, samples: Sequence[InstructionSample], files: dict[str, Path],

@@ -239,7 +239,8 @@ class SparklesChat(nn.Module):
         return self.qformer_text is not None
 
     def vision_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
-        """``[N, 3, H, W]`` → the ViT's LayerNormed tokens ``[N, L, vit_width]`` (float32): what the Q-Former reads."""
+        """``[N, 3, H, W]`` → the ViT's LayerNormed tokens ``[N, L, vit_width]`` (float32), which the Q-Former
+        reads."""
         pixels = pixels.to(self.device)
         with self._autocast(pixels.device):
             vis = self.visual_encoder(pixels.to(self.visual_encoder.vit.patch_embed.proj.weight.dtype))
