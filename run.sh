@@ -6,17 +6,17 @@
 #                                (reference judge for SparklesEval), write everything under outputs/tiny/ and print a
 #                                summary (summary.json there).
 #   SPARKLES_TOWERS=instructed bash run.sh
-#                                the same with towers whose Q-Former reads the question (model_type tiny_instructed,
-#                                stage 0 train_configs/sparkleschat_tiny_stage0_instructed.yaml), in outputs/tiny_instructed/.
+#                                the same with towers whose Q-Former reads the question (model_type
+#                                tiny_instructed; stage 0 train_configs/sparkleschat_tiny_stage0_instructed.yaml),
+#                                in outputs/tiny_instructed/ (experimental: docs/notes/tiny_world.md, session 7).
 #   bash run.sh ROOT [NGPU]      the paper pipeline on GPUs: torchrun train.py with train_configs/sparkleschat.yaml
 #                                on NGPU GPUs (default 8), then evaluate.sh on BISON and NLVR2 (and SparklesEval
 #                                when OPENAI_API_KEY or OPENAI_BASE_URL is set).
 #
 # Environment: SPARKLES_OUT (CPU default's folder, default outputs/tiny), SPARKLES_TOWERS (image | instructed),
-# SPARKLES_PRESET (default | ci: a small
-# world and a short training, used by the tests), STAGE0_OPTIONS / STAGE1_OPTIONS / TRAIN_OPTIONS (extra --options
-# for the tower, perception and dialogue stages), EVAL_BATCH (default 16), SKIP_INSTALL=1 (do not check/install
-# requirements), PYTHON (default python3).
+# SPARKLES_PRESET (default | ci: a small world and a short training, used by the tests), STAGE0_OPTIONS /
+# STAGE1_OPTIONS / TRAIN_OPTIONS (extra --options for the tower, perception and dialogue stages), EVAL_BATCH
+# (default 16), SKIP_INSTALL=1 (do not check/install requirements), PYTHON (default python3).
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
@@ -81,7 +81,8 @@ run_tiny() {
   local t3; t3=$(now)
   "$PYTHON" -m sparkles.tools.summary --root "$out" --train-seconds "$(elapsed "$t1" "$t2")" \
     --eval-seconds "$(elapsed "$t2" "$t3")" \
-    --extra "{\"world_seconds\": $(elapsed "$t0" "$t1"), \"total_seconds\": $(elapsed "$t0" "$t3"), \"preset\": \"$preset\", \"towers\": \"$towers\"}"
+    --extra "{\"world_seconds\": $(elapsed "$t0" "$t1"), \"total_seconds\": $(elapsed "$t0" "$t3"),
+              \"preset\": \"$preset\", \"towers\": \"$towers\"}"
   local demo="python demo.py"
   [[ "$towers" == instructed ]] && demo="python demo.py --sparkles_root $out --options model.model_type=tiny_instructed"
   echo "[run.sh] result pages: $out/evaluation/*/results/*.html; chat with it: $demo"
