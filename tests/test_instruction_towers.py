@@ -146,7 +146,7 @@ def _dataset(world, name):
 def test_instruction_tags_hold_each_item_of_the_message(world):
     from sparkles.data.instruction_tags import IGNORE
     from sparkles.data.synthetic.language import parse_items
-    from sparkles.data.synthetic.scenes import GRID, Scene
+    from sparkles.data.synthetic.scenes import ALL_COLOURS as COLOURS, ALL_SHAPES as SHAPES, GRID, Scene
     from sparkles.data.synthetic.tasks import parse_question, parse_statement
     from sparkles.data.synthetic.writers import load_scenes
 
@@ -154,7 +154,7 @@ def test_instruction_tags_hold_each_item_of_the_message(world):
     items = cfg.model.num_query_token - 33
     scenes = load_scenes(world)
     batch = data.collate([data[(i, 0)] for i in range(0, len(data), max(1, len(data) // 64))])
-    assert batch["item_counts"].shape == (batch["num_samples"], items) == batch["item_places"].shape
+    assert batch["item_count"].shape == (batch["num_samples"], items) == batch["item_place"].shape
     seen = set()
     for row, (message, key) in enumerate(zip(batch["messages"], batch["ids"])):
         scene = Scene.from_record(scenes[key.rsplit("/", 1)[1]])
@@ -166,10 +166,14 @@ def test_instruction_tags_hold_each_item_of_the_message(world):
             things = [(qual.colour, qual.shape)]
         seen.add(task.kind)
         for i in range(items):
-            count, place = int(batch["item_counts"][row, i]), int(batch["item_places"][row, i])
+            count, place = int(batch["item_count"][row, i]), int(batch["item_place"][row, i])
+            colour, shape = int(batch["item_colour"][row, i]), int(batch["item_shape"][row, i])
             if i >= len(things):
-                assert count == place == IGNORE
+                assert count == place == colour == shape == IGNORE
                 continue
+            # what the message names (the last class: any colour / any shape)
+            assert colour == (COLOURS.index(things[i][0]) if things[i][0] else len(COLOURS))
+            assert shape == (SHAPES.index(things[i][1]) if things[i][1] else len(SHAPES))
             objs = [o for o in scene.objects if things[i][0] in (None, o.colour) and things[i][1] in (None, o.shape)]
             assert count == min(len(objs), 4)
             assert place == (objs[0].row * GRID + objs[0].col if len(objs) == 1 else GRID * GRID)
@@ -252,8 +256,8 @@ def test_instructed_stage0_learns_the_items_and_its_towers_load_into_sparklescha
         acc = model.accuracy(batch["images"], batch["cell_kinds"], batch["cell_sizes"], batch["messages"])
         with torch.no_grad():
             got = model(batch["images"], batch["messages"])["item_count"].argmax(-1)
-        known = batch["item_counts"] != NO_ITEM
-        return acc["count"], (got == batch["item_counts"])[known].float().mean().item()
+        known = batch["item_count"] != NO_ITEM
+        return acc["count"], (got == batch["item_count"])[known].float().mean().item()
 
     (count, items), (count0, items0) = figures(tagger), figures(untrained)
     assert count > 0.85 and count > count0 + 0.2 and items > items0 + 0.15, (count, items, count0, items0)

@@ -6,7 +6,9 @@ the user message that shows it, and the towers are pretrained on direct targets 
 grid cell, :class:`sparkles.data.scene_tags.TagVocabulary`) are **item queries**: item query *i* carries, for
 the *i*-th item of a BISON caption in the message, how many of its kind the image holds and the cell of its
 single object; for a message that counts one kind (an NLVR2 statement, a count question) the first item query
-carries that kind's count. So the decoder finds what the question asks at a fixed token of each image (the
+carries that kind's count. Each item query is also trained on what its item *names* (colour and shape, a target
+of the text alone): without it, whether the queries ever find an NLVR2 statement's kind within the budget
+depends on the initialisation; with it they do (docs/notes/tiny_world.md, session 7). So the decoder finds what the question asks at a fixed token of each image (the
 BISON answer's *i*-th check reads item token *i*; an NLVR2 count reads item token 1) — the selection that a
 from-scratch decoder does not learn within the CPU budget (docs/notes/tiny_world.md, sessions 5 and 6).
 
@@ -58,6 +60,8 @@ class InstructionSample:
     # per item of a BISON caption, or the one counted kind: (how many of its kind the image holds, the cell of
     # the single one or no_place())
     items: tuple[tuple[int, int], ...] = ()
+    # per item, what the message names: (colour or None, shape or None) — a target of the text alone
+    names: tuple[tuple[Optional[str], Optional[str]], ...] = ()
 
 
 def place_of(colour, shape, scene) -> int:
@@ -80,11 +84,13 @@ def targeted_sample(key: str, message: str, scene) -> InstructionSample | None:
     if task.kind in ("nlvr2", "total", "compare", "more2", "total2"):
         qual = parse_statement(task.text).qual if task.kind == "nlvr2" else task.qual
         n = qual.count(scene)
-        return InstructionSample(key, message, asked=n, items=((n, place_of(qual.colour, qual.shape, scene)),))
+        return InstructionSample(key, message, asked=n, items=((n, place_of(qual.colour, qual.shape, scene)),),
+                                 names=((qual.colour, qual.shape),))
     if task.kind == "bison":
-        items = tuple((scene.count(it.colour, it.shape), place_of(it.colour, it.shape, scene))
-                      for it in parse_items(task.text))
-        return InstructionSample(key, message, fit=int(not caption_refuted(task.text, scene)), items=items)
+        parsed = parse_items(task.text)
+        items = tuple((scene.count(it.colour, it.shape), place_of(it.colour, it.shape, scene)) for it in parsed)
+        return InstructionSample(key, message, fit=int(not caption_refuted(task.text, scene)), items=items,
+                                 names=tuple((it.colour, it.shape) for it in parsed))
     return None
 
 
@@ -206,17 +212,21 @@ def training_samples(root: Path, scenes: dict) -> list[InstructionSample]:
     return out
 
 
-def item_targets(samples: Sequence[InstructionSample], num_items: int, max_count_class: int
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[N, num_items]`` counts (clamped to the top count class) and places of each sample's items;
-    ``IGNORE`` where a sample has no such item."""
-    counts = torch.full((len(samples), num_items), IGNORE, dtype=torch.long)
-    places = torch.full((len(samples), num_items), IGNORE, dtype=torch.long)
+def item_targets(samples: Sequence[InstructionSample], num_items: int, vocabulary) -> dict[str, torch.Tensor]:
+    """``[N, num_items]`` targets of each sample's items, ``IGNORE`` where a sample has no such item:
+    ``item_count`` (clamped to the top count class), ``item_place``, and what the message names,
+    ``item_colour`` / ``item_shape`` (the vocabulary's index, or one past the last for "any")."""
+    out = {k: torch.full((len(samples), num_items), IGNORE, dtype=torch.long)
+           for k in ("item_count", "item_place", "item_colour", "item_shape")}
     for row, s in enumerate(samples):
         for col, (count, place) in enumerate(s.items[:num_items]):
-            counts[row, col] = min(count, max_count_class - 1)
-            places[row, col] = place
-    return counts, places
+            out["item_count"][row, col] = min(count, vocabulary.max_count_class - 1)
+            out["item_place"][row, col] = place
+        for col, (colour, shape) in enumerate(s.names[:num_items]):
+            colours, shapes = vocabulary.colours, vocabulary.shapes
+            out["item_colour"][row, col] = len(colours) if colour is None else colours.index(colour)
+            out["item_shape"][row, col] = len(shapes) if shape is None else shapes.index(shape)
+    return out
 
 
 class InstructionTagDataset(RecordDataset):
@@ -229,7 +239,7 @@ class InstructionTagDataset(RecordDataset):
 
     def __init__(self, records: RecordSet, samples: Sequence[InstructionSample], files: dict[str, Path],
                  labels: dict[str, tuple[list[int], list[int]]], image_transform, *, num_items: int,
-                 max_count_class: int, variants: Optional[CaptionVariants] = None, variant_share: float = 0.0,
+                 vocabulary, variants: Optional[CaptionVariants] = None, variant_share: float = 0.0,
                  statements: Optional[StatementTransfer] = None, statement_share: float = 0.0,
                  skip_bad: bool = False, sample_ratio: float = 1.0) -> None:
         super().__init__(records, encoder=None, skip_bad=skip_bad, sample_ratio=sample_ratio)
@@ -240,7 +250,7 @@ class InstructionTagDataset(RecordDataset):
         self.samples, self.files, self.labels, self.image_transform = list(samples), files, labels, image_transform
         self.variants, self.variant_share = variants, float(variant_share)
         self.statements, self.statement_share = statements, float(statement_share)
-        self.num_items, self.max_count_class = num_items, max_count_class
+        self.num_items, self.vocabulary = num_items, vocabulary
 
     def sample(self, position: int, sample_seed: int) -> InstructionSample:
         rng = random.Random(sample_seed)
@@ -277,7 +287,7 @@ class InstructionTagDataset(RecordDataset):
             batch["cell_kinds"] = torch.tensor([it[2] for it in good], dtype=torch.long)
             batch["cell_sizes"] = torch.tensor([it[3] for it in good], dtype=torch.long)
             batch["messages"] = [s.message for s in samples]
-            batch["item_counts"], batch["item_places"] = item_targets(samples, self.num_items, self.max_count_class)
+            batch.update(item_targets(samples, self.num_items, self.vocabulary))
         return batch
 
 
@@ -316,6 +326,6 @@ def load_instruction_tags(name: str, root: Path, *, num_items: int, image_transf
             raise DataError(f"datasets.{name}.nlvr2_statements: the world's dialogues hold no NLVR2 statement")
         statements = StatementTransfer(variants.scenes, keys, texts)
     return InstructionTagDataset(RecordSet(name, scenes_file(root), root, records, []), training, files, labels,
-                                 image_transform, num_items=num_items, max_count_class=vocabulary.max_count_class,
+                                 image_transform, num_items=num_items, vocabulary=vocabulary,
                                  variants=variants, variant_share=caption_variants, statements=statements,
                                  statement_share=nlvr2_statements, skip_bad=skip_bad, sample_ratio=sample_ratio)

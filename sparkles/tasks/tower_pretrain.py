@@ -43,8 +43,8 @@ class TowerTagger(nn.Module):
     the concatenation of all queries (which the decoder's attention cannot read).
 
     With ``qformer_text_input`` the Q-Former also reads each image's message, and the queries after the slots
-    are *item queries* (:mod:`sparkles.data.instruction_tags`) with two heads of their own: the count and the
-    single object's cell of the message's *i*-th item.
+    are *item queries* (:mod:`sparkles.data.instruction_tags`) with heads of their own: the count and the single
+    object's cell of the message's *i*-th item, and — from the text alone — the colour and shape it names.
     """
 
     def __init__(self, cfg, vocabulary, tokenizer=None) -> None:
@@ -72,6 +72,9 @@ class TowerTagger(nn.Module):
         if self.num_items:
             self.item_count_head = nn.Linear(hidden, vocabulary.max_count_class)
             self.item_place_head = nn.Linear(hidden, vocabulary.num_cells + 1)
+            # what the item names, read from the text alone (one class past the last for "any")
+            self.item_colour_head = nn.Linear(hidden, len(vocabulary.colours) + 1)
+            self.item_shape_head = nn.Linear(hidden, len(vocabulary.shapes) + 1)
         self.register_buffer("qual_matrix", vocabulary.qual_matrix(), persistent=False)
         self.tokenizer = tokenizer  # the message-reading Q-Former's (train.py also hands it to the datasets)
 
@@ -103,7 +106,8 @@ class TowerTagger(nn.Module):
                "cell_kind": self.cell_kind_head(cells), "cell_size": self.cell_size_head(cells)}
         if self.num_items:
             items = queries[:, n_slots:]
-            out.update(item_count=self.item_count_head(items), item_place=self.item_place_head(items))
+            out.update(item_count=self.item_count_head(items), item_place=self.item_place_head(items),
+                       item_colour=self.item_colour_head(items), item_shape=self.item_shape_head(items))
         return out
 
     def targets(self, cell_kinds: torch.Tensor, cell_sizes: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -118,15 +122,17 @@ class TowerTagger(nn.Module):
         return {"count": counts.clamp(max=v.max_count_class - 1), "place": place, "qual_size": size,
                 "cell_kind": cell_kinds, "cell_size": cell_sizes}
 
+    ITEM_TARGETS = ("item_count", "item_place", "item_colour", "item_shape")
+
     def loss(self, logits: dict[str, torch.Tensor], cell_kinds: torch.Tensor, cell_sizes: torch.Tensor,
-             item_counts: Optional[torch.Tensor] = None, item_places: Optional[torch.Tensor] = None) -> torch.Tensor:
+             items: Optional[dict[str, torch.Tensor]] = None) -> torch.Tensor:
         """Sum of every head's cross-entropy; ``logits`` is what :meth:`forward` returned. The item heads count
-        where the batch has item targets (``[N, items]``, ``IGNORE`` elsewhere)."""
+        where ``items`` (``sparkles.data.instruction_tags.item_targets``: ``[N, items]`` each) has targets."""
         targets = self.targets(cell_kinds, cell_sizes)
         if self.num_items:
-            if item_counts is None or item_places is None:
-                raise ValueError("towers with item queries need item_counts and item_places targets")
-            targets.update(item_count=item_counts, item_place=item_places)
+            if items is None or any(k not in items for k in self.ITEM_TARGETS):
+                raise ValueError(f"towers with item queries need the item targets {', '.join(self.ITEM_TARGETS)}")
+            targets.update({k: items[k] for k in self.ITEM_TARGETS})
         return sum(F.cross_entropy(logits[k].flatten(0, 1).float(), targets[k].flatten(), ignore_index=IGNORE)
                    for k in logits if (targets[k] != IGNORE).any())
 
@@ -181,8 +187,8 @@ class TowerPretrainTask:
         # through the DDP wrapper, so that gradients are reduced
         logits = model(batch["images"].to(device), batch.get("messages"))
         core = model.module if hasattr(model, "module") else model
-        items = {k: batch[k].to(device) for k in ("item_counts", "item_places") if k in batch}
-        return {"loss": core.loss(logits, batch["cell_kinds"].to(device), batch["cell_sizes"].to(device), **items)}
+        items = {k: batch[k].to(device) for k in TowerTagger.ITEM_TARGETS if k in batch} or None
+        return {"loss": core.loss(logits, batch["cell_kinds"].to(device), batch["cell_sizes"].to(device), items)}
 
     def after_training(self, model: TowerTagger, output_dir: Path) -> dict:
         """Write the towers (without the read-out) as a BLIP-2 stage-1 file for ``model.q_former_model``."""
