@@ -6,11 +6,12 @@ the user message that shows it, and the towers are pretrained on direct targets 
 grid cell, :class:`sparkles.data.scene_tags.TagVocabulary`) are **item queries**: item query *i* carries, for
 the *i*-th item of a BISON caption in the message, how many of its kind the image holds and the cell of its
 single object; for a message that counts one kind (an NLVR2 statement, a count question) the first item query
-carries that kind's count. Each item query is also trained on what its item *names* (colour and shape, a target
-of the text alone): without it, whether the queries ever find an NLVR2 statement's kind within the budget
-depends on the initialisation; with it they do (docs/notes/tiny_world.md, session 7). So the decoder finds what the question asks at a fixed token of each image (the
+carries that kind's count. So the decoder finds what the question asks at a fixed token of each image (the
 BISON answer's *i*-th check reads item token *i*; an NLVR2 count reads item token 1) — the selection that a
-from-scratch decoder does not learn within the CPU budget (docs/notes/tiny_world.md, sessions 5 and 6).
+from-scratch decoder does not learn within the CPU budget (docs/notes/tiny_world.md, sessions 5 and 6). Each
+item query is also trained on what its item *names* (colour and shape, a target of the text alone): without it,
+whether the queries find an NLVR2 statement's kind within the budget depends on the initialisation; with it they
+do (session 7).
 
 The dataset ``synthetic_instruction_tags`` (registered in :mod:`sparkles.data.builders`) draws over the world's
 training images only, sample by sample:
