@@ -125,14 +125,16 @@ def build_probe_model(cfg, vocabulary, vocab_size: int, max_text: int, cross_att
 
 
 class Batcher:
-    """Pixels, message tokens (image markup removed, padded) and targets of a list of samples."""
+    """Pixels, message tokens (the model's :func:`~sparkles.models.qformer.tokenize_instructions`) and targets of
+    a list of samples."""
 
-    def __init__(self, root: Path, scenes: dict, tokenizer, vocabulary, image_size: int, items: int = 0) -> None:
+    def __init__(self, root: Path, scenes: dict, tokenizer, vocabulary, image_size: int, items: int = 0,
+                 max_text: int = 128) -> None:
         from sparkles.processors.image import Blip2ImageEvalProcessor
 
         self.root, self.scenes, self.tokenizer, self.vocabulary = root, scenes, tokenizer, vocabulary
         self.process = Blip2ImageEvalProcessor(image_size=image_size)
-        self.items = max(items, 1)
+        self.items, self.max_text = max(items, 1), max_text
         self._pixels: dict = {}
 
     def pixels(self, key: str):
@@ -140,41 +142,22 @@ class Batcher:
             self._pixels[key] = self.process(self.root / self.scenes[key]["file"])
         return self._pixels[key]
 
-    def text_ids(self, message: str) -> list[int]:
-        from sparkles.conversation.template import IMAGE_MARKER
-
-        # not truncated: a message longer than --max-text is an error of QFormerTextEmbeddings, not a silent cut
-        return self.tokenizer(message.replace(IMAGE_MARKER, ""), add_special_tokens=False)["input_ids"]
-
     def __call__(self, samples: Sequence[Sample]) -> dict:
         import torch
 
-        ids = [self.text_ids(s.message) for s in samples]
-        length = max(len(i) for i in ids)
-        text = torch.zeros(len(ids), length, dtype=torch.long)
-        mask = torch.zeros(len(ids), length, dtype=torch.long)
-        for row, seq in enumerate(ids):
-            text[row, :len(seq)] = torch.tensor(seq, dtype=torch.long)
-            mask[row, :len(seq)] = 1
+        from sparkles.data.instruction_tags import item_targets
+        from sparkles.models.qformer import tokenize_instructions
+
+        text, mask = tokenize_instructions(self.tokenizer, [s.message for s in samples], self.max_text)
         labels = [self.vocabulary.labels(self.scenes[s.image], s.image) for s in samples]
+        # for a counted-kind message the first item is the asked kind
+        items = item_targets(samples, self.items, self.vocabulary)
         return {"images": torch.stack([self.pixels(s.image) for s in samples]), "text_ids": text, "text_mask": mask,
                 "cell_kinds": torch.tensor([k for k, _ in labels]), "cell_sizes": torch.tensor([z for _, z in labels]),
                 "asked": torch.tensor([min(s.asked, self.vocabulary.max_count_class - 1) if s.asked != IGNORE
                                        else IGNORE for s in samples]),
                 "fit": torch.tensor([s.fit for s in samples]),
-                "items": self.item_targets(samples, 0), "item_places": self.item_targets(samples, 1)}
-
-    def item_targets(self, samples: Sequence[Sample], field: int):
-        """``[N, items]`` counts (``field`` 0) or places (1) of each sample's caption items; for a counted-kind
-        message the first item is the asked kind. ``IGNORE`` where a sample has no such item."""
-        import torch
-
-        out = torch.full((len(samples), self.items), IGNORE, dtype=torch.long)
-        top = self.vocabulary.max_count_class - 1
-        for row, s in enumerate(samples):
-            for col, pair in enumerate(s.items[: self.items]):
-                out[row, col] = min(pair[0], top) if field == 0 else pair[1]
-        return out
+                "items": items["item_count"], "item_places": items["item_place"]}
 
 
 CONDITIONED = ("asked", "fit", "items", "item_places")
@@ -260,7 +243,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--items", type=int, default=0,
                    help="K > 0: K item queries, each trained on one caption item's count and place (the first on "
                         "the asked kind), instead of the asked count and the fit")
-    p.add_argument("--max-text", type=int, default=128, help="message tokens the Q-Former reads")
+    p.add_argument("--max-text", type=int, default=128, help="message tokens the Q-Former reads (longer ones are cut, with a warning)")
     add_training_args(p, steps=1500, eval_every=100, held_out=150)
     p.set_defaults(lr=2e-3)  # stage 0's rate
     args = p.parse_args(argv)
@@ -289,7 +272,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not fit_pool or not asked_pool:
         raise SystemExit(f"{root}: the world's dialogues hold no BISON or no count messages to train on")
     bison, nlvr2, statements = held_out_items(root, args.held_out)
-    batcher = Batcher(root, scenes, tokenizer, vocabulary, cfg.image_size, args.items)
+    batcher = Batcher(root, scenes, tokenizer, vocabulary, cfg.image_size, args.items, args.max_text)
     claims = caption_claims(bison)
     bison_batch, nlvr2_batch = batcher(bison), batcher(nlvr2)
 
