@@ -92,7 +92,8 @@ def test_killed_run_resumes_exactly(world):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 120
-        while not (out / "checkpoint_0.pth").exists() and proc.poll() is None and time.time() < deadline:
+        # checkpoint_last.pth is written after checkpoint_<epoch>.pth: wait for it, or the kill can fall between
+        while not (out / "checkpoint_last.pth").exists() and proc.poll() is None and time.time() < deadline:
             time.sleep(0.02)
         proc.send_signal(signal.SIGKILL)
     finally:
