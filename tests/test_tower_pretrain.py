@@ -66,6 +66,22 @@ def test_tagger_targets_give_each_query_its_own_count_place_and_size():
     assert len(quals) == 15 + 5 + 3 + 1 and vocab.num_query_slots == len(quals) + 9
 
 
+def test_heads_without_targets_still_get_a_zero_gradient():
+    """Under torchrun every parameter must receive a gradient on every rank: a batch of empty scenes has no
+    size targets at all, and those heads must still be in the graph, unchanged by it."""
+    vocab = TagVocabulary.of_world()
+    kinds, sizes = vocab.labels({"objects": []}, "empty")
+    assert set(sizes) == {IGNORE}
+    tagger = _tagger()
+    logits = tagger(torch.rand(2, 3, tagger.cfg.image_size, tagger.cfg.image_size))
+    loss = tagger.loss(logits, torch.tensor([kinds] * 2), torch.tensor([sizes] * 2))
+    loss.backward()
+    missing = [n for n, p in tagger.named_parameters() if p.requires_grad and p.grad is None]
+    assert missing == []
+    assert tagger.cell_size_head.weight.grad.abs().sum() == 0 and tagger.qual_size_head.weight.grad.abs().sum() == 0
+    assert tagger.count_head.weight.grad.abs().sum() > 0 and torch.isfinite(loss)
+
+
 def test_tagger_needs_one_query_per_qual_and_cell(tmp_path):
     with pytest.raises(ValueError, match="num_query_token = 33"):
         _tagger(num_query_token=8)

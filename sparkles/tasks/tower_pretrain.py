@@ -133,8 +133,10 @@ class TowerTagger(nn.Module):
             if items is None or any(k not in items for k in self.ITEM_TARGETS):
                 raise ValueError(f"towers with item queries need the item targets {', '.join(self.ITEM_TARGETS)}")
             targets.update({k: items[k] for k in self.ITEM_TARGETS})
+        # a head without targets in this batch still joins the graph (at weight zero): DistributedDataParallel
+        # expects a gradient for every parameter on every rank
         return sum(F.cross_entropy(logits[k].flatten(0, 1).float(), targets[k].flatten(), ignore_index=IGNORE)
-                   for k in logits if (targets[k] != IGNORE).any())
+                   if (targets[k] != IGNORE).any() else 0.0 * logits[k].sum() for k in logits)
 
     @torch.no_grad()
     def accuracy(self, images: torch.Tensor, cell_kinds: torch.Tensor, cell_sizes: torch.Tensor,
