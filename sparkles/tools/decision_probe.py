@@ -70,7 +70,9 @@ class ItemMaker:
         self.attributes, self.templates = BISON_ATTRIBUTES, NLVR2_TEMPLATES
 
     def __call__(self) -> dict:
-        from sparkles.data.synthetic.tasks import InvalidTask, Task, answer, question
+        if self.fmt == "checks":
+            return self.builder.reasoning_item(self.rng, self.sampler, self.rng.choice(self.kinds))
+        from sparkles.data.synthetic.tasks import InvalidTask, Task, question
         from sparkles.eval.prompts import SLOT
 
         rng = self.rng
@@ -84,7 +86,7 @@ class ItemMaker:
                                                        rng.random() < 0.5)
             task, scenes, names = Task(kind, ("1", "2"), text=text), {"1": s1, "2": s2}, {"1": "IMAGE#1", "2": "IMAGE#2"}
             try:
-                ans = answer(task, scenes, names) if self.fmt == "checks" else _descriptions_answer(task, scenes)
+                ans = _descriptions_answer(task, scenes)
             except InvalidTask:
                 continue
             options = ("IMAGE#1", "IMAGE#2") if kind == "bison" else ("TRUE", "FALSE")

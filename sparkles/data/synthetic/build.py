@@ -34,6 +34,8 @@ class WorldConfig:
     num_bison: int = 150
     num_nlvr2: int = 150
     num_sparkleseval: int = 50
+    # text-only BISON/NLVR2 reasoning drills (data/reasoning/reasoning.json): the decoder's verdict warm-up
+    num_reasoning: int = 12000
     image_size: int = 96
     mix: dict = field(default_factory=lambda: dict(DEFAULT_MIX))
     colours: tuple = DEFAULT_COLOURS
@@ -46,6 +48,8 @@ class WorldConfig:
             raise ValueError(f"num_train={self.num_train}: need at least 10 dialogues to fill every split file")
         if not 0.0 < self.cc_fraction < 1.0:
             raise ValueError(f"cc_fraction={self.cc_fraction} must be strictly between 0 and 1")
+        if self.num_reasoning < 0:
+            raise ValueError(f"num_reasoning={self.num_reasoning} must be >= 0")
         for name in ("num_bison", "num_nlvr2", "num_sparkleseval"):
             if getattr(self, name) < 2:
                 raise ValueError(f"{name}={getattr(self, name)} must be at least 2 (labels are balanced)")
@@ -70,7 +74,7 @@ class WorldConfig:
 
 PRESETS: dict[str, dict] = {
     "default": {},
-    "ci": {"num_train": 300, "num_bison": 20, "num_nlvr2": 20, "num_sparkleseval": 20},
+    "ci": {"num_train": 300, "num_bison": 20, "num_nlvr2": 20, "num_sparkleseval": 20, "num_reasoning": 600},
 }
 
 
@@ -90,6 +94,7 @@ class World:
     sparkleseval: list = field(default_factory=list)
     bison: list = field(default_factory=list)
     nlvr2: list = field(default_factory=list)
+    reasoning: list = field(default_factory=list)               # text-only drills (Builder.reasoning_item)
 
 
 class IdAllocator:
@@ -353,7 +358,40 @@ class Builder:
         n_cc = max(5, round(self.cfg.num_train * self.cfg.cc_fraction))
         self._training("CC", n_cc)
         self._training("VG", self.cfg.num_train - n_cc)
+        self._reasoning()
         return self.world
+
+    def reasoning_item(self, rng: random.Random, sampler: SceneSampler, kind: str) -> dict:
+        """One text-only BISON or NLVR2 item: the evaluation question with its image slots removed and the
+        world's answer for a fresh scene pair (never rendered), with ``kind``, ``options`` and ``label``.
+
+        Without images the facts in the answer cannot be predicted, but the step from them to the verdict can:
+        a fresh 4-layer decoder learns it from these items in a few hundred steps, and one that has learnt it
+        first reads the images far better in the dialogue stage than one that must learn both at once
+        (docs/notes/tiny_world.md, session 8).
+        """
+        from sparkles.eval.prompts import SLOT
+
+        names = {"1": "IMAGE#1", "2": "IMAGE#2"}
+        while True:
+            if kind == "bison":
+                s1, s2, text = self.bison_pair(rng, sampler, rng.choice(BISON_ATTRIBUTES), rng.random() < 0.5)
+            else:
+                s1, s2, text = self.nlvr2_pair(rng, sampler, rng.choice(NLVR2_TEMPLATES), rng.random() < 0.5)
+            task = Task(kind, ("1", "2"), text=text)
+            try:
+                reply = answer(task, {"1": s1, "2": s2}, names)
+            except InvalidTask:
+                continue
+            return dict(kind=kind, prompt=question(task, names, {"1", "2"}).replace(SLOT, ""), answer=reply,
+                        options=("IMAGE#1", "IMAGE#2") if kind == "bison" else ("TRUE", "FALSE"),
+                        label=reply.rsplit(" ", 1)[1].rstrip("."))
+
+    def _reasoning(self) -> None:
+        rng = self._rng("reasoning")
+        sampler = self._sampler(rng, self.reserved)
+        for kind in _balanced(rng, ["bison", "nlvr2"], self.cfg.num_reasoning):
+            self.world.reasoning.append(self.reasoning_item(rng, sampler, kind))
 
     def _plan(self, rng, subset: str, total: int, kinds: tuple[str, ...]) -> list[tuple[str, int]]:
         """(mix kind, first-turn image count) per dialogue: kinds by quota, image counts cycled per subset."""

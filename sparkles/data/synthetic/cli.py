@@ -36,8 +36,8 @@ def _parse_mix(text: str) -> dict:
 def make_config(args: argparse.Namespace) -> WorldConfig:
     """Preset values, overridden by every option given explicitly."""
     values = dict(PRESETS[args.preset])
-    for name in ("num_train", "num_bison", "num_nlvr2", "num_sparkleseval", "image_size", "cc_fraction",
-                 "max_answer_words", "vocab_size"):
+    for name in ("num_train", "num_bison", "num_nlvr2", "num_sparkleseval", "num_reasoning", "image_size",
+                 "cc_fraction", "max_answer_words", "vocab_size"):
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
     config = WorldConfig(seed=args.seed, **values)
@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-bison", dest="num_bison", type=int)
     p.add_argument("--num-nlvr2", dest="num_nlvr2", type=int)
     p.add_argument("--num-sparkleseval", dest="num_sparkleseval", type=int)
+    p.add_argument("--num-reasoning", dest="num_reasoning", type=int,
+                   help="text-only BISON/NLVR2 reasoning drills (default 12,000; ci: 600)")
     p.add_argument("--image-size", dest="image_size", type=int, help="rendered image side in pixels (default 96)")
     p.add_argument("--mix", type=_parse_mix, help=f"task mix weights, e.g. 'bison=0.3,nlvr2=0.3' "
                                                   f"(kinds: {', '.join(MIX_KINDS)})")

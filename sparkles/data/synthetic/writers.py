@@ -8,6 +8,8 @@ Files (paths from ``SparklesLayout``):
 - ``world/scenes.json``: every image's scene record (read with ``load_scenes``)
 - ``data/cc_sbu_align/filter_cap.json`` + ``image/``: the training images with their descriptions, and
   ``data/cc_sbu_align/perception.json``: short count and place questions about them (``perception_samples``)
+- ``data/reasoning/reasoning.json``: text-only BISON/NLVR2 questions and answers about scene pairs that have
+  no images (``Builder.reasoning_item``), the decoder's warm-up on the step from facts to verdict
 
 JSON is written with sorted-free, fixed formatting so the same seed gives byte-identical files.
 """
@@ -141,6 +143,10 @@ def write_world(world: World, root: str | os.PathLike, *, workers: int = 1, forc
         bar.close()
     summary["images"] = len(jobs)
     summary.update(write_caption_set(world, root))
+    reasoning = [{"uniform_question": it["prompt"], "instruction": turn_instruction(it["prompt"]),
+                  "answer": it["answer"], "tgt_imgs": []} for it in world.reasoning]
+    write_json(root / REASONING_FILE, reasoning)
+    summary[REASONING_FILE] = len(reasoning)
 
     # Replacing a world: remove only images the previous world wrote and this one does not.
     stale = old - {e.file for e in world.scenes.values()}
@@ -227,6 +233,8 @@ def write_caption_set(world: World, root: Path) -> dict[str, int]:
 
 
 PERCEPTION_FILE = "perception.json"
+# Text-only BISON/NLVR2 drills in the dialogue split-file format, no images (the ``synthetic_reasoning`` dataset).
+REASONING_FILE = "data/reasoning/reasoning.json"
 
 
 def perception_samples(world: World) -> list[dict]:
