@@ -2,18 +2,18 @@
 # Train SparklesChat, then evaluate it on BISON, NLVR2 and SparklesEval.
 #
 #   bash run.sh                  CPU default: generate the procedural world, train the tiny SparklesChat on it in
-#                                three steps (towers; perception questions and captions; dialogues), evaluate it
-#                                (reference judge for SparklesEval), write everything under outputs/tiny/ and print a
-#                                summary (summary.json there).
-#   SPARKLES_TOWERS=instructed bash run.sh
-#                                the same with towers whose Q-Former reads the question (model_type
-#                                tiny_instructed; stage 0 train_configs/sparkleschat_tiny_stage0_instructed.yaml),
-#                                in outputs/tiny_instructed/ (experimental: docs/notes/tiny_world.md, session 7).
+#                                three steps (towers that read the question; the decoder's verdict warm-up on
+#                                text-only drills; dialogues), evaluate it (reference judge for SparklesEval), write
+#                                everything under outputs/tiny/ and print a summary (summary.json there).
+#   SPARKLES_TOWERS=image bash run.sh
+#                                the earlier pipeline, in outputs/tiny_image/: image-only towers (model_type tiny),
+#                                then perception questions and captions, then dialogues (docs/notes/tiny_world.md).
 #   bash run.sh ROOT [NGPU]      the paper pipeline on GPUs: torchrun train.py with train_configs/sparkleschat.yaml
 #                                on NGPU GPUs (default 8), then evaluate.sh on BISON and NLVR2 (and SparklesEval
 #                                when OPENAI_API_KEY or OPENAI_BASE_URL is set).
 #
-# Environment: SPARKLES_OUT (CPU default's folder, default outputs/tiny), SPARKLES_TOWERS (image | instructed),
+# Environment: SPARKLES_OUT (CPU default's folder, default outputs/tiny), SPARKLES_TOWERS (instructed | image),
+# SPARKLES_PROCS (training processes, default 2 where the machine has 2 cores or more: torchrun, one thread each),
 # SPARKLES_PRESET (default | ci: a small world and a short training, used by the tests), STAGE0_OPTIONS /
 # STAGE1_OPTIONS / TRAIN_OPTIONS (extra --options for the tower, perception and dialogue stages), EVAL_BATCH
 # (default 16), SKIP_INSTALL=1 (do not check/install requirements), PYTHON (default python3).
@@ -33,17 +33,42 @@ ensure_installed() {
   PYTHON="$PYTHON" bash scripts/install.sh
 }
 
+# One training stage: train.py under torchrun with $PROCS one-thread processes (the tiny model's matrices are too
+# small to keep two threads of one process busy: two processes train ~1.5x the samples a second), each taking its
+# share of the config's batch, so that the optimisation is the config's whatever the process count.
+#   train_stage CONFIG ROOT [KEY=VALUE ...]   (the overrides go to train.py --options)
+train_stage() {
+  local cfg=$1 root=$2; shift 2
+  local opts=("$@")
+  if (( PROCS <= 1 )); then
+    "$PYTHON" train.py --cfg-path "$cfg" --sparkles_root "$root" ${opts[@]:+--options "${opts[@]}"}
+    return
+  fi
+  local batch
+  batch=$("$PYTHON" -c "from omegaconf import OmegaConf; print(OmegaConf.load('$cfg').run.batch_size_train)")
+  if (( batch % PROCS )); then
+    echo "run.sh: the batch of $cfg ($batch) does not divide among $PROCS processes; set SPARKLES_PROCS" >&2
+    exit 2
+  fi
+  OMP_NUM_THREADS=1 "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node "$PROCS" \
+    train.py --cfg-path "$cfg" --sparkles_root "$root" --options "${opts[@]}" run.batch_size_train=$(( batch / PROCS ))
+}
+
 run_tiny() {
-  local towers=${SPARKLES_TOWERS:-image} stage0_cfg=train_configs/sparkleschat_tiny_stage0.yaml model_opts=()
+  local towers=${SPARKLES_TOWERS:-instructed} model_opts=()
+  local stage0_cfg=train_configs/sparkleschat_tiny_stage0_instructed.yaml
+  local stage1_cfg=train_configs/sparkleschat_tiny_reasoning.yaml stage2_cfg=train_configs/sparkleschat_tiny_instructed.yaml
   local out=${SPARKLES_OUT:-outputs/tiny} preset=${SPARKLES_PRESET:-default} batch=${EVAL_BATCH:-16}
   case "$towers" in
-    image) ;;
-    instructed)
-      stage0_cfg=train_configs/sparkleschat_tiny_stage0_instructed.yaml
-      model_opts=(model.model_type=tiny_instructed)
-      out=${SPARKLES_OUT:-outputs/tiny_instructed} ;;
-    *) echo "run.sh: SPARKLES_TOWERS must be image or instructed, not '$towers'" >&2; exit 2 ;;
+    instructed) ;;
+    image)
+      stage0_cfg=train_configs/sparkleschat_tiny_stage0.yaml
+      stage1_cfg=train_configs/sparkleschat_tiny_stage1.yaml stage2_cfg=train_configs/sparkleschat_tiny.yaml
+      model_opts=(model.model_type=tiny)
+      out=${SPARKLES_OUT:-outputs/tiny_image} ;;
+    *) echo "run.sh: SPARKLES_TOWERS must be instructed or image, not '$towers'" >&2; exit 2 ;;
   esac
+  PROCS=${SPARKLES_PROCS:-$(( $(nproc) >= 2 ? 2 : 1 ))}
   local train_opts=("${model_opts[@]}" ${TRAIN_OPTIONS:-}) stage1_opts=("${model_opts[@]}" ${STAGE1_OPTIONS:-})
   local stage0_opts=(${STAGE0_OPTIONS:-})
   if [[ "$preset" == ci ]]; then
@@ -60,15 +85,13 @@ run_tiny() {
     echo "[run.sh] world found in $out (delete the folder to regenerate it)"
   fi
   local t1; t1=$(now)
-  # Stage 0 pretrains the vision towers on the world's scene tags (the stand-in for EVA-CLIP/BLIP-2 weights);
-  # with the towers frozen, stage 1 teaches a fresh decoder to look things up in them (single-image count and
-  # place questions, captions) and stage 2 trains it on the dialogues.
-  "$PYTHON" train.py --cfg-path "$stage0_cfg" --sparkles_root "$out" \
-    ${stage0_opts[@]:+--options "${stage0_opts[@]}"}
-  "$PYTHON" train.py --cfg-path train_configs/sparkleschat_tiny_stage1.yaml --sparkles_root "$out" \
-    ${stage1_opts[@]:+--options "${stage1_opts[@]}"}
-  "$PYTHON" train.py --cfg-path train_configs/sparkleschat_tiny.yaml --sparkles_root "$out" \
-    ${train_opts[@]:+--options "${train_opts[@]}"}
+  # Stage 0 pretrains the vision towers on the world's scene tags and on what each image's message asks (the
+  # stand-in for EVA-CLIP/BLIP-2 weights); with the towers frozen, stage 1 teaches a fresh decoder the step from
+  # an answer's facts to its verdict on text-only drills, and stage 2 trains it on the dialogues, where it learns
+  # to read those facts from the towers. (image: stage 1 is perception questions and captions instead.)
+  train_stage "$stage0_cfg" "$out" "${stage0_opts[@]}"
+  train_stage "$stage1_cfg" "$out" "${stage1_opts[@]}"
+  train_stage "$stage2_cfg" "$out" "${train_opts[@]}"
   local t2; t2=$(now)
   local ds
   for ds in BISON NLVR2 SparklesEval; do
@@ -82,9 +105,9 @@ run_tiny() {
   "$PYTHON" -m sparkles.tools.summary --root "$out" --train-seconds "$(elapsed "$t1" "$t2")" \
     --eval-seconds "$(elapsed "$t2" "$t3")" \
     --extra "{\"world_seconds\": $(elapsed "$t0" "$t1"), \"total_seconds\": $(elapsed "$t0" "$t3"),
-              \"preset\": \"$preset\", \"towers\": \"$towers\"}"
+              \"preset\": \"$preset\", \"towers\": \"$towers\", \"processes\": $PROCS}"
   local demo="python demo.py"
-  [[ "$towers" == instructed ]] && demo="python demo.py --sparkles_root $out --options model.model_type=tiny_instructed"
+  [[ "$towers" == image ]] && demo="python demo.py --sparkles_root $out --options model.model_type=tiny"
   echo "[run.sh] result pages: $out/evaluation/*/results/*.html; chat with it: $demo"
 }
 
