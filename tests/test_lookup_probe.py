@@ -92,7 +92,9 @@ def test_probe_runs_on_frozen_towers_and_reports_prior_and_curve(world, tmp_path
 
     with pytest.raises(SystemExit, match="train the towers first"):
         main(["--root", str(world), "--cfg-path", CFG, "--steps", "1"])
-    model, _ = load_model(CFG, sparkles_root=str(world), options=["model.ckpt=", "model.q_former_model="])
+    # the probe reads image-only towers (model_type tiny), whatever the config's default
+    model, _ = load_model(CFG, sparkles_root=str(world),
+                          options=["model.model_type=tiny", "model.ckpt=", "model.q_former_model="])
     loaders.save_blip2(model, world / "models" / "towers.pth")
     out = tmp_path / "curve.json"
     assert main(["--root", str(world), "--towers", "models/towers.pth", "--cfg-path", CFG, "--images", "2",

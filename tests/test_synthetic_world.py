@@ -146,6 +146,30 @@ def test_perception_questions_are_true_and_use_training_images(world):
     assert 0.3 < kinds["present"] / (2 * len(train_ids)) < 0.8  # "no" is not the usual answer
 
 
+def test_reasoning_drills_are_text_only_evaluation_questions_with_consistent_verdicts(world):
+    samples = _load(world / "data" / "reasoning" / "reasoning.json")
+    assert len(samples) == 600  # the ci preset's num_reasoning
+    kinds, labels = Counter(), Counter()
+    for s in samples:
+        assert s["tgt_imgs"] == [] and "<Img>" not in s["uniform_question"]
+        assert s["instruction"] == f"###Human: {s['uniform_question']}###Assistant: "
+        verdict = s["answer"].rsplit(" ", 1)[1].rstrip(".")
+        caption = re.search(r"caption that describes exactly one of them: '(.*)'\.", s["uniform_question"])
+        if caption:  # the BISON question with its image slots removed; the choice is the image with no "no"
+            assert s["uniform_question"] == bison_prompt(caption.group(1)).replace(SLOT, "")
+            sections = re.findall(r"In (IMAGE#[12]): ([^.]*)\.", s["answer"])
+            assert [name for name, checks in sections if ", no" not in checks] == [verdict]
+            kinds["bison"] += 1
+        else:
+            statement = re.search(r"Is this statement about the pair true: '(.*)'\?", s["uniform_question"])
+            assert s["uniform_question"] == nlvr2_prompt(statement.group(1)).replace(SLOT, "")
+            assert verdict in ("TRUE", "FALSE")
+            kinds["nlvr2"] += 1
+        labels[verdict] += 1
+    assert kinds["bison"] == kinds["nlvr2"] == 300
+    assert all(60 < n < 240 for n in labels.values()) and len(labels) == 4  # both options of both kinds occur
+
+
 def test_dialogue_files_have_upstream_fields_and_types(world):
     scenes = _scenes(world)
     for subset, id_type in (("CC", str), ("VG", int)):

@@ -51,6 +51,28 @@ def test_tiny_stages_chain_towers_perception_dialogues():
         assert cfg.datasets.synthetic_perception.sample_ratio > 0
 
 
+def test_default_tiny_stages_chain_instructed_towers_reasoning_dialogues():
+    """run.sh's default: message-reading towers → verdict warm-up on text-only drills → dialogues → evaluation."""
+    stage0 = load_config(CONFIGS / "sparkleschat_tiny_stage0_instructed.yaml")
+    warm_up = load_config(CONFIGS / "sparkleschat_tiny_reasoning.yaml")
+    dialogues = load_config(CONFIGS / "sparkleschat_tiny_instructed.yaml")
+    evaluation = load_config(Path(__file__).resolve().parents[1] / "eval_configs" / "sparkles_tiny.yaml")
+    towers = f"{stage0.run.output_dir}/blip2_towers.pth"
+    assert stage0.model.model_type == "tiny_instructed" and stage0.run.task == "tower_pretrain"
+    assert list(warm_up.datasets) == ["synthetic_reasoning"] and not warm_up.model.ckpt  # a fresh decoder
+    assert warm_up.run.find_unused_parameters  # text only: the projection gets no gradient under torchrun
+    assert dialogues.model.ckpt == f"{warm_up.run.output_dir}/checkpoint_last.pth"
+    ratios = {n: d.sample_ratio for n, d in dialogues.datasets.items()}
+    assert max(ratios, key=ratios.get).endswith("turn1_2img") and ratios["synthetic_perception"] > 0
+    for cfg in (warm_up, dialogues, evaluation):
+        assert cfg.model.model_type == "tiny_instructed" and cfg.model.q_former_model == towers
+    for cfg in (warm_up, dialogues):
+        assert cfg.model.freeze_vit and cfg.model.freeze_qformer
+    assert evaluation.model.ckpt == f"{dialogues.run.output_dir}/checkpoint_last.pth"
+    # run.sh divides each stage's batch among two processes
+    assert all(cfg.run.batch_size_train % 2 == 0 for cfg in (stage0, warm_up, dialogues))
+
+
 def test_tiny_stage1_asks_perception_questions_and_captions():
     cfg = load_config(CONFIGS / "sparkleschat_tiny_stage1.yaml")
     ratios = {n: d.sample_ratio for n, d in cfg.datasets.items()}

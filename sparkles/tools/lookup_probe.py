@@ -134,9 +134,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not (root / args.towers).is_file():
         raise SystemExit(f"{root / args.towers} not found: train the towers first (train_configs/"
                          "sparkleschat_tiny_stage0.yaml) or pass --towers")
-    # a fresh (or --init) decoder and projection on the frozen towers
-    model, _ = load_model(args.cfg_path, sparkles_root=str(root),
-                          options=[f"model.ckpt={args.init}", f"model.q_former_model={args.towers}"])
+    # a fresh (or --init) decoder and projection on the frozen towers (image-only ones: the probe reads the
+    # image tokens without a message)
+    model, _ = load_model(args.cfg_path, sparkles_root=str(root), options=[
+        "model.model_type=tiny", f"model.ckpt={args.init}", f"model.q_former_model={args.towers}"])
     chat = make_chat(model)
     renderer = chat.renderer
     train_scenes, train_feats = world_features(model, chat, root, {"CC", "VG"}, args.train_images)
