@@ -15,7 +15,7 @@
 # Environment: SPARKLES_OUT (CPU default's folder, default outputs/tiny), SPARKLES_TOWERS (instructed | image),
 # SPARKLES_PROCS (training processes, default 2 where the machine has 2 cores or more: torchrun, one thread each),
 # SPARKLES_PRESET (default | ci: a small world and a short training, used by the tests), STAGE0_OPTIONS /
-# STAGE1_OPTIONS / TRAIN_OPTIONS (extra --options for the tower, perception and dialogue stages), EVAL_BATCH
+# STAGE1_OPTIONS / TRAIN_OPTIONS (extra --options for the tower, warm-up (image: perception) and dialogue stages), EVAL_BATCH
 # (default 16), SKIP_INSTALL=1 (do not check/install requirements), PYTHON (default python3).
 set -euo pipefail
 cd "$(dirname "$0")"
