@@ -60,39 +60,16 @@ class ItemMaker:
     """Random BISON/NLVR2 items (prompt without image slots, answer, options, label) from the world generator."""
 
     def __init__(self, kinds: Sequence[str], fmt: str, seed: int):
-        from sparkles.data.synthetic.build import BISON_ATTRIBUTES, Builder, WorldConfig
-        from sparkles.data.synthetic.tasks import NLVR2_TEMPLATES
+        from sparkles.data.synthetic.build import Builder, WorldConfig
 
         self.builder = Builder(WorldConfig())
         self.rng = random.Random(seed)
         self.sampler = self.builder._sampler(self.rng, None)
         self.kinds, self.fmt = tuple(kinds), fmt
-        self.attributes, self.templates = BISON_ATTRIBUTES, NLVR2_TEMPLATES
 
     def __call__(self) -> dict:
-        if self.fmt == "checks":
-            return self.builder.reasoning_item(self.rng, self.sampler, self.rng.choice(self.kinds))
-        from sparkles.data.synthetic.tasks import InvalidTask, Task, question
-        from sparkles.eval.prompts import SLOT
-
-        rng = self.rng
-        while True:
-            kind = rng.choice(self.kinds)
-            if kind == "bison":
-                s1, s2, text = self.builder.bison_pair(rng, self.sampler, rng.choice(self.attributes),
-                                                       rng.random() < 0.5)
-            else:
-                s1, s2, text = self.builder.nlvr2_pair(rng, self.sampler, rng.choice(self.templates),
-                                                       rng.random() < 0.5)
-            task, scenes, names = Task(kind, ("1", "2"), text=text), {"1": s1, "2": s2}, {"1": "IMAGE#1", "2": "IMAGE#2"}
-            try:
-                ans = _descriptions_answer(task, scenes)
-            except InvalidTask:
-                continue
-            options = ("IMAGE#1", "IMAGE#2") if kind == "bison" else ("TRUE", "FALSE")
-            label = ans.rsplit(" ", 1)[1].rstrip(".")
-            return dict(kind=kind, prompt=question(task, names, {"1", "2"}).replace(SLOT, ""), answer=ans,
-                        options=options, label=label)
+        write_answer = None if self.fmt == "checks" else _descriptions_answer
+        return self.builder.reasoning_item(self.rng, self.sampler, self.rng.choice(self.kinds), write_answer)
 
 
 def encode(items: list[dict], renderer):

@@ -361,14 +361,15 @@ class Builder:
         self._reasoning()
         return self.world
 
-    def reasoning_item(self, rng: random.Random, sampler: SceneSampler, kind: str) -> dict:
+    def reasoning_item(self, rng: random.Random, sampler: SceneSampler, kind: str, write_answer=None) -> dict:
         """One text-only BISON or NLVR2 item: the evaluation question with its image slots removed and the
         world's answer for a fresh scene pair (never rendered), with ``kind``, ``options`` and ``label``.
 
         Without images the facts in the answer cannot be predicted, but the step from them to the verdict can:
         a fresh 4-layer decoder learns it from these items in a few hundred steps, and one that has learnt it
         first reads the images far better in the dialogue stage than one that must learn both at once
-        (docs/notes/tiny_world.md, session 8).
+        (docs/notes/tiny_world.md, session 8). ``write_answer(task, scenes)`` replaces the world's answer (the
+        decision probe's other reasoning forms); it may raise ``InvalidTask`` to have another pair drawn.
         """
         from sparkles.eval.prompts import SLOT
 
@@ -380,7 +381,8 @@ class Builder:
                 s1, s2, text = self.nlvr2_pair(rng, sampler, rng.choice(NLVR2_TEMPLATES), rng.random() < 0.5)
             task = Task(kind, ("1", "2"), text=text)
             try:
-                reply = answer(task, {"1": s1, "2": s2}, names)
+                scenes = {"1": s1, "2": s2}
+                reply = write_answer(task, scenes) if write_answer else answer(task, scenes, names)
             except InvalidTask:
                 continue
             return dict(kind=kind, prompt=question(task, names, {"1", "2"}).replace(SLOT, ""), answer=reply,
