@@ -100,15 +100,18 @@ class RunnerBase:
     def _amp_dtype(self) -> Optional[torch.dtype]:
         if not self.run.amp:
             return None
-        if self.device.type != "cuda":
-            log.info("run.amp is ignored on %s: training in float32", self.device.type)
-            return None
-        return AMP_DTYPES[self.run.amp_dtype]
+        dtype = AMP_DTYPES[self.run.amp_dtype]
+        # CPUs autocast to bfloat16 only (with AVX512-BF16 or AMX its matrix products are ~1.5x faster for the tiny
+        # model); float16 needs a GPU and its loss scaling.
+        if self.device.type == "cuda" or (self.device.type == "cpu" and dtype == torch.bfloat16):
+            return dtype
+        log.info("run.amp (%s) is ignored on %s: training in float32", self.run.amp_dtype, self.device.type)
+        return None
 
     def _autocast(self):
         if self.amp_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast("cuda", dtype=self.amp_dtype)
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     # ------------------------------------------------------------------ resume / checkpoints
     def resume(self, path: Path) -> None:

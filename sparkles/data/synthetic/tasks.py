@@ -240,13 +240,25 @@ def item_holds(item: Item, scene: Scene) -> bool:
     return item.position is None or (len(objs) == 1 and objs[0].position == item.position)
 
 
-def caption_checks(caption: str, scene: Scene) -> list[tuple[str, bool]]:
-    """Each item of a BISON caption (as written in it) and whether it holds in ``scene``."""
+def check_fact(item: Item, scene: Scene) -> str:
+    """What ``scene`` holds of a caption item's kind, in words: ``two``, ``zero``; ``one at the top`` for a positioned
+    item whose kind the scene holds once. These are the facts the towers' item query for that item carries (its
+    count and the cell of its single object), so the decoder copies them and then compares them with the item."""
+    objs = scene.find(item.colour, item.shape)
+    fact = _number_or_zero(len(objs))
+    if item.position and len(objs) == 1:
+        fact += f" {POSITION_PHRASES[objs[0].position]}"
+    return fact
+
+
+def caption_checks(caption: str, scene: Scene) -> list[tuple[str, str, bool]]:
+    """Each item of a BISON caption (as written in it), what ``scene`` holds of its kind, and whether it holds."""
     items = parse_items(caption)
-    return [(item_phrase(it.count, it.colour, it.shape, it.position), item_holds(it, scene)) for it in items]
+    return [(item_phrase(it.count, it.colour, it.shape, it.position), check_fact(it, scene), item_holds(it, scene))
+            for it in items]
 
 
-# One image's section of a BISON answer: "In IMAGE#1: a red circle, yes; two green squares, no."
+# One image's section of a BISON answer: "In IMAGE#1: a red circle: one, yes; two green squares: three, no."
 CHECK_SECTION_RE = re.compile(r"In IMAGE#([0-9A-Za-z_-]+): ([^.]+)\.")
 
 
@@ -255,6 +267,7 @@ def parse_check_section(text: str) -> list[tuple[Item | None, str | None]]:
     out = []
     for check in text.split("; "):
         phrase, _, verdict = check.rpartition(", ")
+        phrase = phrase.partition(": ")[0]  # the stated fact, if any, follows the item
         try:
             (item,) = parse_items(phrase)
         except ValueError:
@@ -265,7 +278,7 @@ def parse_check_section(text: str) -> list[tuple[Item | None, str | None]]:
 
 def caption_refuted(caption: str, scene: Scene) -> bool:
     """True when some item of the caption is false of ``scene`` (what makes a BISON decoy a decoy)."""
-    return not all(ok for _, ok in caption_checks(caption, scene))
+    return not all(ok for _, _, ok in caption_checks(caption, scene))
 
 
 def caption_matches(caption: str, scene: Scene) -> bool:
@@ -372,10 +385,11 @@ def answer(task: Task, scenes: Mapping[str, Scene], names: Mapping[str, str]) ->
             checks = [caption_checks(task.text, sc[key]) for key in ids]
         except ValueError as exc:
             raise InvalidTask(str(exc)) from None
-        fits = [all(ok for _, ok in c) for c in checks]
+        fits = [all(ok for _, _, ok in c) for c in checks]
         if fits.count(True) != 1 or not caption_matches(task.text, sc[ids[fits.index(True)]]):
             raise InvalidTask(f"bison: the items of {task.text!r} hold in {fits.count(True)} of the two images")
-        sections = [f"In {names[key]}: " + "; ".join(f"{phrase}, {'yes' if ok else 'no'}" for phrase, ok in c) + "."
+        sections = [f"In {names[key]}: " + "; ".join(f"{phrase}: {fact}, {'yes' if ok else 'no'}"
+                                                     for phrase, fact, ok in c) + "."
                     for key, c in zip(ids, checks)]
         choice = names[ids[fits.index(True)]]
         return f"{REASONING_OPENER} {' '.join(sections)} {BISON_ANSWER_PHRASE} {choice}."
