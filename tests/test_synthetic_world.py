@@ -339,7 +339,7 @@ def test_training_uses_the_evaluation_templates(world):
             m = re.search(r"'(.+?)'[.?] ", q1["content"])
             if m and q1["content"] == bison_prompt(m[1]):
                 kinds[subset, "bison"] += 1
-                check = r"[a-z ]+, (?:yes|no)"
+                check = r"[a-z ]+: [a-z ]+, (?:yes|no)"  # item: what the image holds of its kind, verdict
                 section = rf"In IMAGE#{{n}}: {check}(?:; {check})*\. "
                 assert re.fullmatch(r"Let's think step by step\. " + section.format(n=1) + section.format(n=2) +
                                     r"Therefore, the answer \(IMAGE#1 or IMAGE#2\) is IMAGE#[12]\.", a1["content"])
@@ -405,6 +405,18 @@ def _item_holds(part: str, rec) -> bool:
     assert m, part
     cells = [(o["row"], o["col"]) for o in rec["objects"] if (o["colour"], o["shape"]) == (m[2], m[3])]
     return len(cells) == WORDS[m[1]] and (not m[4] or cells == [PHRASES[m[4]]])
+
+
+def _item_fact(part: str, rec) -> str:
+    """Independent statement of what a scene holds of a caption item's kind: its count in words ("zero" for
+    none), and for a positioned item held once, where that one is."""
+    m = re.fullmatch(r"(\w+) (\w+) (circle|square|triangle)s?(?: (.+))?", part)
+    cells = [(o["row"], o["col"]) for o in rec["objects"] if (o["colour"], o["shape"]) == (m[2], m[3])]
+    words = {n: w for w, n in WORDS.items() if w not in ("a", "no")} | {0: "zero"}
+    fact = words[len(cells)]
+    if m[4] and len(cells) == 1:
+        fact += " " + {cell: phrase for phrase, cell in PHRASES.items()}[cells[0]]
+    return fact
 
 
 def test_bison_pairs_differ_in_one_attribute_and_the_caption_decides(world):
@@ -484,9 +496,11 @@ def test_training_bison_and_nlvr2_answers_are_true(world):
                 assert a1["content"].endswith(f"IMAGE#{fits.index(True) + 1}.")
                 for n, scene in ((1, left), (2, right)):
                     section = re.search(rf"In IMAGE#{n}: ([^.]+)\.", a1["content"])[1]
-                    checks = [c.rsplit(", ", 1) for c in section.split("; ")]
-                    assert [part for part, _ in checks] == re.split(r", | and ", m[1])
-                    assert [verdict == "yes" for _, verdict in checks] == [_item_holds(p, scene) for p, _ in checks]
+                    checks = [re.fullmatch(r"(.+): (.+), (yes|no)", c).groups() for c in section.split("; ")]
+                    assert [part for part, _, _ in checks] == re.split(r", | and ", m[1])
+                    assert [fact for _, fact, _ in checks] == [_item_fact(p, scene) for p, _, _ in checks]
+                    assert [verdict == "yes" for _, _, verdict in checks] == [_item_holds(p, scene)
+                                                                             for p, _, _ in checks]
                 checked += 1
     assert checked > 80
 

@@ -65,6 +65,21 @@ def test_tiny_model_loss_falls_and_checkpoints_are_complete(world):
         assert torch.equal(model.state_dict()[k], v)
 
 
+def test_bfloat16_autocast_trains_on_cpu_and_float16_falls_back(world):
+    run = {"output_dir": "bf16", "max_epoch": 3, "iters_per_epoch": 10, "init_lr": 5e-3, "amp": True,
+           "amp_dtype": "bfloat16", "device": "cpu"}
+    summary = train.main(["--cfg-path", str(config(world, "bf16", run=run))])
+    assert summary["autocast"] == "bfloat16"
+    losses = [e["train_loss"] for e in summary["epochs"]]
+    assert losses[2] < losses[0] - 0.8, losses
+    # the weights stay float32: autocast changes the products' precision, not what is optimised and saved
+    ckpt = torch.load(Path(summary["checkpoint"]), weights_only=True)
+    assert {v.dtype for v in ckpt["model"].values()} == {torch.float32}
+
+    run = dict(run, output_dir="fp16", amp_dtype="float16", max_epoch=1, iters_per_epoch=2)
+    assert train.main(["--cfg-path", str(config(world, "fp16", run=run))])["autocast"] is None  # needs a GPU
+
+
 def test_frozen_towers_train_only_the_projection_and_the_feature_cache_matches(world):
     model = {"freeze_vit": True, "freeze_qformer": True, "freeze_llm": True}
     run = {"max_epoch": 1, "iters_per_epoch": 4}

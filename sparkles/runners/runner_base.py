@@ -324,6 +324,7 @@ class RunnerBase:
             log.info("nothing to train: the checkpoint already covers run.max_epoch=%d epochs", self.run.max_epoch)
         return {"output_dir": str(self.output_dir), "epochs": history, "skipped_bad_records": skipped,
                 "time_s": time.perf_counter() - t0,
+                "autocast": str(self.amp_dtype).removeprefix("torch.") if self.amp_dtype else None,
                 "checkpoint": str(self.output_dir / "checkpoint_last.pth") if history else None}
 
     def _report_skipped(self) -> int:
