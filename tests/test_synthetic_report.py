@@ -50,6 +50,10 @@ def test_report_counts_accuracy_and_check_agreement(tmp_path):
     assert report["BISON"]["accuracy"] == 1.0 and report["BISON"]["unreadable_checks"] == 0
     assert {"false items", "true items"} <= set(report["BISON"]["checks"])
     assert all(row["agreement"] == 1.0 for row in report["BISON"]["checks"].values())
+    facts = report["BISON"]["facts"]  # the reference answers state every fact right and conclude from it
+    assert {"facts right", "verdict follows the fact"} <= set(facts)
+    assert all(row["agreement"] == 1.0 for row in facts.values())
+    assert facts["facts right"]["checks"] == sum(row["checks"] for row in report["BISON"]["checks"].values())
     # "FALSE" everywhere is right exactly on the false statements, template by template.
     for template, row in report["NLVR2"]["by_template"].items():
         falses = sum(x["label"] == "False" for x in nlvr2_annotations if _template(x["sentence"]) == template)
@@ -59,6 +63,9 @@ def test_report_counts_accuracy_and_check_agreement(tmp_path):
     assert main(["--root", str(root), "--bison", str(flipped), "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert all(row["agreement"] == 0.0 for row in report["BISON"]["checks"].values())
+    # flipped verdicts after right facts: the read-out is right, the comparison never
+    assert report["BISON"]["facts"]["facts right"]["agreement"] == 1.0
+    assert report["BISON"]["facts"]["verdict follows the fact"]["agreement"] == 0.0
 
 
 def _template(sentence: str) -> str:

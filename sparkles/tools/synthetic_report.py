@@ -3,7 +3,9 @@
 Reads merged result files (``evaluation/{BISON,NLVR2}/results/*_acc*.json``, the newest unless named) and the
 world's scene records, and reports accuracy per BISON difference (colour, shape, count, position) and per NLVR2
 statement template, and — since BISON answers check each caption item against each image — how often the
-model's own "yes"/"no" agrees with the scene, split by the item's truth and by whether it states a position.
+model's own "yes"/"no" agrees with the scene, split by the item's truth and by whether it states a position; and,
+for checks that state a fact first (``a red circle at the top: one on the left, no``), how often that fact is the
+scene's (the read-out of the towers) and how often the verdict follows from it (the comparison).
 
     python -m sparkles.tools.synthetic_report --root outputs/tiny [--bison FILE] [--nlvr2 FILE] [--out report.json]
 """
@@ -31,12 +33,14 @@ def _correct(rec: dict) -> bool:
 
 def bison_report(records: list[dict], annotations: list[dict], scenes: dict) -> dict:
     from sparkles.data.synthetic.scenes import as_scene
-    from sparkles.data.synthetic.tasks import CHECK_SECTION_RE, item_holds, parse_check_section
+    from sparkles.data.synthetic.tasks import (CHECK_SECTION_RE, check_fact, fact_supports, item_holds,
+                                               parse_check_section, parse_fact)
 
     by_id = {a["evaluation_id"]: a for a in annotations}
     per_kind: dict[str, list[int]] = {}
     checks: dict[str, list[int]] = {}
     unreadable = 0
+    facts = {"facts right": [0, 0], "positioned facts right": [0, 0], "verdict follows the fact": [0, 0]}
     for rec in records:
         ann = by_id.get(rec["evaluation_id"])
         if ann is None:
@@ -46,11 +50,21 @@ def bison_report(records: list[dict], annotations: list[dict], scenes: dict) -> 
         row[1] += 1
         candidates = [as_scene(scenes[str(c["image_id"])]) for c in ann["image_candidates"]]
         for name, section in CHECK_SECTION_RE.findall(rec.get("response", "")):
-            for item, verdict in parse_check_section(section):
+            for check, (item, verdict) in zip(section.split("; "), parse_check_section(section)):
                 if item is None or verdict is None or name not in ("1", "2"):
                     unreadable += 1
                     continue
-                truth = item_holds(item, candidates[int(name) - 1])
+                scene = candidates[int(name) - 1]
+                truth = item_holds(item, scene)
+                stated = check.rpartition(", ")[0].partition(": ")[2]
+                fact = parse_fact(stated) if stated else None
+                if fact is not None:
+                    right = stated == check_fact(item, scene)
+                    for key in ("facts right", "positioned facts right") if item.position else ("facts right",):
+                        facts[key][0] += right
+                        facts[key][1] += 1
+                    facts["verdict follows the fact"][0] += fact_supports(item, fact) == (verdict == "yes")
+                    facts["verdict follows the fact"][1] += 1
                 key = ("true " if truth else "false ") + ("positioned items" if item.position else "items")
                 row = checks.setdefault(key, [0, 0])
                 row[0] += (verdict == "yes") == truth
@@ -58,6 +72,7 @@ def bison_report(records: list[dict], annotations: list[dict], scenes: dict) -> 
     return dict(items=len(records), accuracy=_ratio(sum(_correct(r) for r in records), len(records)),
                 by_difference={k: dict(accuracy=_ratio(*v), items=v[1]) for k, v in sorted(per_kind.items())},
                 checks={k: dict(agreement=_ratio(*v), checks=v[1]) for k, v in sorted(checks.items())},
+                facts={k: dict(agreement=_ratio(*v), checks=v[1]) for k, v in facts.items() if v[1]},
                 unreadable_checks=unreadable)
 
 

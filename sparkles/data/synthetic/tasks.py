@@ -262,6 +262,22 @@ def caption_checks(caption: str, scene: Scene) -> list[tuple[str, str, bool]]:
 CHECK_SECTION_RE = re.compile(r"In IMAGE#([0-9A-Za-z_-]+): ([^.]+)\.")
 
 
+def parse_fact(fact: str) -> tuple[int, str | None] | None:
+    """A check's stated fact read back (``one on the left`` → (1, "left")); None when it is not one."""
+    from .language import PHRASE_POSITIONS
+
+    word, _, place = fact.partition(" ")
+    if word not in WORD_VALUES or (place and place not in PHRASE_POSITIONS):
+        return None
+    return WORD_VALUES[word], PHRASE_POSITIONS.get(place)
+
+
+def fact_supports(item: Item, fact: tuple[int, str | None]) -> bool:
+    """Whether a stated (count, place) makes ``item`` hold: the verdict that follows from the fact alone."""
+    count, place = fact
+    return count == item.count and (item.position is None or place == item.position)
+
+
 def parse_check_section(text: str) -> list[tuple[Item | None, str | None]]:
     """The (item, "yes"/"no") pairs of a section's check list; None where an item or verdict is unreadable."""
     out = []
