@@ -64,6 +64,8 @@ def test_default_tiny_stages_chain_instructed_towers_reasoning_dialogues():
     assert dialogues.model.ckpt == f"{warm_up.run.output_dir}/checkpoint_last.pth"
     ratios = {n: d.sample_ratio for n, d in dialogues.datasets.items()}
     assert max(ratios, key=ratios.get).endswith("turn1_2img") and ratios["synthetic_perception"] > 0
+    # the drills stay in the dialogue stage's mix, so text-only batches need DDP's unused-parameter search
+    assert ratios["synthetic_reasoning"] > 0 and dialogues.run.find_unused_parameters
     for cfg in (warm_up, dialogues, evaluation):
         assert cfg.model.model_type == "tiny_instructed" and cfg.model.q_former_model == towers
     for cfg in (warm_up, dialogues):
