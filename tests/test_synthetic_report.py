@@ -28,6 +28,25 @@ def _bison_results(root, flip_checks: bool) -> list[dict]:
     return out
 
 
+def _nlvr2_results(root, flip_steps: bool) -> list[dict]:
+    """The world's reference answers to the NLVR2 items (verdict right); ``flip_steps`` turns every step's
+    yes/no over and keeps the verdict."""
+    scenes = load_scenes(root)
+    annotations = json.loads((root / "evaluation/NLVR2/annotations/sparkles_evaluation_nlvr2_annotations.json")
+                             .read_text())
+    out = []
+    for a in annotations:
+        keys = [f"{a['identifier'][:-2]}-img{side}" for side in (0, 1)]
+        pair = {"l": as_scene(scenes[keys[0]]), "r": as_scene(scenes[keys[1]])}
+        text = answer(Task("nlvr2", ("l", "r"), text=a["sentence"]), pair, {"l": "IMAGE#1", "r": "IMAGE#2"})
+        if flip_steps:
+            text = re.sub(r": (yes|no)\.", lambda m: ": no." if m[1] == "yes" else ": yes.", text)
+        out.append({"evaluation_id": a["evaluation_id"], "label": a["label"], "predict": a["label"].lower(),
+                    "sentence": a["sentence"], "response": text,
+                    "img_paths": [f"evaluation/NLVR2/images/{k}.png" for k in keys]})
+    return out
+
+
 def test_report_counts_accuracy_and_check_agreement(tmp_path):
     root = tmp_path / "world"
     assert world_main(["--out", str(root), "--seed", "3", "--preset", "ci", "--no-tokenizer", "--quiet",
@@ -58,6 +77,27 @@ def test_report_counts_accuracy_and_check_agreement(tmp_path):
     for template, row in report["NLVR2"]["by_template"].items():
         falses = sum(x["label"] == "False" for x in nlvr2_annotations if _template(x["sentence"]) == template)
         assert row["accuracy"] == round(falses / row["items"], 3), template
+
+    assert "steps" not in report["NLVR2"]  # answers without steps: nothing to read
+
+    nlvr2_right, nlvr2_flipped = (nlvr2.parent / f"NLVR2_{name}_acc1.000.json" for name in ("right", "flipped"))
+    right_answers = _nlvr2_results(root, flip_steps=False)
+    nlvr2_right.write_text(json.dumps(right_answers))
+    nlvr2_flipped.write_text(json.dumps(_nlvr2_results(root, flip_steps=True)))
+    assert main(["--root", str(root), "--nlvr2", str(nlvr2_right), "--out", str(out)]) == 0
+    steps = json.loads(out.read_text())["NLVR2"]["steps"]
+    assert set(steps) == {"counts right", "steps follow their counts", "verdict follows the steps"}
+    assert all(row["agreement"] == 1.0 for row in steps.values()), steps
+    assert steps["verdict follows the steps"]["checks"] == len(nlvr2_annotations)
+    assert steps["counts right"]["checks"] >= len(nlvr2_annotations)  # one count per side statement, two else
+    assert main(["--root", str(root), "--nlvr2", str(nlvr2_flipped), "--out", str(out)]) == 0
+    steps = json.loads(out.read_text())["NLVR2"]["steps"]
+    # every yes/no turned over: the counts are still read right, but no step follows them, and a verdict follows
+    # its steps only where turning them over keeps a "no" (a "both" item with one yes and one no)
+    mixed = sum(sorted(re.findall(r": (yes|no)\.", r["response"])) == ["no", "yes"] for r in right_answers)
+    assert steps["counts right"]["agreement"] == 1.0
+    assert steps["steps follow their counts"]["agreement"] == 0.0
+    assert steps["verdict follows the steps"]["agreement"] == round(mixed / len(right_answers), 3) < 0.5
 
     out = tmp_path / "flipped.json"
     assert main(["--root", str(root), "--bison", str(flipped), "--out", str(out)]) == 0

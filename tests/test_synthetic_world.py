@@ -345,11 +345,13 @@ def test_training_uses_the_evaluation_templates(world):
                                     r"Therefore, the answer \(IMAGE#1 or IMAGE#2\) is IMAGE#[12]\.", a1["content"])
             elif m and q1["content"] == nlvr2_prompt(m[1]):
                 kinds[subset, "nlvr2"] += 1
-                side = r"The (?:left|right) image, IMAGE#[12], shows [^.]+\. "
+                needs = r"; the statement needs [a-z ]+: (?:yes|no)\. "  # each step judged, BISON-style
+                side = r"The (?:left|right) image, IMAGE#[12], shows [^.;]+"
                 assert re.fullmatch(r"Let's think step by step\. "
-                                    r"(IMAGE#1 shows [^.]+\. IMAGE#2 shows [^.]+\. "
-                                    r"(That makes [^.]+ in total, and the statement says \w+\. )?"
-                                    rf"|{side}({side}[A-Z][a-z]+ is (?:not )?more than \w+\. )?)"
+                                    rf"(IMAGE#1 shows [^.;]+{needs}IMAGE#2 shows [^.;]+{needs}"
+                                    rf"|IMAGE#1 shows [^.;]+\. IMAGE#2 shows [^.;]+\. That makes [^.;]+ in total{needs}"
+                                    rf"|{side}{needs}"
+                                    rf"|{side}\. {side}\. [A-Z][a-z]+ is more than [a-z]+: (?:yes|no)\. )"
                                     r"Therefore, the answer \(TRUE or FALSE\) is (TRUE|FALSE)\.", a1["content"])
     for subset in ("CC", "VG"):
         assert kinds[subset, "bison"] >= 20 and kinds[subset, "nlvr2"] >= 20, kinds
@@ -506,20 +508,31 @@ def test_training_bison_and_nlvr2_answers_are_true(world):
 
 
 def _assert_nlvr2_reasoning_true(answer_text: str, sentence: str, left, right) -> None:
-    """Every count the NLVR2 reasoning states is the scene's, and its last step agrees with the verdict."""
+    """Every count the NLVR2 reasoning states is the scene's, every step's yes/no judges its count against the
+    statement, and the verdict is TRUE exactly when no step says no."""
     stated = []
-    for n, word, noun in re.findall(r"IMAGE#([12]),? shows (\w+) ([a-z ]+?)s?\.", answer_text):
+    for n, word, noun in re.findall(r"IMAGE#([12]),? shows (\w+) ([a-z ]+?)s?[.;]", answer_text):
         m = re.fullmatch(r"(?:(red|green|blue|yellow|purple) )?(circle|square|triangle|object)", noun)
         assert m, noun
         rec = left if n == "1" else right
         assert _count(rec, m[1], None if m[2] == "object" else m[2]) == WORDS[word], (answer_text, noun)
         stated.append(WORDS[word])
-    if m := re.search(r"(\w+) is (not )?more than (\w+)\.", answer_text):
-        values = {**WORDS, "zero": 0}
-        assert (values[m[1].lower()] > values[m[3]]) == (m[2] is None), answer_text
-    if m := re.search(r"That makes (\w+) .+ in total, and the statement says (\w+)\.", answer_text):
+    values = {**WORDS, "no": 0, "zero": 0}
+    judged = []
+    for count, need, verdict in re.findall(r"shows (\w+) [^.;]+; the statement needs ([a-z ]+): (yes|no)\.",
+                                           answer_text):
+        expected = values[count] > 0 if need == "at least one" else values[count] == 0
+        assert need in ("at least one", "none") and expected == (verdict == "yes"), answer_text
+        judged.append(verdict)
+    if m := re.search(r"(\w+) is more than (\w+): (yes|no)\.", answer_text):
+        assert (values[m[1].lower()] > values[m[2]]) == (m[3] == "yes"), answer_text
+        judged.append(m[3])
+    if m := re.search(r"That makes (\w+) .+ in total; the statement needs (\w+): (yes|no)\.", answer_text):
         assert re.search(rf"exactly {m[2]} ", sentence), (answer_text, sentence)
-        assert WORDS[m[1]] == sum(stated), answer_text
+        assert WORDS[m[1]] == sum(stated) and (m[1] == m[2]) == (m[3] == "yes"), answer_text
+        judged.append(m[3])
+    assert judged, answer_text
+    assert answer_text.endswith("TRUE.") == ("no" not in judged), answer_text
 
 
 # --- reference judge ------------------------------------------------------------------------------

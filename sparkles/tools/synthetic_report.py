@@ -5,7 +5,10 @@ world's scene records, and reports accuracy per BISON difference (colour, shape,
 statement template, and — since BISON answers check each caption item against each image — how often the
 model's own "yes"/"no" agrees with the scene, split by the item's truth and by whether it states a position; and,
 for checks that state a fact first (``a red circle at the top: one on the left, no``), how often that fact is the
-scene's (the read-out of the towers) and how often the verdict follows from it (the comparison).
+scene's (the read-out of the towers) and how often the verdict follows from it (the comparison). For NLVR2,
+whose answers state counts and judge each step against the statement (``...shows no red circles; the statement
+needs at least one: no``), it reports how often the stated counts are the scene's, each step's yes/no follows
+its count, and the verdict follows the steps.
 
     python -m sparkles.tools.synthetic_report --root outputs/tiny [--bison FILE] [--nlvr2 FILE] [--out report.json]
 """
@@ -76,16 +79,77 @@ def bison_report(records: list[dict], annotations: list[dict], scenes: dict) -> 
                 unreadable_checks=unreadable)
 
 
-def nlvr2_report(records: list[dict]) -> dict:
+_NLVR2_COUNT_RE = r"(?:The (?:left|right) image, )?IMAGE#([12]),? shows ([a-z ]+?)(?:; the statement needs ([a-z ]+): (yes|no))?\."
+_NLVR2_TOTAL_RE = r"That makes ([a-z ]+?) in total; the statement needs ([a-z]+): (yes|no)\."
+_NLVR2_MORE_RE = r"([A-Z][a-z]+) is more than ([a-z]+): (yes|no)\."
+
+
+def _nlvr2_steps(response: str, statement, left, right) -> dict[str, list[int]]:
+    """One answer's counts (right or not), its judged steps (following their counts or not) and whether its
+    verdict follows its steps (TRUE exactly when no step says no)."""
+    import re
+
+    from sparkles.data.synthetic.language import WORD_VALUES, count_phrase
+
+    q, out = statement.qual, {"counts right": [0, 0], "steps follow their counts": [0, 0],
+                              "verdict follows the steps": [0, 0]}
+
+    def value(phrase: str) -> Optional[int]:
+        return WORD_VALUES.get(phrase.split(" ", 1)[0].lower())
+
+    def judged(ok: bool) -> None:
+        out["steps follow their counts"][0] += ok
+        out["steps follow their counts"][1] += 1
+
+    verdicts = []
+    for name, phrase, need, verdict in re.findall(_NLVR2_COUNT_RE, response):
+        out["counts right"][0] += phrase == count_phrase(q.count(left if name == "1" else right), q)
+        out["counts right"][1] += 1
+        if verdict:
+            n = value(phrase)
+            judged(n is not None and need in ("at least one", "none") and (n > 0 if need == "at least one" else n == 0)
+                   == (verdict == "yes"))
+            verdicts.append(verdict)
+    for phrase, need, verdict in re.findall(_NLVR2_TOTAL_RE, response):
+        n, wanted = value(phrase), WORD_VALUES.get(need)
+        judged(n is not None and wanted is not None and (n == wanted) == (verdict == "yes"))
+        verdicts.append(verdict)
+    for mine, other, verdict in re.findall(_NLVR2_MORE_RE, response):
+        a, b = value(mine), value(other)
+        judged(a is not None and b is not None and (a > b) == (verdict == "yes"))
+        verdicts.append(verdict)
+    said = re.search(r"\b(TRUE|FALSE)\.?\s*$", response)
+    if verdicts and said:
+        out["verdict follows the steps"][0] += (said[1] == "TRUE") == ("no" not in verdicts)
+        out["verdict follows the steps"][1] += 1
+    return out
+
+
+def nlvr2_report(records: list[dict], scenes: Optional[dict] = None) -> dict:
+    """Accuracy per statement template; with the world's scenes, also how the answers' steps went (counts
+    right, each step's yes/no following its count, the verdict following the steps)."""
+    from sparkles.data.synthetic.scenes import as_scene
     from sparkles.data.synthetic.tasks import parse_statement
 
     per_template: dict[str, list[int]] = {}
+    steps: dict[str, list[int]] = {}
     for rec in records:
-        row = per_template.setdefault(parse_statement(rec["sentence"]).template, [0, 0])
+        statement = parse_statement(rec["sentence"])
+        row = per_template.setdefault(statement.template, [0, 0])
         row[0] += _correct(rec)
         row[1] += 1
-    return dict(items=len(records), accuracy=_ratio(sum(_correct(r) for r in records), len(records)),
-                by_template={k: dict(accuracy=_ratio(*v), items=v[1]) for k, v in sorted(per_template.items())})
+        keys = [Path(p).stem for p in rec.get("img_paths", [])]
+        if scenes is not None and len(keys) == 2 and all(k in scenes for k in keys):
+            left, right = (as_scene(scenes[k]) for k in keys)
+            for key, (hits, total) in _nlvr2_steps(rec.get("response", ""), statement, left, right).items():
+                agg = steps.setdefault(key, [0, 0])
+                agg[0] += hits
+                agg[1] += total
+    report = dict(items=len(records), accuracy=_ratio(sum(_correct(r) for r in records), len(records)),
+                  by_template={k: dict(accuracy=_ratio(*v), items=v[1]) for k, v in sorted(per_template.items())})
+    if steps:
+        report["steps"] = {k: dict(agreement=_ratio(*v), checks=v[1]) for k, v in steps.items() if v[1]}
+    return report
 
 
 def build_report(root: Path, bison: Optional[Path] = None, nlvr2: Optional[Path] = None) -> dict:
@@ -96,13 +160,14 @@ def build_report(root: Path, bison: Optional[Path] = None, nlvr2: Optional[Path]
     nlvr2 = nlvr2 or _newest(root / "evaluation" / "NLVR2" / "results", "NLVR2")
     if bison is None and nlvr2 is None:
         raise FileNotFoundError(f"{root}: no BISON or NLVR2 result file under evaluation/*/results/")
+    scenes = load_scenes(root)
     if bison is not None:
         annotations = json.loads((root / "evaluation" / "BISON" / "annotations" /
                                   "sparkles_evaluation_bison_annotations.json").read_text())
         report["BISON"] = dict(file=str(bison), **bison_report(json.loads(bison.read_text()), annotations,
-                                                               load_scenes(root)))
+                                                               scenes))
     if nlvr2 is not None:
-        report["NLVR2"] = dict(file=str(nlvr2), **nlvr2_report(json.loads(nlvr2.read_text())))
+        report["NLVR2"] = dict(file=str(nlvr2), **nlvr2_report(json.loads(nlvr2.read_text()), scenes))
     return report
 
 
@@ -127,6 +192,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"  {key:<10} {row['accuracy']}  ({row['items']} items)")
         for key, row in part.get("checks", {}).items():
             print(f"  checks of {key}: the model's yes/no agrees with the scene {row['agreement']} ({row['checks']})")
+        for key, row in {**part.get("facts", {}), **part.get("steps", {})}.items():
+            print(f"  {key}: {row['agreement']} ({row['checks']})")
     if args.out:
         args.out.write_text(json.dumps(report, indent=1), encoding="utf-8")
     return 0

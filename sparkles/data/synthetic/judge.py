@@ -25,13 +25,13 @@ from typing import Mapping
 
 from .language import PHRASE_POSITIONS, COLOUR_RE, SHAPE_RE, Item, parse_items, sentences
 from .scenes import SIZES, Scene, as_scene
-from .tasks import (CHECK_SECTION_RE, InvalidTask, Task, answer, item_holds, parse_check_section, parse_question,
-                    ref_names)
+from .tasks import (CHECK_SECTION_RE, NEEDS_SUFFIX_RE, InvalidTask, Task, answer, item_holds, parse_check_section,
+                    parse_question, ref_names)
 
 SLOT_RE = re.compile(r"IMAGE#([0-9A-Za-z_-]+)<Img><ImageHere></Img>")
-_SHOWS = re.compile(r"(?:The (?:left|right) image, )?IMAGE#([0-9A-Za-z_-]+),? shows (.+)\.")
+_SHOWS = re.compile(rf"(?:The (?:left|right) image, )?IMAGE#([0-9A-Za-z_-]+),? shows (.+?){NEEDS_SUFFIX_RE}\.")
 _ATTR = re.compile(rf"In IMAGE#([0-9A-Za-z_-]+) the ({COLOUR_RE}) ({SHAPE_RE}) is (.+)\.")
-_TOTAL = re.compile(r"That makes (.+) in total(?:, and the statement says \w+)?\.")
+_TOTAL = re.compile(rf"That makes (.+) in total{NEEDS_SUFFIX_RE}\.")
 
 METHOD = ("Reference judge of the synthetic world (synthetic-only; no language model). "
           "C1 = 1 + 9 x share of the answer's object facts (counts, colours, shapes, positions, sizes per image) "

@@ -315,31 +315,47 @@ def _side_fact(side: str, name: str, n: int, qual: Qual) -> str:
     return f"The {side} image, {name}, shows {count_phrase(n, qual)}."
 
 
+def _yes_no(ok: bool) -> str:
+    return "yes" if ok else "no"
+
+
+# what an NLVR2 step adds after its count (`_needs`); the reference judge reads the count before it
+NEEDS_SUFFIX_RE = r"(?:; the statement needs [a-z ]+: (?:yes|no))?"
+
+
+def _needs(fact: str, requirement: str, ok: bool) -> str:
+    """A count sentence joined to the statement's requirement and whether the count meets it."""
+    return f"{fact[:-1]}; the statement needs {requirement}: {_yes_no(ok)}."
+
+
 def nlvr2_reasoning(st: Statement, ids: tuple[str, ...], scenes: Mapping[str, Scene],
                     names: Mapping[str, str]) -> list[str]:
-    """The reasoning sentences of an NLVR2 answer, each template ending one short step before the verdict.
+    """The reasoning sentences of an NLVR2 answer: the counts the statement needs, each step ending in yes/no.
 
-    Only what the statement needs is said: both counts (and their total, next to the stated number) for
-    ``total`` and ``both``, the named side's count for ``contains`` / ``none``, and for ``more`` both counts
-    and their comparison in words. The verdict then follows from the last sentence alone.
+    Like a BISON check, every step states a fact and then judges it against what the statement asks (`The left
+    image, IMAGE#1, shows no red circles; the statement needs at least one: no.`), so the verdict is TRUE
+    exactly when no step says no: a rule the tiny decoder learns at once, where concluding from a bare count
+    and a statement far back in the prompt took it hundreds of steps (docs/notes/tiny_world.md, session 10).
+    ``both`` judges each image's count, ``contains`` / ``none`` the named side's, ``more`` compares both counts
+    and ``total`` their sum with the stated number.
     """
     q = st.qual
     a, b = q.count(scenes[ids[0]]), q.count(scenes[ids[1]])
-    if st.template in ("total", "both"):
-        parts = [_fact(names, ids[0], scenes, q), _fact(names, ids[1], scenes, q)]
-        if st.template == "total":
-            parts.append(f"That makes {count_phrase(a + b, q)} in total, and the statement says "
-                         f"{number_word(st.n)}.")
-        return parts
+    if st.template == "both":
+        return [_needs(_fact(names, key, scenes, q), "at least one", n > 0) for key, n in zip(ids, (a, b))]
+    if st.template == "total":
+        return [_fact(names, ids[0], scenes, q), _fact(names, ids[1], scenes, q),
+                _needs(f"That makes {count_phrase(a + b, q)} in total.", number_word(st.n), a + b == st.n)]
     (mine, mine_key), (other, other_key) = ((a, ids[0]), (b, ids[1])) if st.side == "left" else \
         ((b, ids[1]), (a, ids[0]))
-    parts = [_side_fact(st.side, names[mine_key], mine, q)]
-    if st.template == "more":
-        other_side = "right" if st.side == "left" else "left"
-        relation = "more" if mine > other else "not more"
-        parts += [_side_fact(other_side, names[other_key], other, q),
-                  f"{_number_or_zero(mine).capitalize()} is {relation} than {_number_or_zero(other)}."]
-    return parts
+    fact = _side_fact(st.side, names[mine_key], mine, q)
+    if st.template == "contains":
+        return [_needs(fact, "at least one", mine > 0)]
+    if st.template == "none":
+        return [_needs(fact, "none", mine == 0)]
+    other_side = "right" if st.side == "left" else "left"
+    return [fact, _side_fact(other_side, names[other_key], other, q),
+            f"{_number_or_zero(mine).capitalize()} is more than {_number_or_zero(other)}: {_yes_no(mine > other)}."]
 
 
 def _number_or_zero(n: int) -> str:
