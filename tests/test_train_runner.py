@@ -65,6 +65,26 @@ def test_tiny_model_loss_falls_and_checkpoints_are_complete(world):
         assert torch.equal(model.state_dict()[k], v)
 
 
+def test_lr_scale_gives_a_named_part_its_own_multiple_of_the_schedule(world):
+    run = {"output_dir": "lr_scale", "max_epoch": 1, "iters_per_epoch": 4, "init_lr": 1e-3, "warmup_steps": 2,
+           "lr_scale": {"llama_proj": 10.0}}
+    summary = train.main(["--cfg-path", str(config(world, "lr_scale", run=run))])
+    groups = torch.load(Path(summary["checkpoint"]), weights_only=True)["optimizer"]["param_groups"]
+    by_scale = {g["lr_scale"]: g for g in groups if g["params"]}
+    assert set(by_scale) == {1.0, 10.0}
+    assert by_scale[10.0]["lr"] == pytest.approx(10 * by_scale[1.0]["lr"]) and by_scale[1.0]["lr"] > 0
+    # the projection's weight and bias (decayed and not), nothing else, at ten times the rate
+    assert sum(len(g["params"]) for g in groups if g["lr_scale"] == 10.0) == 2
+    # without lr_scale: the two upstream groups (decayed, not decayed) at the schedule's rate
+    plain = torch.load(Path(train.main(["--cfg-path", str(config(world, "lr_plain", run={
+        **run, "output_dir": "lr_plain", "lr_scale": {}}))])["checkpoint"]), weights_only=True)
+    assert [g["lr_scale"] for g in plain["optimizer"]["param_groups"]] == [1.0, 1.0]
+
+    with pytest.raises(ValueError, match="no trainable parameter under llama_projection"):
+        train.main(["--cfg-path", str(config(world, "lr_typo", run={**run, "output_dir": "lr_typo",
+                                                                      "lr_scale": {"llama_projection": 2.0}}))])
+
+
 def test_bfloat16_autocast_trains_on_cpu_and_float16_falls_back(world):
     run = {"output_dir": "bf16", "max_epoch": 3, "iters_per_epoch": 10, "init_lr": 5e-3, "amp": True,
            "amp_dtype": "bfloat16", "device": "cpu"}

@@ -12,9 +12,10 @@ value is a :class:`ConfigError` naming the key and the file it came from.
 from __future__ import annotations
 
 import os
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -58,6 +59,9 @@ class RunConfig:
     weight_decay: float = 0.05
     beta2: float = 0.999
     grad_clip: Optional[float] = None  # max global grad norm; None = no clipping (upstream)
+    # learning-rate multipliers by parameter-name prefix ({"llama_proj": 5.0}): a fresh part of a model whose
+    # rest is already trained can learn faster than that rest; unnamed parameters keep the schedule's rate
+    lr_scale: Dict[str, float] = field(default_factory=dict)
     # --- schedule of the loop: an epoch is iters_per_epoch steps, whatever the dataset sizes
     max_epoch: int = 1
     iters_per_epoch: int = 100
@@ -119,8 +123,13 @@ def _merge(base: DictConfig, other: Any, *, source: str, section: str) -> DictCo
 
 
 def _structured(schema: type) -> DictConfig:
+    """The schema's defaults, closed to unknown keys (typos fail), except its free mappings (``Dict`` fields such
+    as ``run.lr_scale``, whose keys are the user's)."""
     cfg = OmegaConf.structured(schema)
     OmegaConf.set_struct(cfg, True)
+    for name, hint in typing.get_type_hints(schema).items():
+        if typing.get_origin(hint) is dict:
+            OmegaConf.set_struct(cfg[name], False)
     return cfg
 
 

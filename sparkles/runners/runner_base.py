@@ -79,7 +79,7 @@ class RunnerBase:
         self.accum = int(self.run.accum_grad_iters)
         self.amp_dtype = self._amp_dtype()
         self.optimizer = build_optimizer(model, lr=float(self.run.init_lr), weight_decay=float(self.run.weight_decay),
-                                         beta2=float(self.run.beta2))
+                                         beta2=float(self.run.beta2), lr_scale=self.run.lr_scale)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         self.ddp_model = model
         if dist_info.distributed:
@@ -214,7 +214,7 @@ class RunnerBase:
         for i in range(ipe):
             lr = self.schedule(self.global_step)
             for group in self.optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)
             t0 = time.perf_counter()
             name, batch = self._next_batch()
             data_time = time.perf_counter() - t0
