@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -79,46 +80,48 @@ def bison_report(records: list[dict], annotations: list[dict], scenes: dict) -> 
                 unreadable_checks=unreadable)
 
 
-_NLVR2_COUNT_RE = r"(?:The (?:left|right) image, )?IMAGE#([12]),? shows ([a-z ]+?)(?:; the statement needs ([a-z ]+): (yes|no))?\."
-_NLVR2_TOTAL_RE = r"That makes ([a-z ]+?) in total; the statement needs ([a-z]+): (yes|no)\."
-_NLVR2_MORE_RE = r"([A-Z][a-z]+) is more than ([a-z]+): (yes|no)\."
+# The sentences of an NLVR2 answer's steps (sparkles.data.synthetic.tasks.nlvr2_reasoning): a count, judged or not;
+# a total judged against the stated number; a comparison of two counts.
+_NLVR2_COUNT = re.compile(r"(?:The (?:left|right) image, )?IMAGE#([12]),? shows ([a-z ]+?)"
+                          r"(?:; the statement needs ([a-z ]+): (yes|no))?\.")
+_NLVR2_TOTAL = re.compile(r"That makes ([a-z ]+?) in total; the statement needs ([a-z]+): (yes|no)\.")
+_NLVR2_MORE = re.compile(r"([A-Z][a-z]+) is more than ([a-z]+): (yes|no)\.")
+_VERDICT = re.compile(r"\b(TRUE|FALSE)\.?\s*$")
 
 
 def _nlvr2_steps(response: str, statement, left, right) -> dict[str, list[int]]:
     """One answer's counts (right or not), its judged steps (following their counts or not) and whether its
-    verdict follows its steps (TRUE exactly when no step says no)."""
-    import re
-
+    verdict follows its steps (TRUE exactly when no step says no), as [hits, total] each."""
     from sparkles.data.synthetic.language import WORD_VALUES, count_phrase
 
-    q, out = statement.qual, {"counts right": [0, 0], "steps follow their counts": [0, 0],
-                              "verdict follows the steps": [0, 0]}
+    q = statement.qual
+    out = {"counts right": [0, 0], "steps follow their counts": [0, 0], "verdict follows the steps": [0, 0]}
+    verdicts: list[str] = []
 
     def value(phrase: str) -> Optional[int]:
         return WORD_VALUES.get(phrase.split(" ", 1)[0].lower())
 
-    def judged(ok: bool) -> None:
-        out["steps follow their counts"][0] += ok
+    def judged(holds: Optional[bool], verdict: str) -> None:
+        """A step whose claim is ``holds`` (None: unreadable) and whose yes/no is ``verdict``."""
+        out["steps follow their counts"][0] += holds is not None and holds == (verdict == "yes")
         out["steps follow their counts"][1] += 1
+        verdicts.append(verdict)
 
-    verdicts = []
-    for name, phrase, need, verdict in re.findall(_NLVR2_COUNT_RE, response):
+    for name, phrase, need, verdict in _NLVR2_COUNT.findall(response):
         out["counts right"][0] += phrase == count_phrase(q.count(left if name == "1" else right), q)
         out["counts right"][1] += 1
         if verdict:
             n = value(phrase)
-            judged(n is not None and need in ("at least one", "none") and (n > 0 if need == "at least one" else n == 0)
-                   == (verdict == "yes"))
-            verdicts.append(verdict)
-    for phrase, need, verdict in re.findall(_NLVR2_TOTAL_RE, response):
+            holds = None if n is None or need not in ("at least one", "none") else \
+                (n > 0 if need == "at least one" else n == 0)
+            judged(holds, verdict)
+    for phrase, need, verdict in _NLVR2_TOTAL.findall(response):
         n, wanted = value(phrase), WORD_VALUES.get(need)
-        judged(n is not None and wanted is not None and (n == wanted) == (verdict == "yes"))
-        verdicts.append(verdict)
-    for mine, other, verdict in re.findall(_NLVR2_MORE_RE, response):
+        judged(None if n is None or wanted is None else n == wanted, verdict)
+    for mine, other, verdict in _NLVR2_MORE.findall(response):
         a, b = value(mine), value(other)
-        judged(a is not None and b is not None and (a > b) == (verdict == "yes"))
-        verdicts.append(verdict)
-    said = re.search(r"\b(TRUE|FALSE)\.?\s*$", response)
+        judged(None if a is None or b is None else a > b, verdict)
+    said = _VERDICT.search(response)
     if verdicts and said:
         out["verdict follows the steps"][0] += (said[1] == "TRUE") == ("no" not in verdicts)
         out["verdict follows the steps"][1] += 1
