@@ -20,6 +20,7 @@ import json
 import re
 import sys
 from pathlib import Path
+from functools import cache
 from typing import Optional, Sequence
 
 def _newest(results_dir: Path, dataset: str) -> Optional[Path]:
@@ -80,12 +81,17 @@ def bison_report(records: list[dict], annotations: list[dict], scenes: dict) -> 
                 unreadable_checks=unreadable)
 
 
-# The sentences of an NLVR2 answer's steps (sparkles.data.synthetic.tasks.nlvr2_reasoning): a count, judged or not;
-# a total judged against the stated number; a comparison of two counts.
-_NLVR2_COUNT = re.compile(r"(?:The (?:left|right) image, )?IMAGE#([12]),? shows ([a-z ]+?)"
-                          r"(?:; the statement needs ([a-z ]+): (yes|no))?\.")
-_NLVR2_TOTAL = re.compile(r"That makes ([a-z ]+?) in total; the statement needs ([a-z]+): (yes|no)\.")
-_NLVR2_MORE = re.compile(r"([A-Z][a-z]+) is more than ([a-z]+): (yes|no)\.")
+@cache
+def _nlvr2_step_patterns() -> tuple[re.Pattern, re.Pattern, re.Pattern]:
+    """The sentences of an NLVR2 answer's steps (``sparkles.data.synthetic.tasks.nlvr2_reasoning``): a count, judged
+    or not; a total judged against the stated number; a comparison of two counts."""
+    from sparkles.data.synthetic.tasks import NEEDS_RE, NEEDS_SUFFIX_RE
+
+    return (re.compile(rf"(?:The (?:left|right) image, )?IMAGE#([12]),? shows ([a-z ]+?){NEEDS_SUFFIX_RE}\."),
+            re.compile(rf"That makes ([a-z ]+?) in total{NEEDS_RE}\."),
+            re.compile(r"([A-Z][a-z]+) is more than ([a-z]+): (yes|no)\."))
+
+
 _VERDICT = re.compile(r"\b(TRUE|FALSE)\.?\s*$")
 
 
@@ -94,6 +100,7 @@ def _nlvr2_steps(response: str, statement, left, right) -> dict[str, list[int]]:
     verdict follows its steps (TRUE exactly when no step says no), as [hits, total] each."""
     from sparkles.data.synthetic.language import WORD_VALUES, count_phrase
 
+    counts, totals, comparisons = _nlvr2_step_patterns()
     q = statement.qual
     out = {"counts right": [0, 0], "steps follow their counts": [0, 0], "verdict follows the steps": [0, 0]}
     verdicts: list[str] = []
@@ -107,7 +114,7 @@ def _nlvr2_steps(response: str, statement, left, right) -> dict[str, list[int]]:
         out["steps follow their counts"][1] += 1
         verdicts.append(verdict)
 
-    for name, phrase, need, verdict in _NLVR2_COUNT.findall(response):
+    for name, phrase, need, verdict in counts.findall(response):
         out["counts right"][0] += phrase == count_phrase(q.count(left if name == "1" else right), q)
         out["counts right"][1] += 1
         if verdict:
@@ -115,10 +122,10 @@ def _nlvr2_steps(response: str, statement, left, right) -> dict[str, list[int]]:
             holds = None if n is None or need not in ("at least one", "none") else \
                 (n > 0 if need == "at least one" else n == 0)
             judged(holds, verdict)
-    for phrase, need, verdict in _NLVR2_TOTAL.findall(response):
+    for phrase, need, verdict in totals.findall(response):
         n, wanted = value(phrase), WORD_VALUES.get(need)
         judged(None if n is None or wanted is None else n == wanted, verdict)
-    for mine, other, verdict in _NLVR2_MORE.findall(response):
+    for mine, other, verdict in comparisons.findall(response):
         a, b = value(mine), value(other)
         judged(None if a is None or b is None else a > b, verdict)
     said = _VERDICT.search(response)

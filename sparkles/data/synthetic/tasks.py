@@ -319,8 +319,10 @@ def _yes_no(ok: bool) -> str:
     return "yes" if ok else "no"
 
 
-# what an NLVR2 step adds after its count (`_needs`); the reference judge reads the count before it
-NEEDS_SUFFIX_RE = r"(?:; the statement needs [a-z ]+: (?:yes|no))?"
+# What an NLVR2 step adds after its count (`_needs`): the requirement and the yes/no, as groups; the suffix form
+# lets the reference judge and the report read the count before it.
+NEEDS_RE = r"; the statement needs ([a-z ]+): (yes|no)"
+NEEDS_SUFFIX_RE = rf"(?:{NEEDS_RE})?"
 
 
 def _needs(fact: str, requirement: str, ok: bool) -> str:
