@@ -60,6 +60,30 @@ def test_image_content_changes_the_loss(tiny_model):
     assert abs(float(a) - float(b)) > 1e-4
 
 
+def test_decoder_image_tokens_hands_the_decoder_the_last_query_outputs(tmp_path):
+    everything = build_tiny_model(tmp_path, seed=0, init_std=0.3).eval()
+    last_two = build_tiny_model(tmp_path, seed=0, init_std=0.3, decoder_image_tokens=2).eval()
+    assert everything.image_tokens == everything.num_query_token == 4 and last_two.image_tokens == 2
+    imgs = torch.stack(_images(2))
+    with torch.no_grad():
+        full, cut = everything.encode_images(imgs), last_two.encode_images(imgs)
+    assert cut.shape == (2, 2, last_two.llama_model.config.hidden_size)
+    assert torch.allclose(cut, full[:, -2:], atol=1e-6) and not torch.allclose(cut, full[:, :2], atol=1e-3)
+    # the chat reserves two slots per image, and the answer depends on what those two tokens carry
+    chat = Chat(last_two)
+    rendered = chat.renderer.render([Message("user", "See IMAGE#1<Img><ImageHere></Img>.")], TRAIN_LAYOUT)
+    assert sum(rendered.image_slot_mask) == 2
+    answers = []
+    for image in imgs:
+        session = chat.session()
+        session.add_image(image)
+        session.ask("What is in IMAGE#1✨?")
+        answers.append(session.answer(max_new_tokens=6))
+    assert answers[0] != answers[1]
+    with pytest.raises(ValueError, match="decoder_image_tokens must be in 0..num_query_token"):
+        build_tiny_model(tmp_path, decoder_image_tokens=5)
+
+
 @pytest.fixture(scope="module")
 def chat(tiny_model):
     return Chat(tiny_model)

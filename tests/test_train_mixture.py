@@ -59,6 +59,26 @@ def test_draw_frequencies_follow_sample_ratios(datasets):
                                                                        seed=1).choose() for _ in range(30)]
 
 
+def test_a_shared_choice_draws_the_same_dataset_on_every_rank_from_disjoint_shards(datasets):
+    ranks = [build_mixture(datasets, batch_size=2, rank=r, world=2, seed=1, per_rank=False) for r in range(2)]
+    steps = [[mix.next() for _ in range(40)] for mix in ranks]
+    names = [[name for name, _ in s] for s in steps]
+    assert names[0] == names[1] and len(set(names[0])) > 1  # the same draw each step, not one dataset throughout
+    for (_, a), (_, b) in zip(*steps):
+        assert not set(a["ids"]) & set(b["ids"])
+    total_ratio = sum(ds.sample_ratio for ds in datasets.values())
+    per_rank = build_mixture(datasets, batch_size=2, rank=1, world=2, seed=1)
+    shared = build_mixture(datasets, batch_size=2, rank=1, world=2, seed=1, per_rank=False)
+    n = 15000
+    for mix in (per_rank, shared):  # sharing the draw keeps each dataset's share of the steps
+        counts = {name: 0 for name in datasets}
+        for _ in range(n):
+            counts[mix.choose()] += 1
+        for name, ds in datasets.items():
+            p = ds.sample_ratio / total_ratio
+            assert abs(counts[name] / n - p) < 5 * math.sqrt(p * (1 - p) / n), (name, counts[name] / n, p)
+
+
 def test_each_batch_comes_from_the_drawn_dataset_and_ranks_are_disjoint(datasets):
     name = next(iter(SPLITS))
     seen = []

@@ -96,6 +96,10 @@ class RunConfig:
     max_length: int = 1024  # tokens per sample (datasets.<name>.max_length overrides)
     skip_bad_records: bool = False  # count and skip bad records instead of stopping with an error
     vision_feature_cache: bool = False  # frozen ViT+Q-Former: compute each image's features once
+    # Which dataset each step draws from: every process its own draw (upstream), or one draw shared by all
+    # processes, so that a step of short samples (captions, drills) is short on every process instead of
+    # waiting for another process's long batch; each process still reads its own shard of that dataset.
+    mixture_per_rank: bool = True
     # --- evaluation / demo: the inference image transform (no dataset builder needed to evaluate)
     eval_vis_processor: EvalProcessorConfig = field(default_factory=EvalProcessorConfig)
 

@@ -50,7 +50,7 @@ class Chat:
             raise ChatError("the model has no tokenizer attached; pass tokenizer=...")
         self.image_processor = image_processor
         self.layout = _layout_for(model, layout)
-        self.renderer = Renderer(self.tokenizer, model.num_query_token, end_sym=END_SYM)
+        self.renderer = Renderer(self.tokenizer, model.image_tokens, end_sym=END_SYM)
         self.generation = generation or GenerationConfig()
         # False re-runs the whole history through the decoder every turn (the upstream way; for comparisons).
         self.reuse_cache = reuse_cache
@@ -85,7 +85,7 @@ class Chat:
         """Encode several images in one pass of the vision tower; ``messages`` (one per image) are what a
         message-reading Q-Former reads with them (ignored by other models)."""
         if not images:
-            return torch.zeros(0, self.model.num_query_token, self.model.llama_model.config.hidden_size,
+            return torch.zeros(0, self.model.image_tokens, self.model.llama_model.config.hidden_size,
                                device=self.model.device)
         return self.model.encode_images(self.pixels_of(images), messages if self.reads_messages else None)
 

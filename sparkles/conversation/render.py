@@ -2,9 +2,9 @@
 
 Training and inference share this code; they differ only in the :class:`~.template.Layout` (system text,
 spacing) and in whether a target answer is given. Text is cut at image placeholders; each text run is
-tokenised on its own (as upstream inference does), each image placeholder becomes ``num_query_token``
-slot positions, and a target answer plus the end symbol is tokenised as its own run, so the label mask
-follows segment boundaries instead of re-tokenising a prefix. Only the target carries loss.
+tokenised on its own (as upstream inference does), each image placeholder becomes one slot position per image
+token (``SparklesChat.image_tokens``), and a target answer plus the end symbol is tokenised as its own run, so
+the label mask follows segment boundaries instead of re-tokenising a prefix. Only the target carries loss.
 
 Over-long conversations never lose part of an image: whole earlier turns (a user message and its answer,
 with their images) are dropped, and if the last turn alone does not fit, :class:`SampleTooLong` is raised.
@@ -81,9 +81,9 @@ def _check_roles(messages: Sequence[Message]) -> None:
 class Renderer:
     """Tokenises conversations for one tokenizer and slot width."""
 
-    def __init__(self, tokenizer, num_query_token: int, *, end_sym: str = END_SYM) -> None:
+    def __init__(self, tokenizer, tokens_per_image: int, *, end_sym: str = END_SYM) -> None:
         self.tokenizer = tokenizer
-        self.nq = int(num_query_token)
+        self.nq = int(tokens_per_image)
         self.end_sym = end_sym
         self.bos_id = tokenizer.bos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

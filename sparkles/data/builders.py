@@ -188,6 +188,7 @@ def build_dataset(name: str, cfg, *, root: Path, tokenizer, model_cfg, run_cfg, 
     :class:`~sparkles.data.wds.ShardDataset` when ``shards`` is set."""
     from ..conversation.render import Renderer
     from ..conversation.template import END_SYM
+    from ..models.sparkleschat import image_tokens_per_image
 
     builder = DATASETS.get(name)
     custom = getattr(builder, "build_training_dataset", None)
@@ -196,7 +197,7 @@ def build_dataset(name: str, cfg, *, root: Path, tokenizer, model_cfg, run_cfg, 
     skip_bad = bool(run_cfg.skip_bad_records)
     max_length = cfg.max_length if cfg.max_length is not None else run_cfg.max_length
     encoder = SampleEncoder(
-        renderer=Renderer(tokenizer, model_cfg.num_query_token, end_sym=END_SYM),
+        renderer=Renderer(tokenizer, image_tokens_per_image(model_cfg), end_sym=END_SYM),
         layout=training_layout(model_cfg),
         image_transform=build_vis_transform(cfg.vis_processor[split], model_cfg.image_size),
         max_length=int(max_length),

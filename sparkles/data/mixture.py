@@ -1,7 +1,7 @@
 """The training data stream: one sub-loader per dataset, mixed by ``sample_ratio`` (upstream semantics).
 
 Every step draws one dataset with probability ∝ ``sample_ratio`` (``random.choices`` seeded by ``seed + rank``,
-as upstream) and takes that dataset's next batch, so every batch comes from a single dataset. Each sub-loader
+as upstream, or by ``seed`` alone, so that every rank draws the same one: ``run.mixture_per_rank``) and takes that dataset's next batch, so every batch comes from a single dataset. Each sub-loader
 is infinite: a map-style dataset is walked by a DistributedSampler-like index stream (a fresh seeded
 permutation per pass, padded to a multiple of the world size, rank ``r`` taking every ``world``-th index,
 incomplete batches dropped); a shard dataset streams through :class:`~sparkles.data.wds.ShardStream`.
@@ -127,13 +127,14 @@ class MixtureLoader:
     """Draw a dataset per step (∝ ``sample_ratio``) and return ``(name, batch)`` from its sub-loader."""
 
     def __init__(self, loaders: Mapping[str, SubLoader], ratios: Mapping[str, float], *, seed: int = 0,
-                 rank: int = 0) -> None:
+                 rank: int = 0, per_rank: bool = True) -> None:
         self.names = list(loaders)
         self.loaders = dict(loaders)
         self.weights = [float(ratios[n]) for n in self.names]
         if not self.names or sum(self.weights) <= 0 or min(self.weights) < 0:
             raise ValueError(f"mixture needs positive sample ratios, got {dict(zip(self.names, self.weights))}")
-        self.rng = random.Random(seed + rank)  # upstream: per-rank choice stream
+        # upstream: a choice stream per rank; per_rank=False: one stream, the same choice on every rank
+        self.rng = random.Random(seed + rank if per_rank else seed)
         self.draws = {n: 0 for n in self.names}
 
     def choose(self) -> str:
@@ -167,8 +168,8 @@ class MixtureLoader:
 
 
 def build_mixture(datasets: Mapping[str, object], *, batch_size: int, rank: int, world: int, seed: int,
-                  num_workers: int = 0, pin_memory: bool = False) -> MixtureLoader:
+                  num_workers: int = 0, pin_memory: bool = False, per_rank: bool = True) -> MixtureLoader:
     loaders = {name: SubLoader(ds, batch_size=batch_size, rank=rank, world=world, seed=seed,
                                num_workers=num_workers, pin_memory=pin_memory) for name, ds in datasets.items()}
     ratios = {name: ds.sample_ratio for name, ds in datasets.items()}
-    return MixtureLoader(loaders, ratios, seed=seed, rank=rank)
+    return MixtureLoader(loaders, ratios, seed=seed, rank=rank, per_rank=per_rank)

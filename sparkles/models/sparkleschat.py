@@ -1,6 +1,6 @@
 """SparklesChat: EVA-ViT-g + Q-Former (frozen) → linear projection (trainable) → LLaMA/Vicuna (frozen).
 
-Images become ``num_query_token`` soft tokens each; they enter the decoder's input embeddings through
+Images become ``num_query_token`` soft tokens each (or the last ``decoder_image_tokens`` of them); they enter the decoder's input embeddings through
 ``masked_scatter`` on a boolean image-slot mask produced by :mod:`sparkles.conversation.render`, so no
 image placeholder id ever goes through the embedding table. All images of a batch are encoded in one pass.
 """
@@ -75,6 +75,10 @@ class SparklesChatConfig:
     qformer_text_input: bool = False
     qformer_max_text: int = 128
     qformer_text_position_jitter: int = 0  # training only: random start position of the text (QFormerTextEmbeddings)
+    # How many of each image's query outputs the decoder reads: the last N (0 = all num_query_token, as in the
+    # paper). Towers whose last queries carry what the message asks (the tiny instructed preset's item queries)
+    # can hand the decoder those alone: fewer tokens a step and fewer to search among.
+    decoder_image_tokens: int = 0
     # --- decoder ---
     llama_model: str = MISSING  # HF directory (Vicuna v0 for the paper)
     tokenizer_path: str = ""  # defaults to llama_model
@@ -103,6 +107,16 @@ class SparklesChatConfig:
     @property
     def image_embed_dim(self) -> int:
         return self.qformer_hidden
+
+
+def image_tokens_per_image(cfg) -> int:
+    """Decoder tokens per image for a model config (dataclass, dict or OmegaConf): ``decoder_image_tokens`` when
+    set, else ``num_query_token``; what the renderer reserves for each ``<ImageHere>``."""
+    get = cfg.get if hasattr(cfg, "get") else lambda key, default=None: getattr(cfg, key, default)
+    queries, chosen = int(get("num_query_token")), int(get("decoder_image_tokens", 0) or 0)
+    if not 0 <= chosen <= queries:
+        raise ValueError(f"model.decoder_image_tokens must be in 0..num_query_token ({queries}); got {chosen}")
+    return chosen or queries
 
 
 def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
@@ -180,6 +194,7 @@ class SparklesChat(nn.Module):
     def __init__(self, cfg: SparklesChatConfig, llama_model: nn.Module) -> None:
         super().__init__()
         self.cfg = cfg
+        image_tokens_per_image(cfg)  # a bad decoder_image_tokens fails here, not at the first image
         self.visual_encoder, self.ln_vision, self.Qformer, self.query_tokens = build_towers(cfg)
         self.llama_model = llama_model
         self.llama_proj = nn.Linear(cfg.qformer_hidden, llama_model.config.hidden_size)
@@ -192,6 +207,11 @@ class SparklesChat(nn.Module):
     @property
     def num_query_token(self) -> int:
         return self.cfg.num_query_token
+
+    @property
+    def image_tokens(self) -> int:
+        """Decoder tokens per image: the last ``decoder_image_tokens`` query outputs, or all of them."""
+        return image_tokens_per_image(self.cfg)
 
     @property
     def device(self) -> torch.device:
@@ -267,6 +287,8 @@ class SparklesChat(nn.Module):
         return self.query_features(self.vision_tokens(pixels), messages)
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
+        """Q-Former outputs ``[N, nq, qformer_hidden]`` → the decoder's image tokens ``[N, image_tokens, D]``."""
+        features = features[:, features.shape[1] - self.image_tokens:]
         return self.llama_proj(features.to(self.llama_proj.weight.dtype))
 
     def encode_images(self, pixels: torch.Tensor, messages: Optional[Sequence[str]] = None) -> torch.Tensor:
@@ -286,7 +308,7 @@ class SparklesChat(nn.Module):
         if n_slots != n_given:
             n_img = 0 if image_embeds is None else image_embeds.shape[0]
             raise ValueError(f"image slots and images disagree: {n_slots} slot positions "
-                             f"({n_slots / self.num_query_token:g} images of {self.num_query_token} tokens) "
+                             f"({n_slots / self.image_tokens:g} images of {self.image_tokens} tokens) "
                              f"but {n_img} image(s) given")
         if n_slots:
             mask = image_slot_mask.unsqueeze(-1).expand_as(inputs_embeds)

@@ -89,7 +89,8 @@ class RunnerBase:
                                  find_unused_parameters=bool(self.run.find_unused_parameters))
         self.mixture = build_mixture(datasets, batch_size=int(self.run.batch_size_train), rank=dist_info.rank,
                                      world=dist_info.world_size, seed=int(self.run.seed),
-                                     num_workers=int(self.run.num_workers), pin_memory=self.device.type == "cuda")
+                                     num_workers=int(self.run.num_workers), pin_memory=self.device.type == "cuda",
+                                     per_rank=bool(self.run.mixture_per_rank))
         self.start_epoch = 0
         self.global_step = 0
         self.bad_records: list[tuple[str, str]] = []

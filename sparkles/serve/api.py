@@ -59,7 +59,7 @@ def _prepare(chat, req: ChatRequest, images: list) -> tuple[object, dict, int]:
     prompt = engine.renderer.render(messages, engine.layout)
     if len(prompt) + gen.max_new_tokens > gen.max_length:
         raise ApiError(f"This model's maximum context length is {gen.max_length} tokens. The messages need "
-                       f"{len(prompt)} tokens (each image takes {chat.model.num_query_token}) and "
+                       f"{len(prompt)} tokens (each image takes {chat.model.image_tokens}) and "
                        f"{gen.max_new_tokens} more are requested for the answer. Shorten the messages or lower "
                        "max_tokens.", param="messages", code="context_length_exceeded")
     session = engine.session()
