@@ -161,6 +161,8 @@ def test_instruction_tags_hold_each_item_of_the_message(world):
         task = parse_question(message)
         if task.kind == "bison":
             things = [(it.colour, it.shape) for it in parse_items(task.text)]
+        elif task.kind in ("where", "size"):  # one named object: its kind's count and place
+            things = [task.obj]
         else:  # one counted kind: the statement's or the question's
             qual = parse_statement(task.text).qual if task.kind == "nlvr2" else task.qual
             things = [(qual.colour, qual.shape)]
@@ -177,7 +179,7 @@ def test_instruction_tags_hold_each_item_of_the_message(world):
             objs = [o for o in scene.objects if things[i][0] in (None, o.colour) and things[i][1] in (None, o.shape)]
             assert count == min(len(objs), 4)
             assert place == (objs[0].row * GRID + objs[0].col if len(objs) == 1 else GRID * GRID)
-    assert {"bison", "nlvr2"} <= seen
+    assert {"bison", "nlvr2", "where"} <= seen
 
 
 def test_caption_variants_and_statements_are_mixed_in_by_the_sample_seed(world):

@@ -75,7 +75,8 @@ def place_of(colour, shape, scene) -> int:
 
 def targeted_sample(key: str, message: str, scene) -> InstructionSample | None:
     """``message`` about the image ``key`` with its targets: the counted kind's count (NLVR2 statements, count
-    questions), or whether a BISON caption holds and each caption item's count and place; None without any."""
+    questions), the named object's count and place (where / how large it is), or whether a BISON caption holds
+    and each caption item's count and place; None without any."""
     from .synthetic.language import parse_items
     from .synthetic.tasks import caption_refuted, parse_question, parse_statement
 
@@ -87,6 +88,11 @@ def targeted_sample(key: str, message: str, scene) -> InstructionSample | None:
         n = qual.count(scene)
         return InstructionSample(key, message, asked=n, items=((n, place_of(qual.colour, qual.shape, scene)),),
                                  names=((qual.colour, qual.shape),))
+    if task.kind in ("where", "size"):  # one object named: its kind's count and the single one's cell
+        colour, shape = task.obj
+        n = scene.count(colour, shape)
+        return InstructionSample(key, message, asked=n, items=((n, place_of(colour, shape, scene)),),
+                                 names=((colour, shape),))
     if task.kind == "bison":
         parsed = parse_items(task.text)
         items = tuple((scene.count(it.colour, it.shape), place_of(it.colour, it.shape, scene)) for it in parsed)
