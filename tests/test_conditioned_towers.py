@@ -85,10 +85,11 @@ def test_targets_are_true_to_the_scenes(world):
         if first["content"].startswith("Look closely") and chosen:
             for k, im in enumerate(first["images"], start=1):
                 fits.setdefault((first["content"], str(im["image_id"])), set()).add(int(k == int(chosen.group(1))))
-    checked = {"count": 0, "statement": 0, "bison": 0}
+    checked = {"count": 0, "named object": 0, "statement": 0, "bison": 0}
     for s in samples:
         scene = Scene.from_record(scenes[s.image])
-        asked = re.search(r"How many (.+?) are there|Which of .+ has (?:more|the most) (.+?)\?$", s.message)
+        asked = re.search(r"How many (.+?) are there|Which of .+ has (?:more|the most) (.+?)\?$"
+                          r"|(?:Where is|Is) the (\w+ \w+) in IMAGE#", s.message)
         statement = re.search(r"'(.+?)'\?", s.message)
         if s.fit != IGNORE:  # the image a BISON answer chooses is the one the caption fits
             assert fits[(s.message, s.image)] == {s.fit}
@@ -98,10 +99,10 @@ def test_targets_are_true_to_the_scenes(world):
             assert [place for _, place in s.items] == [_place(scene, k) for k in kinds]
             checked["bison"] += 1
         elif asked:
-            kind = asked.group(1) or asked.group(2)
+            kind = next(g for g in asked.groups() if g)
             assert s.asked == _count(scene, kind)
             assert s.items == ((s.asked, _place(scene, kind)),)
-            checked["count"] += 1
+            checked["named object" if asked.group(3) else "count"] += 1
         else:
             text = statement.group(1)
             phrase = re.search(r"exactly \w+ (.+) in total|contain a (.+)\.|has more (.+) than|contains a (.+)\."
