@@ -1,8 +1,8 @@
 """The training data stream: one sub-loader per dataset, mixed by ``sample_ratio`` (upstream semantics).
 
 Every step draws one dataset with probability ∝ ``sample_ratio`` (``random.choices`` seeded by ``seed + rank``,
-as upstream, or by ``seed`` alone, so that every rank draws the same one: ``run.mixture_per_rank``) and takes that dataset's next batch, so every batch comes from a single dataset. Each sub-loader
-is infinite: a map-style dataset is walked by a DistributedSampler-like index stream (a fresh seeded
+as upstream, or by ``seed`` alone, so that every rank draws the same one: ``run.mixture_per_rank``) and takes
+that dataset's next batch, so every batch comes from a single dataset. Each sub-loader is infinite: a map-style dataset is walked by a DistributedSampler-like index stream (a fresh seeded
 permutation per pass, padded to a multiple of the world size, rank ``r`` taking every ``world``-th index,
 incomplete batches dropped); a shard dataset streams through :class:`~sparkles.data.wds.ShardStream`.
 
