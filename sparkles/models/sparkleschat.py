@@ -1,8 +1,8 @@
 """SparklesChat: EVA-ViT-g + Q-Former (frozen) → linear projection (trainable) → LLaMA/Vicuna (frozen).
 
-Images become ``num_query_token`` soft tokens each (or the last ``decoder_image_tokens`` of them); they enter the decoder's input embeddings through
-``masked_scatter`` on a boolean image-slot mask produced by :mod:`sparkles.conversation.render`, so no
-image placeholder id ever goes through the embedding table. All images of a batch are encoded in one pass.
+Images become ``num_query_token`` soft tokens each (or the last ``decoder_image_tokens`` of them); they enter
+the decoder's input embeddings through ``masked_scatter`` on a boolean image-slot mask produced by
+:mod:`sparkles.conversation.render`, so no image placeholder id ever goes through the embedding table. All images of a batch are encoded in one pass.
 """
 
 from __future__ import annotations
@@ -110,10 +110,9 @@ class SparklesChatConfig:
 
 
 def image_tokens_per_image(cfg) -> int:
-    """Decoder tokens per image for a model config (dataclass, dict or OmegaConf): ``decoder_image_tokens`` when
-    set, else ``num_query_token``; what the renderer reserves for each ``<ImageHere>``."""
-    get = cfg.get if hasattr(cfg, "get") else lambda key, default=None: getattr(cfg, key, default)
-    queries, chosen = int(get("num_query_token")), int(get("decoder_image_tokens", 0) or 0)
+    """Decoder tokens per image for a model config (dataclass or OmegaConf): ``decoder_image_tokens`` when set,
+    else ``num_query_token``; what the renderer reserves for each ``<ImageHere>``."""
+    queries, chosen = int(cfg.num_query_token), int(getattr(cfg, "decoder_image_tokens", 0) or 0)
     if not 0 <= chosen <= queries:
         raise ValueError(f"model.decoder_image_tokens must be in 0..num_query_token ({queries}); got {chosen}")
     return chosen or queries
@@ -194,7 +193,9 @@ class SparklesChat(nn.Module):
     def __init__(self, cfg: SparklesChatConfig, llama_model: nn.Module) -> None:
         super().__init__()
         self.cfg = cfg
-        image_tokens_per_image(cfg)  # a bad decoder_image_tokens fails here, not at the first image
+        # decoder tokens per image: the last decoder_image_tokens query outputs, or all of them (checked here, so
+        # a bad value fails at construction rather than at the first image)
+        self.image_tokens = image_tokens_per_image(cfg)
         self.visual_encoder, self.ln_vision, self.Qformer, self.query_tokens = build_towers(cfg)
         self.llama_model = llama_model
         self.llama_proj = nn.Linear(cfg.qformer_hidden, llama_model.config.hidden_size)
@@ -207,11 +208,6 @@ class SparklesChat(nn.Module):
     @property
     def num_query_token(self) -> int:
         return self.cfg.num_query_token
-
-    @property
-    def image_tokens(self) -> int:
-        """Decoder tokens per image: the last ``decoder_image_tokens`` query outputs, or all of them."""
-        return image_tokens_per_image(self.cfg)
 
     @property
     def device(self) -> torch.device:
