@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
+
+import pytest
 
 from sparkles.tools.decision_probe import ItemMaker, main
 from test_train_helpers import make_tokenizer
@@ -33,3 +36,20 @@ def test_probe_runs_and_reports_a_curve(tmp_path):
     for row in result["curve"]:
         assert set(row["accuracy"]) <= {"bison", "nlvr2"} and row["accuracy"]
         assert all(0.0 <= v <= 1.0 for v in row["accuracy"].values())
+
+
+def test_caption_items_are_scored_at_the_positioned_check():
+    maker = ItemMaker(("caption",), "checks", seed=5)
+    items = [maker() for _ in range(40)]
+    assert {it["label"] for it in items} == {"yes", "no"}
+    for it in items:
+        assert it["options"] == ("yes", "no")
+        # the positioned item comes last in the caption and in the checks; its yes/no decides TRUE or FALSE
+        last = re.search(r"([^:;]+): [^:;,]+, (yes|no)\. So the caption is (TRUE|FALSE)\.$", it["answer"])
+        assert last[2] == it["label"] and last[3] == ("TRUE" if it["label"] == "yes" else "FALSE")
+        assert re.search(r" (at the|on the|in the centre)", last[1])
+
+
+def test_caption_probe_needs_the_checks_format(tmp_path):
+    with pytest.raises(SystemExit):
+        main(["--tokenizer", str(tmp_path), "--kind", "caption", "--format", "descriptions"])

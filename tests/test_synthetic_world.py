@@ -36,7 +36,7 @@ def _generate(root: Path, *extra: str) -> None:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("world")
-    _generate(root)
+    _generate(root, "--reasoning-mix", "caption=1")  # the single-image caption checks are off by default
     return root
 
 
@@ -146,28 +146,67 @@ def test_perception_questions_are_true_and_use_training_images(world):
     assert 0.3 < kinds["present"] / (2 * len(train_ids)) < 0.8  # "no" is not the usual answer
 
 
+def test_place_question_split_is_the_place_questions_of_the_perception_set(world):
+    base = world / "data" / "cc_sbu_align"
+    places = _load(base / "perception_where.json")
+    expected = [s for s in _load(base / "perception.json") if " the " in s["answer"] and " is " in s["answer"]
+                and re.fullmatch(r"(?:Look at .*\. )?Where is the \w+ \w+ in IMAGE#\w+(?:<Img><ImageHere></Img>)?\?",
+                                 s["uniform_question"])]
+    assert places == expected and len(places) > 50
+
+
+def _check_holds(check: str) -> tuple[bool, str]:
+    """A check "two red circles on the left: two at the top, no" read back: whether its stated count and place
+    make the item hold, and its written yes/no."""
+    item, fact_and_verdict = check.split(": ")
+    fact, verdict = fact_and_verdict.rsplit(", ", 1)
+    place = next((p for p in sorted(PHRASES, key=len, reverse=True) if item.endswith(" " + p)), None)
+    stated_count, _, stated_place = fact.partition(" ")
+    holds = WORDS[item.split()[0]] == WORDS[stated_count] and (place is None or stated_place == place)
+    return holds, verdict
+
+
 def test_reasoning_drills_are_text_only_evaluation_questions_with_consistent_verdicts(world):
-    samples = _load(world / "data" / "reasoning" / "reasoning.json")
+    pairs = _load(world / "data" / "reasoning" / "reasoning.json")
+    singles = _load(world / "data" / "reasoning" / "caption_checks.json")  # in a file of their own
+    samples = pairs + singles
     assert len(samples) == 600  # the ci preset's num_reasoning
-    kinds, labels = Counter(), Counter()
+    assert all("true of IMAGE#" in s["uniform_question"] for s in singles)
+    assert not any("true of IMAGE#" in s["uniform_question"] for s in pairs)
+    kinds, labels, targets = Counter(), Counter(), Counter()
     for s in samples:
         assert s["tgt_imgs"] == [] and "<Img>" not in s["uniform_question"]
         assert s["instruction"] == f"###Human: {s['uniform_question']}###Assistant: "
         verdict = s["answer"].rsplit(" ", 1)[1].rstrip(".")
         caption = re.search(r"caption that describes exactly one of them: '(.*)'\.", s["uniform_question"])
+        single = re.fullmatch(r"Is the caption '(.*)' true of (IMAGE#[12])\? Reason step by step and answer TRUE or "
+                              r"FALSE\.", s["uniform_question"])
         if caption:  # the BISON question with its image slots removed; the choice is the image with no "no"
             assert s["uniform_question"] == bison_prompt(caption.group(1)).replace(SLOT, "")
             sections = re.findall(r"In (IMAGE#[12]): ([^.]*)\.", s["answer"])
             assert [name for name, checks in sections if ", no" not in checks] == [verdict]
-            kinds["bison"] += 1
+            kind = "bison"
+        elif single:  # one image's checks of a caption that places one item; the verdict follows from them alone
+            text, name = single.groups()
+            (section,) = re.findall(r"In (IMAGE#[12]): ([^.]*)\. So the caption is (TRUE|FALSE)\.$", s["answer"])
+            assert section[0] == name and section[2] == verdict
+            checks = [_check_holds(c) for c in section[1].split("; ")]
+            assert all((v == "yes") == holds for holds, v in checks)
+            assert (verdict == "TRUE") == all(holds for holds, _ in checks)
+            assert len(re.findall("|".join(sorted(PHRASES, key=len, reverse=True)), text)) == 1  # one placed item
+            assert len(checks) == len(re.split(", | and ", text))
+            kind = "caption"
+            targets[name] += 1
         else:
             statement = re.search(r"Is this statement about the pair true: '(.*)'\?", s["uniform_question"])
             assert s["uniform_question"] == nlvr2_prompt(statement.group(1)).replace(SLOT, "")
             assert verdict in ("TRUE", "FALSE")
-            kinds["nlvr2"] += 1
-        labels[verdict] += 1
-    assert kinds["bison"] == kinds["nlvr2"] == 300
-    assert all(60 < n < 240 for n in labels.values()) and len(labels) == 4  # both options of both kinds occur
+            kind = "nlvr2"
+        kinds[kind] += 1
+        labels[kind, verdict] += 1
+    assert kinds["bison"] == kinds["nlvr2"] == kinds["caption"] == 200
+    assert all(50 < n < 150 for n in labels.values()) and len(labels) == 6  # both options of every kind occur
+    assert all(n > 60 for n in targets.values()) and len(targets) == 2  # checks of IMAGE#1 and of IMAGE#2
 
 
 def test_dialogue_files_have_upstream_fields_and_types(world):
@@ -642,3 +681,14 @@ def test_mix_and_sizes_are_configurable():
     assert all(q.startswith("What do you see in ") for q in firsts)
     with pytest.raises(ValueError, match="unknown task kinds"):
         build_world(WorldConfig(mix={"poetry": 1.0}))
+    # the drills: BISON and NLVR2 by default, the caption checks only when asked for
+    default = build_world(WorldConfig(seed=1, num_train=40, num_bison=4, num_nlvr2=4, num_sparkleseval=4,
+                                      num_reasoning=30)).reasoning
+    assert Counter(it["kind"] for it in default) == {"bison": 15, "nlvr2": 15}
+    mixed = build_world(WorldConfig(seed=1, num_train=40, num_bison=4, num_nlvr2=4, num_sparkleseval=4,
+                                    num_reasoning=30, reasoning_mix={"bison": 1.0, "caption": 2.0})).reasoning
+    assert Counter(it["kind"] for it in mixed) == {"bison": 10, "caption": 20}
+    with pytest.raises(ValueError, match="unknown drill kinds"):
+        build_world(WorldConfig(reasoning_mix={"riddle": 1.0}))
+    with pytest.raises(SystemExit):  # the command line names the kinds it knows
+        main(["--out", "unused", "--reasoning-mix", "riddle=1"])

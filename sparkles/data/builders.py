@@ -8,8 +8,10 @@ Importing this module registers, in ``sparkles.common.registry.DATASETS``:
 - ``LLaVA_description`` / ``LLaVA_reasoning`` — the re-formatted LLaVA files (``data/LLaVA/``);
 - ``synthetic_perception`` — the synthetic world's single-image count and place questions
   (``data/cc_sbu_align/perception.json``, dialogue split-file format), the CPU tiny model's first decoder stage;
+- ``synthetic_perception_where`` — its place questions alone (``data/cc_sbu_align/perception_where.json``);
 - ``synthetic_reasoning`` — the synthetic world's text-only BISON/NLVR2 reasoning drills
   (``data/reasoning/reasoning.json``), the CPU tiny model's verdict warm-up;
+- ``synthetic_caption_checks`` — its single-image caption checks (``data/reasoning/caption_checks.json``);
 - ``synthetic_scene_tags`` — cell labels of the synthetic world's training images (``world/scenes.json``), used
   only by the ``tower_pretrain`` task of the CPU tiny model;
 - ``synthetic_instruction_tags`` — the same images read with a user message and its targets
@@ -142,8 +144,14 @@ _register("cc_sbu_align", CaptionBuilder, root_dir="data/cc_sbu_align", anno_pat
 # The synthetic world's single-image perception questions (dialogue split-file format, next to its captions).
 _register("synthetic_perception", DialogueBuilder, root_dir="data/cc_sbu_align", anno_path="perception.json",
           img_root="image")
+# Its place questions alone ("Where is the blue square in IMAGE#…?"), for a mixture that weights them apart.
+_register("synthetic_perception_where", DialogueBuilder, root_dir="data/cc_sbu_align",
+          anno_path="perception_where.json", img_root="image")
 # The world's text-only BISON/NLVR2 reasoning drills (dialogue split-file format, no images).
 _register("synthetic_reasoning", DialogueBuilder, root_dir="data/reasoning", anno_path="reasoning.json", img_root=".")
+# Its single-image caption checks (written when the world's reasoning_mix has a share for them).
+_register("synthetic_caption_checks", DialogueBuilder, root_dir="data/reasoning", anno_path="caption_checks.json",
+          img_root=".")
 # The world's scene file; image paths in it are relative to the Sparkles root (img_root ".." from world/).
 _register("synthetic_scene_tags", SceneTagBuilder, root_dir="world", anno_path="scenes.json", img_root="..",
           _extra=[("splits", list[str], field(default_factory=lambda: ["CC", "VG"]))])

@@ -10,6 +10,10 @@ counts the statement needs and one short step); ``--format descriptions`` writes
 images described in full, then the verdict) for comparison. ``--init CKPT`` starts the decoder from a trained
 SparklesChat checkpoint instead of random weights.
 
+``--kind caption`` probes the single-image caption checks (``Is the caption '…' true of IMAGE#1?``, made from
+BISON position pairs) at the positioned item's yes/no, which turns on whether the stated place is the caption's:
+the place comparison that BISON's position pairs need, alone.
+
     python -m sparkles.tools.decision_probe --tokenizer outputs/tiny/models/tiny_llm --kind bison --steps 200
 
 Measured figures are in docs/notes/tiny_world.md.
@@ -20,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 import sys
 import time
 from typing import Optional, Sequence
@@ -69,7 +74,12 @@ class ItemMaker:
 
     def __call__(self) -> dict:
         write_answer = None if self.fmt == "checks" else _descriptions_answer
-        return self.builder.reasoning_item(self.rng, self.sampler, self.rng.choice(self.kinds), write_answer)
+        item = self.builder.reasoning_item(self.rng, self.sampler, self.rng.choice(self.kinds), write_answer)
+        if item["kind"] == "caption":
+            # Scored at the positioned check's yes/no (the caption's last item, so the answer's last yes/no), not
+            # at TRUE/FALSE: that verdict only repeats whether a "no" came before it.
+            item = dict(item, options=("yes", "no"), label=re.findall(r", (yes|no)[;.]", item["answer"])[-1])
+        return item
 
 
 def encode(items: list[dict], renderer):
@@ -136,11 +146,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokenizer", required=True, help="the world's tokenizer folder (<root>/models/tiny_llm)")
-    p.add_argument("--kind", choices=("bison", "nlvr2", "both"), default="both")
+    p.add_argument("--kind", choices=("bison", "nlvr2", "caption", "both"), default="both",
+                   help="both: BISON and NLVR2 (default); caption: single-image caption checks")
     p.add_argument("--format", choices=FORMATS, default="checks")
     p.add_argument("--init", help="start from this SparklesChat checkpoint's decoder")
     add_training_args(p, steps=200, eval_every=100, held_out=200)
     args = p.parse_args(argv)
+    if args.kind == "caption" and args.format != "checks":
+        p.error("--kind caption has only the checks format")
 
     import torch.nn.functional as F
 

@@ -25,6 +25,11 @@ BISON_ATTRIBUTES = ("colour", "shape", "count", "position")
 # position pair's caption positions an item, so the decoder's read-out of places has far fewer examples than that
 # of counts (docs/notes/tiny_world.md, session 9). The evaluation set stays balanced.
 TRAIN_BISON_ATTRIBUTES = ("colour", "shape", "count", "position", "position")
+# The text-only drills (``Builder.reasoning_item``) and their default shares. The single-image caption checks are
+# off by default: they teach the place comparison only after ~500 steps of their own, more than run.sh's time
+# allows (docs/notes/tiny_world.md, session 13).
+REASONING_KINDS = ("bison", "nlvr2", "caption")
+DEFAULT_REASONING_MIX = {"bison": 1.0, "nlvr2": 1.0, "caption": 0.0}
 # Images in the first user message, per subset (CC: 1–3, VG: 2–3, like the upstream split files).
 TURN1_IMAGES = {"CC": (1, 2, 3), "VG": (2, 3), "SparklesEval": (2, 3)}
 MAX_TRIES = 500
@@ -40,6 +45,7 @@ class WorldConfig:
     num_sparkleseval: int = 50
     # text-only BISON/NLVR2 reasoning drills (data/reasoning/reasoning.json): the decoder's verdict warm-up
     num_reasoning: int = 12000
+    reasoning_mix: dict = field(default_factory=lambda: dict(DEFAULT_REASONING_MIX))  # shares of the drill kinds
     image_size: int = 96
     mix: dict = field(default_factory=lambda: dict(DEFAULT_MIX))
     colours: tuple = DEFAULT_COLOURS
@@ -54,6 +60,12 @@ class WorldConfig:
             raise ValueError(f"cc_fraction={self.cc_fraction} must be strictly between 0 and 1")
         if self.num_reasoning < 0:
             raise ValueError(f"num_reasoning={self.num_reasoning} must be >= 0")
+        unknown = set(self.reasoning_mix) - set(REASONING_KINDS)
+        if unknown:
+            raise ValueError(f"unknown drill kinds in reasoning_mix: {sorted(unknown)}; known: "
+                             f"{', '.join(REASONING_KINDS)}")
+        if any(w < 0 for w in self.reasoning_mix.values()) or sum(self.reasoning_mix.values()) <= 0:
+            raise ValueError(f"reasoning_mix weights must be >= 0 with a positive sum: {self.reasoning_mix}")
         for name in ("num_bison", "num_nlvr2", "num_sparkleseval"):
             if getattr(self, name) < 2:
                 raise ValueError(f"{name}={getattr(self, name)} must be at least 2 (labels are balanced)")
@@ -366,37 +378,55 @@ class Builder:
         return self.world
 
     def reasoning_item(self, rng: random.Random, sampler: SceneSampler, kind: str, write_answer=None) -> dict:
-        """One text-only BISON or NLVR2 item: the evaluation question with its image slots removed and the
-        world's answer for a fresh scene pair (never rendered), with ``kind``, ``options`` and ``label``.
+        """One text-only drill for a fresh scene pair (never rendered): the question with its image slots removed
+        and the world's answer, with ``kind``, ``options`` and ``label``.
 
-        Without images the facts in the answer cannot be predicted, but the step from them to the verdict can:
-        a fresh 4-layer decoder learns it from these items in a few hundred steps, and one that has learnt it
-        first reads the images far better in the dialogue stage than one that must learn both at once
-        (docs/notes/tiny_world.md, session 8). ``write_answer(task, scenes)`` replaces the world's answer (the
-        decision probe's other reasoning forms); it may raise ``InvalidTask`` to have another pair drawn.
+        ``kind`` is ``bison`` or ``nlvr2`` (the evaluation question) or ``caption``: a position pair's caption
+        checked against one of its two scenes alone (``Is the caption '…' true of IMAGE#2?``). Without images the
+        facts in an answer cannot be predicted, but the step from them to the verdict can: a fresh 4-layer decoder
+        learns it from these items in a few hundred steps, and one that has learnt it first reads the images far
+        better in the dialogue stage than one that must learn both at once (docs/notes/tiny_world.md, session 8).
+        The caption checks are there because a position pair always has one "yes" and one "no" at the positioned
+        item: from pairs alone the decoder learns to write the second image's verdict as the opposite of the
+        first's instead of comparing the stated place with the caption's (session 12).
+        ``write_answer(task, scenes)`` replaces the world's answer (the decision probe's other reasoning forms);
+        it may raise ``InvalidTask`` to have another pair drawn.
         """
         from sparkles.eval.prompts import SLOT
 
         names = {"1": "IMAGE#1", "2": "IMAGE#2"}
+        options = {"bison": ("IMAGE#1", "IMAGE#2"), "nlvr2": ("TRUE", "FALSE"), "caption": ("TRUE", "FALSE")}
+        if kind not in options:
+            raise ValueError(f"unknown reasoning drill kind {kind!r}; expected one of {sorted(options)}")
         while True:
-            if kind == "bison":
-                s1, s2, text = self.bison_pair(rng, sampler, rng.choice(TRAIN_BISON_ATTRIBUTES), rng.random() < 0.5)
-            else:
+            if kind == "nlvr2":
                 s1, s2, text = self.nlvr2_pair(rng, sampler, rng.choice(NLVR2_TEMPLATES), rng.random() < 0.5)
-            task = Task(kind, ("1", "2"), text=text)
+                task = Task(kind, ("1", "2"), text=text)
+            else:
+                attribute = "position" if kind == "caption" else rng.choice(TRAIN_BISON_ATTRIBUTES)
+                s1, s2, text = self.bison_pair(rng, sampler, attribute, rng.random() < 0.5)
+                task = (Task(kind, ("1", "2"), text=text) if kind == "bison" else
+                        Task(kind, ("1", "2"), target=rng.choice(("1", "2")), text=text))
             try:
                 scenes = {"1": s1, "2": s2}
                 reply = write_answer(task, scenes) if write_answer else answer(task, scenes, names)
             except InvalidTask:
                 continue
             return dict(kind=kind, prompt=question(task, names, {"1", "2"}).replace(SLOT, ""), answer=reply,
-                        options=("IMAGE#1", "IMAGE#2") if kind == "bison" else ("TRUE", "FALSE"),
-                        label=reply.rsplit(" ", 1)[1].rstrip("."))
+                        options=options[kind], label=reply.rsplit(" ", 1)[1].rstrip("."))
 
     def _reasoning(self) -> None:
         rng = self._rng("reasoning")
         sampler = self._sampler(rng, self.reserved)
-        for kind in _balanced(rng, ["bison", "nlvr2"], self.cfg.num_reasoning):
+        left = _quotas(self.cfg.reasoning_mix, self.cfg.num_reasoning, REASONING_KINDS)
+        kinds = []
+        while len(kinds) < self.cfg.num_reasoning:  # interleaved before the shuffle, as `_balanced` does
+            for kind in REASONING_KINDS:
+                if left.get(kind, 0):
+                    kinds.append(kind)
+                    left[kind] -= 1
+        rng.shuffle(kinds)
+        for kind in kinds:
             self.world.reasoning.append(self.reasoning_item(rng, sampler, kind))
 
     def _plan(self, rng, subset: str, total: int, kinds: tuple[str, ...]) -> list[tuple[str, int]]:

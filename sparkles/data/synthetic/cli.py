@@ -13,24 +13,27 @@ import sys
 import time
 from pathlib import Path
 
-from .build import MIX_KINDS, PRESETS, WorldConfig, build_world
+from .build import MIX_KINDS, PRESETS, REASONING_KINDS, WorldConfig, build_world
 
 
-def _parse_mix(text: str) -> dict:
-    mix = {}
-    for part in text.split(","):
-        if not part.strip():
-            continue
-        name, sep, value = part.partition("=")
-        name = name.strip()
-        if not sep or name not in MIX_KINDS:
-            raise argparse.ArgumentTypeError(f"--mix expects kind=weight pairs with kinds {', '.join(MIX_KINDS)}; "
-                                             f"got {part!r}")
-        try:
-            mix[name] = float(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"--mix: weight of {name!r} is not a number: {value!r}") from None
-    return mix
+def _weights_parser(flag: str, kinds: tuple[str, ...]):
+    """An argparse type for ``kind=weight,kind=weight`` with ``kinds`` the names allowed."""
+    def parse(text: str) -> dict:
+        weights = {}
+        for part in text.split(","):
+            if not part.strip():
+                continue
+            name, sep, value = part.partition("=")
+            name = name.strip()
+            if not sep or name not in kinds:
+                raise argparse.ArgumentTypeError(f"{flag} expects kind=weight pairs with kinds {', '.join(kinds)}; "
+                                                 f"got {part!r}")
+            try:
+                weights[name] = float(value)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"{flag}: weight of {name!r} is not a number: {value!r}") from None
+        return weights
+    return parse
 
 
 def make_config(args: argparse.Namespace) -> WorldConfig:
@@ -41,9 +44,11 @@ def make_config(args: argparse.Namespace) -> WorldConfig:
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
     config = WorldConfig(seed=args.seed, **values)
+    # Kinds not named keep their default weight; name a kind with weight 0 to drop it.
     if args.mix:
-        # Kinds not named keep their default weight; name a kind with weight 0 to drop it.
         config.mix.update(args.mix)
+    if args.reasoning_mix:
+        config.reasoning_mix.update(args.reasoning_mix)
     return config
 
 
@@ -63,8 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-reasoning", dest="num_reasoning", type=int,
                    help="text-only BISON/NLVR2 reasoning drills (default 12,000; ci: 600)")
     p.add_argument("--image-size", dest="image_size", type=int, help="rendered image side in pixels (default 96)")
-    p.add_argument("--mix", type=_parse_mix, help=f"task mix weights, e.g. 'bison=0.3,nlvr2=0.3' "
-                                                  f"(kinds: {', '.join(MIX_KINDS)})")
+    p.add_argument("--reasoning-mix", dest="reasoning_mix", type=_weights_parser("--reasoning-mix", REASONING_KINDS),
+                   help="shares of the drill kinds, e.g. 'caption=1' (kinds: bison, nlvr2 (default 1 each), caption "
+                        "(single-image caption checks, default 0))")
+    p.add_argument("--mix", type=_weights_parser("--mix", MIX_KINDS),
+                   help=f"task mix weights, e.g. 'bison=0.3,nlvr2=0.3' (kinds: {', '.join(MIX_KINDS)})")
     p.add_argument("--max-answer-words", dest="max_answer_words", type=int)
     p.add_argument("--vocab-size", dest="vocab_size", type=int, help="tiny tokenizer vocabulary (default 2048)")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="image rendering processes")

@@ -38,7 +38,7 @@ class Task:
     qual: Qual | None = None             # total / compare / more2 / total2
     target: str | None = None            # where / size: the image asked about
     obj: tuple[str, str] | None = None   # where / size: (colour, shape)
-    text: str | None = None              # bison caption / nlvr2 statement
+    text: str | None = None              # bison / caption: the caption; nlvr2: the statement
 
 
 def image_name(key: str) -> str:
@@ -94,6 +94,9 @@ def question(task: Task, names: Mapping[str, str], new: set[str]) -> str:
         return bison_prompt(task.text)
     if k == "nlvr2":
         return nlvr2_prompt(task.text)
+    if k == "caption":
+        # Words the world's tokenizer already holds (it is trained on the dialogues and evaluation prompts).
+        return f"Is the caption '{task.text}' true of {r(task.target)}? Reason step by step and answer TRUE or FALSE."
     raise ValueError(f"unknown task kind {k!r}")
 
 
@@ -319,6 +322,11 @@ def _yes_no(ok: bool) -> str:
     return "yes" if ok else "no"
 
 
+def _check_list(checks: list[tuple[str, str, bool]]) -> str:
+    """``caption_checks`` written out: "a red circle: one, yes; two green squares: three, no"."""
+    return "; ".join(f"{phrase}: {fact}, {_yes_no(ok)}" for phrase, fact, ok in checks)
+
+
 # What an NLVR2 step adds after its count (`_needs`): the requirement and the yes/no, as groups; the suffix form
 # lets the reference judge and the report read the count before it.
 NEEDS_RE = r"; the statement needs ([a-z ]+): (yes|no)"
@@ -422,11 +430,18 @@ def answer(task: Task, scenes: Mapping[str, Scene], names: Mapping[str, str]) ->
         fits = [all(ok for _, _, ok in c) for c in checks]
         if fits.count(True) != 1 or not caption_matches(task.text, sc[ids[fits.index(True)]]):
             raise InvalidTask(f"bison: the items of {task.text!r} hold in {fits.count(True)} of the two images")
-        sections = [f"In {names[key]}: " + "; ".join(f"{phrase}: {fact}, {'yes' if ok else 'no'}"
-                                                     for phrase, fact, ok in c) + "."
-                    for key, c in zip(ids, checks)]
+        sections = [f"In {names[key]}: {_check_list(c)}." for key, c in zip(ids, checks)]
         choice = names[ids[fits.index(True)]]
         return f"{REASONING_OPENER} {' '.join(sections)} {BISON_ANSWER_PHRASE} {choice}."
+    if k == "caption":
+        # One image's section of a BISON answer, asked alone: the verdict follows from each check's stated place
+        # and count, never from the other image's (docs/notes/tiny_world.md, session 13).
+        try:
+            checks = caption_checks(task.text, sc[task.target])
+        except ValueError as exc:
+            raise InvalidTask(str(exc)) from None
+        verdict = "TRUE" if all(ok for _, _, ok in checks) else "FALSE"
+        return f"{REASONING_OPENER} In {names[task.target]}: {_check_list(checks)}. So the caption is {verdict}."
     if k == "nlvr2":
         st = parse_statement(task.text)
         left, right = sc[ids[0]], sc[ids[1]]

@@ -7,9 +7,12 @@ Files (paths from ``SparklesLayout``):
 - ``evaluation/{SparklesEval,BISON,NLVR2}/annotations/sparkles_evaluation_<name>_annotations.json`` + images
 - ``world/scenes.json``: every image's scene record (read with ``load_scenes``)
 - ``data/cc_sbu_align/filter_cap.json`` + ``image/``: the training images with their descriptions, and
-  ``data/cc_sbu_align/perception.json``: short count and place questions about them (``perception_samples``)
+  ``data/cc_sbu_align/perception.json``: short count and place questions about them (``perception_samples``),
+  and ``perception_where.json``: its place questions alone
 - ``data/reasoning/reasoning.json``: text-only BISON/NLVR2 questions and answers about scene pairs that have
-  no images (``Builder.reasoning_item``), the decoder's warm-up on the step from facts to verdict
+  no images (``Builder.reasoning_item``), the decoder's warm-up on the step from facts to verdict, and
+  ``data/reasoning/caption_checks.json``: single-image caption checks (empty unless the world's reasoning_mix
+  asks for them)
 
 JSON is written with sorted-free, fixed formatting so the same seed gives byte-identical files.
 """
@@ -28,7 +31,7 @@ from sparkles.eval.prompts import bison_prompt, nlvr2_prompt
 from .build import World
 from .language import Qual, caption, describe
 from .scenes import (ALL_COLOURS, ALL_SHAPES, BACKGROUND_RGB, POSITION_PHRASES, SIZES, Scene)
-from .tasks import Task, answer, image_name, question
+from .tasks import Task, answer, image_name, parse_question, question
 
 FORMAT = "sparkles-synthetic-world"
 FORMAT_VERSION = 1
@@ -143,10 +146,13 @@ def write_world(world: World, root: str | os.PathLike, *, workers: int = 1, forc
         bar.close()
     summary["images"] = len(jobs)
     summary.update(write_caption_set(world, root))
-    reasoning = [{"uniform_question": it["prompt"], "instruction": turn_instruction(it["prompt"]),
-                  "answer": it["answer"], "tgt_imgs": []} for it in world.reasoning]
-    write_json(root / REASONING_FILE, reasoning)
-    summary[REASONING_FILE] = len(reasoning)
+    # The caption checks go to a file of their own: a batch of them is less than half as long as a batch of
+    # BISON/NLVR2 drills, so a mixture that draws them apart trains on them at less than half the cost.
+    for path, kinds in ((REASONING_FILE, ("bison", "nlvr2")), (CAPTION_CHECKS_FILE, ("caption",))):
+        drills = [{"uniform_question": it["prompt"], "instruction": turn_instruction(it["prompt"]),
+                   "answer": it["answer"], "tgt_imgs": []} for it in world.reasoning if it["kind"] in kinds]
+        write_json(root / path, drills)
+        summary[path] = len(drills)
 
     # Replacing a world: remove only images the previous world wrote and this one does not.
     stale = old - {e.file for e in world.scenes.values()}
@@ -228,13 +234,21 @@ def write_caption_set(world: World, root: Path) -> dict[str, int]:
     write_json(base / "filter_cap.json", {"annotations": annotations})
     perception = perception_samples(world)
     write_json(base / PERCEPTION_FILE, perception)
+    # The place questions again, alone: the mixture weights them apart from the counts, which outnumber them 2:1
+    # in perception.json and which the NLVR2 checks need as much (docs/notes/tiny_world.md, session 12).
+    places = [s for s in perception if parse_question(s["uniform_question"]).kind == "where"]
+    write_json(base / PERCEPTION_WHERE_FILE, places)
     return {"data/cc_sbu_align/filter_cap.json": len(annotations),
-            f"data/cc_sbu_align/{PERCEPTION_FILE}": len(perception)}
+            f"data/cc_sbu_align/{PERCEPTION_FILE}": len(perception),
+            f"data/cc_sbu_align/{PERCEPTION_WHERE_FILE}": len(places)}
 
 
 PERCEPTION_FILE = "perception.json"
+PERCEPTION_WHERE_FILE = "perception_where.json"   # the ``synthetic_perception_where`` dataset
 # Text-only BISON/NLVR2 drills in the dialogue split-file format, no images (the ``synthetic_reasoning`` dataset).
 REASONING_FILE = "data/reasoning/reasoning.json"
+# Single-image caption checks (``Builder.reasoning_item`` kind ``caption``; the ``synthetic_caption_checks`` dataset).
+CAPTION_CHECKS_FILE = "data/reasoning/caption_checks.json"
 
 
 def perception_samples(world: World) -> list[dict]:
