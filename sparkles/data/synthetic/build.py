@@ -43,7 +43,8 @@ class WorldConfig:
     num_bison: int = 150
     num_nlvr2: int = 150
     num_sparkleseval: int = 50
-    # text-only BISON/NLVR2 reasoning drills (data/reasoning/reasoning.json): the decoder's verdict warm-up
+    # text-only drills, shared among the kinds by reasoning_mix: BISON/NLVR2 (data/reasoning/reasoning.json, the
+    # decoder's verdict warm-up) and single-image caption checks (data/reasoning/caption_checks.json)
     num_reasoning: int = 12000
     reasoning_mix: dict = field(default_factory=lambda: dict(DEFAULT_REASONING_MIX))  # shares of the drill kinds
     image_size: int = 96
@@ -418,13 +419,9 @@ class Builder:
     def _reasoning(self) -> None:
         rng = self._rng("reasoning")
         sampler = self._sampler(rng, self.reserved)
-        left = _quotas(self.cfg.reasoning_mix, self.cfg.num_reasoning, REASONING_KINDS)
-        kinds = []
-        while len(kinds) < self.cfg.num_reasoning:  # interleaved before the shuffle, as `_balanced` does
-            for kind in REASONING_KINDS:
-                if left.get(kind, 0):
-                    kinds.append(kind)
-                    left[kind] -= 1
+        quotas = _quotas(self.cfg.reasoning_mix, self.cfg.num_reasoning, REASONING_KINDS)
+        # interleaved before the shuffle, as `_balanced` does (so the default world's drills are what they were)
+        kinds = [k for i in range(max(quotas.values(), default=0)) for k in REASONING_KINDS if quotas.get(k, 0) > i]
         rng.shuffle(kinds)
         for kind in kinds:
             self.world.reasoning.append(self.reasoning_item(rng, sampler, kind))

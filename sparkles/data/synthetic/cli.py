@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-nlvr2", dest="num_nlvr2", type=int)
     p.add_argument("--num-sparkleseval", dest="num_sparkleseval", type=int)
     p.add_argument("--num-reasoning", dest="num_reasoning", type=int,
-                   help="text-only BISON/NLVR2 reasoning drills (default 12,000; ci: 600)")
+                   help="text-only reasoning drills of all kinds (default 12,000; ci: 600)")
     p.add_argument("--image-size", dest="image_size", type=int, help="rendered image side in pixels (default 96)")
     p.add_argument("--reasoning-mix", dest="reasoning_mix", type=_weights_parser("--reasoning-mix", REASONING_KINDS),
                    help="shares of the drill kinds, e.g. 'caption=1' (kinds: bison, nlvr2 (default 1 each), caption "
