@@ -84,6 +84,42 @@ def test_decoder_image_tokens_hands_the_decoder_the_last_query_outputs(tmp_path)
         build_tiny_model(tmp_path, decoder_image_tokens=5)
 
 
+def test_image_ordinal_embeddings_mark_each_image_by_its_place_in_the_row(tmp_path):
+    model = build_tiny_model(tmp_path, seed=0, init_std=0.3, image_ordinal_embeddings=2,
+                             freeze_vit=True, freeze_qformer=True, freeze_llm=True).eval()
+    renderer = Renderer(model.tokenizer, model.num_query_token)
+    slot = "<Img><ImageHere></Img>"
+    rows = [renderer.render([Message("user", f"IMAGE#1{slot} IMAGE#2{slot} IMAGE#3{slot}")], TRAIN_LAYOUT,
+                            target="x"),
+            renderer.render([Message("user", f"IMAGE#1{slot}")], TRAIN_LAYOUT, target="x")]
+    batch = collate(rows, pad_id=renderer.pad_id)
+    same = _images(1) * 4  # one picture four times: only the ordinals can tell the copies apart
+    with torch.no_grad():
+        tokens = model.encode_images(torch.stack(same))
+        embeds = model.embed_inputs(batch["input_ids"], batch["image_slot_mask"], tokens)
+    first, second, third = embeds[0][batch["image_slot_mask"][0]].split(model.image_tokens)
+    (alone,) = embeds[1][batch["image_slot_mask"][1]].split(model.image_tokens)
+    marks = model.image_ordinal_embed
+    assert torch.allclose(first, tokens[0] + marks[0], atol=1e-6) and torch.allclose(alone, first, atol=1e-6)
+    assert torch.allclose(second, tokens[0] + marks[1], atol=1e-6)
+    assert torch.allclose(third, second, atol=1e-6)  # past the last ordinal: the last one's mark
+    assert not torch.allclose(first, second, atol=1e-3)
+    # trained with the projection (frozen towers and decoder), and saved with it
+    model.train()
+    model(**batch, images=torch.stack(same))["loss"].backward()
+    assert marks.grad is not None and marks.grad[0].abs().sum() > 0 and marks.grad[1].abs().sum() > 0
+    assert "image_ordinal_embed" in model.trainable_state_dict()
+    # a batch answers as the prompts one by one (left padding does not move the ordinals)
+    model.eval()
+    chat = Chat(model)
+    imgs = _images(3, seed=5)
+    prompts = [("Compare IMAGE#1✨ and IMAGE#2✨ in detail please.", imgs[:2]), ("What about IMAGE#1⭐?", imgs[2:])]
+    assert generate_batch(chat, prompts, max_new_tokens=6) == [generate_batch(chat, [p], max_new_tokens=6)[0]
+                                                              for p in prompts]
+    with pytest.raises(ValueError, match="image_ordinal_embeddings must be >= 0"):
+        build_tiny_model(tmp_path, image_ordinal_embeddings=-1)
+
+
 @pytest.fixture(scope="module")
 def chat(tiny_model):
     return Chat(tiny_model)

@@ -79,6 +79,11 @@ class SparklesChatConfig:
     # paper). Towers whose last queries carry what the message asks (the tiny instructed preset's item queries)
     # can hand the decoder those alone: fewer tokens a step and fewer to search among.
     decoder_image_tokens: int = 0
+    # Learned vectors added to the decoder's image tokens by the image's place in the conversation (the k-th
+    # image shown, its t-th token), as a transformer's position embedding marks its tokens; 0 = none (the
+    # paper). The towers encode every image alike, so without them the decoder can tell two images' tokens apart
+    # only by first tagging each with the name written before its slot; images past the last share the last.
+    image_ordinal_embeddings: int = 0
     # --- decoder ---
     llama_model: str = MISSING  # HF directory (Vicuna v0 for the paper)
     tokenizer_path: str = ""  # defaults to llama_model
@@ -199,6 +204,13 @@ class SparklesChat(nn.Module):
         self.visual_encoder, self.ln_vision, self.Qformer, self.query_tokens = build_towers(cfg)
         self.llama_model = llama_model
         self.llama_proj = nn.Linear(cfg.qformer_hidden, llama_model.config.hidden_size)
+        self.image_ordinal_embed = None
+        if cfg.image_ordinal_embeddings < 0:
+            raise ValueError(f"model.image_ordinal_embeddings must be >= 0; got {cfg.image_ordinal_embeddings}")
+        if cfg.image_ordinal_embeddings:
+            # about the spread of a freshly projected image token, so that the mark is legible from the first step
+            self.image_ordinal_embed = nn.Parameter(torch.randn(
+                cfg.image_ordinal_embeddings, self.image_tokens, llama_model.config.hidden_size) * 0.5)
         # named after LAVIS' Qformer.bert.embeddings (word and position tables), which loaders map to it
         self.qformer_text = build_instruction_embeddings(cfg, llama_model.get_input_embeddings().num_embeddings)
         self.tokenizer = None  # attached by from_config; not a module
@@ -307,9 +319,18 @@ class SparklesChat(nn.Module):
                              f"({n_slots / self.image_tokens:g} images of {self.image_tokens} tokens) "
                              f"but {n_img} image(s) given")
         if n_slots:
+            if self.image_ordinal_embed is not None:
+                image_embeds = image_embeds + self.image_ordinal_embed[self.image_ordinals(image_slot_mask)]
             mask = image_slot_mask.unsqueeze(-1).expand_as(inputs_embeds)
             inputs_embeds = inputs_embeds.masked_scatter(mask, image_embeds.to(inputs_embeds.dtype))
         return inputs_embeds
+
+    def image_ordinals(self, image_slot_mask: torch.Tensor) -> torch.Tensor:
+        """For each image of a batch in reading order, its place among its row's images (0, 1, ...), capped at the
+        last ordinal embedding."""
+        per_row = (image_slot_mask.sum(dim=1) // self.image_tokens).tolist()
+        ordinals = torch.cat([torch.arange(int(n), device=image_slot_mask.device) for n in per_row])
+        return ordinals.clamp(max=self.image_ordinal_embed.shape[0] - 1)
 
     def forward(self, *, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_slot_mask: torch.Tensor,
                 images: torch.Tensor | None = None, image_embeds: torch.Tensor | None = None,
