@@ -73,6 +73,9 @@ def test_report_counts_accuracy_and_check_agreement(tmp_path):
     assert {"facts right", "verdict follows the fact"} <= set(facts)
     assert all(row["agreement"] == 1.0 for row in facts.values())
     assert facts["facts right"]["checks"] == sum(row["checks"] for row in report["BISON"]["checks"].values())
+    assert facts["positioned verdict follows the fact"]["checks"] == facts["positioned facts right"]["checks"] > 0
+    # every reference answer has exactly one section without a "no" (the decoy's caption is refuted)
+    assert facts["choice follows the checks"]["checks"] == report["BISON"]["items"]
     # "FALSE" everywhere is right exactly on the false statements, template by template.
     for template, row in report["NLVR2"]["by_template"].items():
         falses = sum(x["label"] == "False" for x in nlvr2_annotations if _template(x["sentence"]) == template)
@@ -99,6 +102,26 @@ def test_report_counts_accuracy_and_check_agreement(tmp_path):
     assert steps["steps follow their counts"]["agreement"] == 0.0
     assert steps["verdict follows the steps"]["agreement"] == round(mixed / len(right_answers), 3) < 0.5
 
+    # the same answers with the images' names swapped: every count that is wrong is the other image's
+    swapped = nlvr2.parent / "NLVR2_swapped_acc1.000.json"
+    swapped.write_text(json.dumps([dict(r, response=r["response"].replace("IMAGE#1", "IMAGE#x")
+                                        .replace("IMAGE#2", "IMAGE#1").replace("IMAGE#x", "IMAGE#2"))
+                                   for r in right_answers]))
+    assert main(["--root", str(root), "--nlvr2", str(swapped), "--out", str(out)]) == 0
+    steps = json.loads(out.read_text())["NLVR2"]["steps"]
+    assert steps["counts right"]["agreement"] < 1.0
+    assert steps["wrong counts that are the other image's"]["agreement"] == 1.0
+    assert steps["wrong counts that are the other image's"]["checks"] == round(
+        steps["counts right"]["checks"] * (1 - steps["counts right"]["agreement"]))
+
+    # right checks, the other image chosen: the choice never follows the checks
+    other_choice = results / "BISON_other_acc0.000.json"
+    other_choice.write_text(json.dumps([dict(r, predict="image#2" if r["predict"] == "image#1" else "image#1")
+                                        for r in _bison_results(root, flip_checks=False)]))
+    assert main(["--root", str(root), "--bison", str(other_choice), "--out", str(out)]) == 0
+    facts = json.loads(out.read_text())["BISON"]["facts"]
+    assert facts["choice follows the checks"]["agreement"] == 0.0 and facts["facts right"]["agreement"] == 1.0
+
     out = tmp_path / "flipped.json"
     assert main(["--root", str(root), "--bison", str(flipped), "--out", str(out)]) == 0
     report = json.loads(out.read_text())
@@ -106,6 +129,7 @@ def test_report_counts_accuracy_and_check_agreement(tmp_path):
     # flipped verdicts after right facts: the read-out is right, the comparison never
     assert report["BISON"]["facts"]["facts right"]["agreement"] == 1.0
     assert report["BISON"]["facts"]["verdict follows the fact"]["agreement"] == 0.0
+    assert report["BISON"]["facts"]["positioned verdict follows the fact"]["agreement"] == 0.0
 
 
 def _template(sentence: str) -> str:

@@ -5,10 +5,11 @@ world's scene records, and reports accuracy per BISON difference (colour, shape,
 statement template, and — since BISON answers check each caption item against each image — how often the
 model's own "yes"/"no" agrees with the scene, split by the item's truth and by whether it states a position; and,
 for checks that state a fact first (``a red circle at the top: one on the left, no``), how often that fact is the
-scene's (the read-out of the towers) and how often the verdict follows from it (the comparison). For NLVR2,
-whose answers state counts and judge each step against the statement (``...shows no red circles; the statement
-needs at least one: no``), it reports how often the stated counts are the scene's, each step's yes/no follows
-its count, and the verdict follows the steps.
+scene's (the read-out of the towers), how often the verdict follows from it (the comparison; positioned items
+also apart) and how often the final choice is the one image whose checks say no "no". For NLVR2, whose answers
+state counts and judge each step against the statement (``...shows no red circles; the statement needs at least
+one: no``), it reports how often the stated counts are the scene's (and how many wrong ones are the other image's:
+a read of the wrong image's tokens), each step's yes/no follows its count, and the verdict follows the steps.
 
     python -m sparkles.tools.synthetic_report --root outputs/tiny [--bison FILE] [--nlvr2 FILE] [--out report.json]
 """
@@ -45,7 +46,8 @@ def bison_report(records: list[dict], annotations: list[dict], scenes: dict) -> 
     per_kind: dict[str, list[int]] = {}
     checks: dict[str, list[int]] = {}
     unreadable = 0
-    facts = {"facts right": [0, 0], "positioned facts right": [0, 0], "verdict follows the fact": [0, 0]}
+    facts = {"facts right": [0, 0], "positioned facts right": [0, 0], "verdict follows the fact": [0, 0],
+             "positioned verdict follows the fact": [0, 0], "choice follows the checks": [0, 0]}
     for rec in records:
         ann = by_id.get(rec["evaluation_id"])
         if ann is None:
@@ -54,7 +56,14 @@ def bison_report(records: list[dict], annotations: list[dict], scenes: dict) -> 
         row[0] += _correct(rec)
         row[1] += 1
         candidates = [as_scene(scenes[str(c["image_id"])]) for c in ann["image_candidates"]]
-        for name, section in CHECK_SECTION_RE.findall(rec.get("response", "")):
+        sections = CHECK_SECTION_RE.findall(rec.get("response", ""))
+        # The choice the answer's own checks imply: the one image whose section says no "no" (when exactly one).
+        clean = [name for name, section in sections
+                 if not any(verdict == "no" for _, verdict in parse_check_section(section))]
+        if sorted(name for name, _ in sections) == ["1", "2"] and len(clean) == 1:
+            facts["choice follows the checks"][0] += str(rec.get("predict", "")).lower() == f"image#{clean[0]}"
+            facts["choice follows the checks"][1] += 1
+        for name, section in sections:
             for check, (item, verdict) in zip(section.split("; "), parse_check_section(section)):
                 if item is None or verdict is None or name not in ("1", "2"):
                     unreadable += 1
@@ -68,8 +77,11 @@ def bison_report(records: list[dict], annotations: list[dict], scenes: dict) -> 
                     for key in ("facts right", "positioned facts right") if item.position else ("facts right",):
                         facts[key][0] += right
                         facts[key][1] += 1
-                    facts["verdict follows the fact"][0] += fact_supports(item, fact) == (verdict == "yes")
-                    facts["verdict follows the fact"][1] += 1
+                    follows = fact_supports(item, fact) == (verdict == "yes")
+                    for key in (("verdict follows the fact", "positioned verdict follows the fact") if item.position
+                                else ("verdict follows the fact",)):
+                        facts[key][0] += follows
+                        facts[key][1] += 1
                 key = ("true " if truth else "false ") + ("positioned items" if item.position else "items")
                 row = checks.setdefault(key, [0, 0])
                 row[0] += (verdict == "yes") == truth
@@ -102,7 +114,8 @@ def _nlvr2_steps(response: str, statement, left, right) -> dict[str, list[int]]:
 
     counts, totals, comparisons = _nlvr2_step_patterns()
     q = statement.qual
-    out = {"counts right": [0, 0], "steps follow their counts": [0, 0], "verdict follows the steps": [0, 0]}
+    out = {"counts right": [0, 0], "wrong counts that are the other image's": [0, 0],
+           "steps follow their counts": [0, 0], "verdict follows the steps": [0, 0]}
     verdicts: list[str] = []
 
     def value(phrase: str) -> Optional[int]:
@@ -115,8 +128,13 @@ def _nlvr2_steps(response: str, statement, left, right) -> dict[str, list[int]]:
         verdicts.append(verdict)
 
     for name, phrase, need, verdict in counts.findall(response):
-        out["counts right"][0] += phrase == count_phrase(q.count(left if name == "1" else right), q)
+        mine, other = (left, right) if name == "1" else (right, left)
+        right_count = phrase == count_phrase(q.count(mine), q)
+        out["counts right"][0] += right_count
         out["counts right"][1] += 1
+        if not right_count:  # read off the other image's tokens? (what image ordinal marks are for)
+            out["wrong counts that are the other image's"][0] += phrase == count_phrase(q.count(other), q)
+            out["wrong counts that are the other image's"][1] += 1
         if verdict:
             n = value(phrase)
             holds = None if n is None or need not in ("at least one", "none") else \
