@@ -328,8 +328,11 @@ class SparklesChat(nn.Module):
     def image_ordinals(self, image_slot_mask: torch.Tensor) -> torch.Tensor:
         """For each image of a batch in reading order, its place among its row's images (0, 1, ...), capped at the
         last ordinal embedding."""
-        per_row = (image_slot_mask.sum(dim=1) // self.image_tokens).tolist()
-        ordinals = torch.cat([torch.arange(int(n), device=image_slot_mask.device) for n in per_row])
+        per_row = image_slot_mask.sum(dim=1) // self.image_tokens
+        # index within the batch minus the index of the row's first image (no per-row loop, no host sync)
+        first_of_row = torch.cumsum(per_row, 0) - per_row
+        ordinals = torch.arange(int(image_slot_mask.sum()) // self.image_tokens, device=image_slot_mask.device)
+        ordinals = ordinals - torch.repeat_interleave(first_of_row, per_row)
         return ordinals.clamp(max=self.image_ordinal_embed.shape[0] - 1)
 
     def forward(self, *, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_slot_mask: torch.Tensor,

@@ -56,15 +56,15 @@ def bison_report(records: list[dict], annotations: list[dict], scenes: dict) -> 
         row[0] += _correct(rec)
         row[1] += 1
         candidates = [as_scene(scenes[str(c["image_id"])]) for c in ann["image_candidates"]]
-        sections = CHECK_SECTION_RE.findall(rec.get("response", ""))
+        sections = [(name, section, parse_check_section(section))
+                    for name, section in CHECK_SECTION_RE.findall(rec.get("response", ""))]
         # The choice the answer's own checks imply: the one image whose section says no "no" (when exactly one).
-        clean = [name for name, section in sections
-                 if not any(verdict == "no" for _, verdict in parse_check_section(section))]
-        if sorted(name for name, _ in sections) == ["1", "2"] and len(clean) == 1:
+        clean = [name for name, _, parsed in sections if not any(verdict == "no" for _, verdict in parsed)]
+        if sorted(name for name, _, _ in sections) == ["1", "2"] and len(clean) == 1:
             facts["choice follows the checks"][0] += str(rec.get("predict", "")).lower() == f"image#{clean[0]}"
             facts["choice follows the checks"][1] += 1
-        for name, section in sections:
-            for check, (item, verdict) in zip(section.split("; "), parse_check_section(section)):
+        for name, section, parsed in sections:
+            for check, (item, verdict) in zip(section.split("; "), parsed):
                 if item is None or verdict is None or name not in ("1", "2"):
                     unreadable += 1
                     continue
