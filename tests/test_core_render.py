@@ -117,3 +117,22 @@ def test_collate_pads_left_or_right(renderer):
     assert left["attention_mask"][0].tolist() == [0] * pad + [1] * len(a)
     assert right["labels"][0, len(a):].eq(IGNORE_INDEX).all()
     assert int(right["image_slot_mask"].sum()) == (2 + 3) * NQ
+
+
+def test_unsupervised_spans_take_the_loss_off_their_tokens_only(renderer):
+    target = "IMAGE#3: a red square: two, no; a blue circle: one, yes."
+    spans = [(target.index("two"), target.index("two") + 3), (target.index("one"), target.index("one") + 3)]
+    plain = renderer.render(conv(), TRAIN_LAYOUT, target=target)
+    masked = renderer.render(conv(), TRAIN_LAYOUT, target=target, unsupervised=spans)
+    assert masked.input_ids == plain.input_ids  # the same tokens, fed as input
+    dropped = [t for t, a, b in zip(plain.input_ids, plain.labels, masked.labels) if a != b]
+    assert all(b == IGNORE_INDEX for a, b in zip(plain.labels, masked.labels) if a != b)
+    assert "".join(renderer.tokenizer.decode([t]).strip() for t in dropped) == "twoone"  # "one" is 3 tokens here
+    kept = renderer.tokenizer.decode([t for t in masked.labels if t != IGNORE_INDEX])
+    assert "no;" in kept and "yes." in kept and "square:" in kept and "two" not in kept
+
+
+@pytest.mark.parametrize("span", [(5, 5), (-1, 3), (0, 10_000)])
+def test_unsupervised_span_outside_the_target_is_an_error(renderer, span):
+    with pytest.raises(ValueError, match="not inside"):
+        renderer.render(conv(), TRAIN_LAYOUT, target="IMAGE#3 has a blue square.", unsupervised=[span])

@@ -209,6 +209,26 @@ def test_reasoning_drills_are_text_only_evaluation_questions_with_consistent_ver
     assert all(n > 60 for n in targets.values()) and len(targets) == 2  # checks of IMAGE#1 and of IMAGE#2
 
 
+def test_reasoning_drills_mark_their_facts_and_only_those_as_unsupervised(world):
+    from sparkles.data.synthetic.tasks import parse_fact
+
+    samples = _load(world / "data" / "reasoning" / "reasoning.json") + \
+        _load(world / "data" / "reasoning" / "caption_checks.json")
+    for s in samples:
+        answer, spans = s["answer"], s["unsupervised_spans"]
+        facts = [answer[a:b] for a, b in spans]
+        checks = [c for _, section in re.findall(r"In (IMAGE#[12]): ([^.]*)\.", answer) for c in section.split("; ")]
+        if checks:  # a BISON check's fact sits between its item and its yes/no
+            assert len(facts) == len(checks)
+            assert all(f"{fact}, " in check for fact, check in zip(facts, checks))
+            assert all(parse_fact(fact) is not None for fact in facts)
+        else:  # an NLVR2 count: "IMAGE#1 shows two red circles"
+            assert len(facts) == answer.count(" shows ") > 0
+            assert all(re.fullmatch(r"(no|zero|one|two|three|four|five|six) [a-z ]+", fact) for fact in facts)
+        rest = "".join(answer[b:a] for (_, b), (a, _) in zip([(0, 0)] + spans, spans + [(len(answer), 0)]))
+        assert rest.endswith(answer.rsplit(" ", 1)[1]) and ("yes" in rest or "no" in rest)  # verdicts stay
+
+
 def test_dialogue_files_have_upstream_fields_and_types(world):
     scenes = _scenes(world)
     for subset, id_type in (("CC", str), ("VG", int)):

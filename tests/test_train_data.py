@@ -139,6 +139,10 @@ def good(i="100"):
     ([good(), {"instruction": good()["instruction"], "tgt_imgs": [{"image_id": "100"}]}], r"record 1: field 'answer'"),
     ([good(), {"answer": "x", "tgt_imgs": []}], r"record 1: needs 'instruction'"),
     ([good(), {**good(), "instruction": "Human: hi"}], r"record 1: field 'instruction'"),
+    ([good(), {**good(), "unsupervised_spans": [[0, 9]]}], r"record 1: unsupervised_spans\[0\] = \[0, 9\] is not"),
+    ([good(), {**good(), "unsupervised_spans": [[0, 3]]}], r"record 1: 'unsupervised_spans' cover the whole answer"),
+    ([good(), {**good(), "unsupervised_spans": [0, 1]}], r"record 1: unsupervised_spans\[0\] = 0 is not"),
+    ([good(), {**good(), "fix_answer": "blue", "unsupervised_spans": [[0, 1]]}], r"record 1: .*'fix_answer' replaces"),
     ('[{"answer": "x",, }]', r"turn1_1img\.json: malformed JSON at line 1 column"),
     ({"not": "a list"}, r"expected a JSON list"),
 ])
@@ -150,6 +154,25 @@ def test_bad_records_are_errors_naming_file_and_record(world, tmp_path, records,
                                    datasets={"SparklesDialogueCC_turn1_1img": {}}))
     with pytest.raises(DataError, match=pattern):
         builders.load_records("SparklesDialogueCC_turn1_1img", cfg.datasets.SparklesDialogueCC_turn1_1img, root=root)
+
+
+def test_unsupervised_spans_of_a_record_carry_no_loss(world, tmp_path):
+    name = "SparklesDialogueCC_turn1_1img"
+    root = tmp_path / "root"
+    make_world(root, n_per_split=1, splits={name: (1, 1)})
+    answer = "it is red, so yes"
+    write_split(root, name, [{**good(), "answer": answer, "unsupervised_spans": [[6, 9]]}, {**good(), "answer": answer}])
+    ds = dataset({**world, "root": root, "base": tmp_path}, name)
+    assert ds.records.records[0].unsupervised == [(6, 9)]
+    masked, plain = ds[(0, 0)].rendered, ds[(1, 0)].rendered
+    assert masked.input_ids == plain.input_ids
+    assert target_text(world["tok"], ds[(1, 0)]).replace(" ", "") == "itisred,soyes###"
+    assert world["tok"].decode([t for t in masked.labels if t != IGNORE_INDEX]).replace(" ", "") == "itis,soyes###"
+    # the field survives the webdataset record round trip
+    from sparkles.data.base import Record
+
+    rec = ds.records.records[0]
+    assert Record.from_json(json.loads(json.dumps(rec.to_json()))) == rec
 
 
 def test_unreadable_image_fails_at_load_or_is_counted(world, tmp_path):

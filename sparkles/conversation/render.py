@@ -4,7 +4,9 @@ Training and inference share this code; they differ only in the :class:`~.templa
 spacing) and in whether a target answer is given. Text is cut at image placeholders; each text run is
 tokenised on its own (as upstream inference does), each image placeholder becomes one slot position per image
 token (``SparklesChat.image_tokens``), and a target answer plus the end symbol is tokenised as its own run, so
-the label mask follows segment boundaries instead of re-tokenising a prefix. Only the target carries loss.
+the label mask follows segment boundaries instead of re-tokenising a prefix. Only the target carries loss,
+less any character spans of it that the sample marks as unsupervised (a text-only drill's facts, which no
+text determines): the tokens that overlap them keep their place in the input but carry no loss.
 
 Over-long conversations never lose part of an image: whole earlier turns (a user message and its answer,
 with their images) are dropped, and if the last turn alone does not fit, :class:`SampleTooLong` is raised.
@@ -95,9 +97,26 @@ class Renderer:
             return []
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
+    def _encode_target(self, target: str, unsupervised: Sequence[tuple[int, int]]) -> tuple[list[int], list[bool]]:
+        """The target's tokens and, per token, whether it carries loss (not when it overlaps an unsupervised span;
+        the character offsets come from the fast tokenizer, so the ids are those of :meth:`encode`)."""
+        if not unsupervised:
+            toks = self.encode(target)
+            return toks, [True] * len(toks)
+        for start, end in unsupervised:
+            if not 0 <= start < end <= len(target):
+                raise ValueError(f"unsupervised span [{start}, {end}) is not inside the {len(target)}-character target")
+        if not getattr(self.tokenizer, "is_fast", False):
+            raise ValueError("unsupervised target spans need a fast tokenizer (character offsets); "
+                             f"{type(self.tokenizer).__name__} is not one")
+        enc = self.tokenizer(target, add_special_tokens=False, return_offsets_mapping=True)
+        supervised = [not any(a < end and start < b for start, end in unsupervised) for a, b in enc["offset_mapping"]]
+        return list(enc["input_ids"]), supervised
+
     def tokenize(self, prompt: str, target: Optional[str] = None, *, image_offset: int = 0,
-                 add_bos: bool = True) -> Rendered:
-        """Tokenise a prompt string with image placeholders, and optionally a target (loss) string."""
+                 add_bos: bool = True, unsupervised: Sequence[tuple[int, int]] = ()) -> Rendered:
+        """Tokenise a prompt string with image placeholders, and optionally a target (loss) string; the target's
+        tokens that overlap a ``[start, end)`` character span of ``unsupervised`` carry no loss."""
         ids: list[int] = []
         mask: list[bool] = []
         keys: list[int] = []
@@ -120,21 +139,21 @@ class Renderer:
         if target is not None:
             if IMAGE_PLACEHOLDER in target:
                 raise ValueError("a target answer cannot contain an image slot")
-            toks = self.encode(target)
+            toks, supervised = self._encode_target(target, unsupervised)
             if not toks:
                 raise ValueError("empty target answer")
             ids.extend(toks), mask.extend([False] * len(toks)), keys.extend(toks)
-            labels.extend(toks)
+            labels.extend(t if keep else IGNORE_INDEX for t, keep in zip(toks, supervised))
             text = prompt + target
         n_img = len(pieces) - 1
         return Rendered(ids, mask, labels, list(range(image_offset, image_offset + n_img)), text, 0, keys)
 
     def render(self, messages: Sequence[Message], layout: Layout, *, target: Optional[str] = None,
-               max_length: Optional[int] = None) -> Rendered:
+               max_length: Optional[int] = None, unsupervised: Sequence[tuple[int, int]] = ()) -> Rendered:
         """Render ``messages`` (ending with a user message) for ``layout``.
 
-        With ``target`` (training), the answer plus the end symbol is appended and carries the loss.
-        Without it (generation), the sequence ends with the pending assistant header. Earlier whole turns
+        With ``target`` (training), the answer plus the end symbol is appended and carries the loss (except on
+        the ``unsupervised`` character spans of ``target``). Without it (generation), the sequence ends with the pending assistant header. Earlier whole turns
         are dropped to fit ``max_length``; their images are dropped with them.
         """
         messages = list(messages)
@@ -149,7 +168,7 @@ class Renderer:
             kept = messages[2 * dropped:]
             # System text survives truncation: it is the layout's, not a turn's.
             prompt = render_text(kept, layout)
-            out = self.tokenize(prompt, full_target, image_offset=first_image)
+            out = self.tokenize(prompt, full_target, image_offset=first_image, unsupervised=unsupervised)
             if max_length is None or len(out) <= max_length:
                 out.dropped_turns = dropped
                 out.image_messages = [m.content for m, n in zip(kept, slots_per_msg[2 * dropped:]) for _ in range(n)]

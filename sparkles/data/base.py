@@ -105,15 +105,21 @@ class Record:
     target: str
     image_ids: list[str]
     kind: str = "dialogue"  # "dialogue" | "caption"
+    # [start, end) character spans of ``target`` that carry no loss (a text-only drill's facts)
+    unsupervised: list[tuple[int, int]] = field(default_factory=list)
 
     def to_json(self) -> dict:
-        return {"id": self.id, "index": self.index, "kind": self.kind, "messages": [list(m) for m in self.messages],
-                "target": self.target, "image_ids": list(self.image_ids)}
+        out = {"id": self.id, "index": self.index, "kind": self.kind, "messages": [list(m) for m in self.messages],
+               "target": self.target, "image_ids": list(self.image_ids)}
+        if self.unsupervised:
+            out["unsupervised"] = [list(span) for span in self.unsupervised]
+        return out
 
     @classmethod
     def from_json(cls, obj: dict) -> "Record":
         return cls(id=obj["id"], index=int(obj["index"]), messages=[(r, c) for r, c in obj["messages"]],
-                   target=obj["target"], image_ids=[str(i) for i in obj["image_ids"]], kind=obj.get("kind", "dialogue"))
+                   target=obj["target"], image_ids=[str(i) for i in obj["image_ids"]], kind=obj.get("kind", "dialogue"),
+                   unsupervised=[(int(a), int(b)) for a, b in obj.get("unsupervised", [])])
 
 
 @dataclass
@@ -259,7 +265,10 @@ class SampleEncoder:
         rng = random.Random(sample_seed)
         messages, target = self.messages_for(record, rng)
         try:
-            rendered = self.renderer.render(messages, self.layout, target=target, max_length=self.max_length)
+            # a caption's target may be rewritten by the text processor; spans belong to dialogue targets only
+            spans = record.unsupervised if record.kind != "caption" else ()
+            rendered = self.renderer.render(messages, self.layout, target=target, max_length=self.max_length,
+                                            unsupervised=spans)
         except SampleTooLong as exc:
             raise DataError(f"{where}: too long: {exc}") from None
         except ValueError as exc:

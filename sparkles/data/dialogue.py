@@ -4,7 +4,9 @@ Field rules (upstream): the question is ``uniform_question`` if present, else ``
 ``instruction`` if present (for turn 2 it already holds the whole first exchange), else the single-turn
 template around the question; the target is ``fix_answer`` if given, else ``answer``; ``tgt_imgs`` lists the
 images in slot order (turn-1 images first for turn-2 samples). Only the target answer and the end symbol
-carry loss; earlier turns are teacher-forced history.
+carry loss; earlier turns are teacher-forced history. Our own optional field ``unsupervised_spans``
+(``[[start, end], ...]``, character offsets into ``answer``) marks parts of the answer that carry no loss:
+the synthetic world's text-only drills mark their facts, which no text can determine.
 """
 
 from __future__ import annotations
@@ -59,7 +61,28 @@ def parse_dialogue_record(rec: Any, index: int, where: str, *, name: str) -> Rec
         raise DataError(f"{where}: field 'answer' is empty")
     image_ids = image_ids_of(rec, where)
     check_messages(messages, len(image_ids), where)
-    return Record(id=f"{name}/{index}", index=index, messages=messages, target=target, image_ids=image_ids)
+    return Record(id=f"{name}/{index}", index=index, messages=messages, target=target, image_ids=image_ids,
+                  unsupervised=_unsupervised_spans(rec, target, where))
+
+
+def _unsupervised_spans(rec: dict, target: str, where: str) -> list[tuple[int, int]]:
+    spans = rec.get("unsupervised_spans")
+    if spans is None:
+        return []
+    if rec.get("fix_answer") is not None and target is rec["fix_answer"]:
+        raise DataError(f"{where}: 'unsupervised_spans' index into 'answer', but 'fix_answer' replaces it")
+    if not isinstance(spans, list):
+        raise DataError(f"{where}: field 'unsupervised_spans' must be a list of [start, end] pairs")
+    out = []
+    for k, span in enumerate(spans):
+        if (not isinstance(span, list) or len(span) != 2 or not all(type(v) is int for v in span)
+                or not 0 <= span[0] < span[1] <= len(target)):
+            raise DataError(f"{where}: unsupervised_spans[{k}] = {span!r} is not a [start, end) pair of character "
+                            f"offsets inside the {len(target)}-character answer")
+        out.append((span[0], span[1]))
+    if len(out) == 1 and out[0] == (0, len(target)):
+        raise DataError(f"{where}: 'unsupervised_spans' cover the whole answer: nothing would carry loss")
+    return out
 
 
 def load_dialogue_records(name: str, anno_file: Path, image_dir: Path, *, skip_bad: bool = False) -> RecordSet:

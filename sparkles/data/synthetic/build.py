@@ -384,7 +384,8 @@ class Builder:
 
         ``kind`` is ``bison`` or ``nlvr2`` (the evaluation question) or ``caption``: a position pair's caption
         checked against one of its two scenes alone (``Is the caption '…' true of IMAGE#2?``). Without images the
-        facts in an answer cannot be predicted, but the step from them to the verdict can: a fresh 4-layer decoder
+        facts in an answer cannot be predicted (the written drills mark them as carrying no loss,
+        ``tasks.fact_spans``), but the step from them to the verdict can: a fresh 4-layer decoder
         learns it from these items in a few hundred steps, and one that has learnt it first reads the images far
         better in the dialogue stage than one that must learn both at once (docs/notes/tiny_world.md, session 8).
         The caption checks are there because a position pair always has one "yes" and one "no" at the positioned

@@ -265,6 +265,30 @@ def caption_checks(caption: str, scene: Scene) -> list[tuple[str, str, bool]]:
 CHECK_SECTION_RE = re.compile(r"In IMAGE#([0-9A-Za-z_-]+): ([^.]+)\.")
 
 
+# A count sentence of an NLVR2 answer: "The left image, IMAGE#1, shows no red circles; the statement needs ...".
+COUNT_STEP_RE = re.compile(r"IMAGE#[0-9A-Za-z_-]+,? shows ([a-z ]+?)(?:; |\.)")
+
+
+def fact_spans(answer_text: str) -> list[tuple[int, int]]:
+    """The ``[start, end)`` character spans of an answer's facts read off the images: each BISON check's stated
+    count and place (``one at the top`` in ``a red circle: one at the top, yes``) and each NLVR2 count (``no red
+    circles`` in ``IMAGE#1 shows no red circles.``). A text-only drill marks them as carrying no loss: without the
+    images nothing determines them, and training on them teaches the decoder to guess a fact from the caption
+    instead of reading it (docs/notes/tiny_world.md, session 15). What follows from the facts (the yes/no, a
+    total, a comparison, the verdict) stays supervised."""
+    spans = []
+    for section in CHECK_SECTION_RE.finditer(answer_text):
+        at = section.start(2)
+        for check in section.group(2).split("; "):
+            item_end = check.find(": ")
+            verdict_at = check.rfind(", ")
+            if 0 <= item_end < verdict_at:
+                spans.append((at + item_end + 2, at + verdict_at))
+            at += len(check) + 2
+    spans.extend(m.span(1) for m in COUNT_STEP_RE.finditer(answer_text))
+    return sorted(spans)
+
+
 def parse_fact(fact: str) -> tuple[int, str | None] | None:
     """A check's stated fact read back (``one on the left`` → (1, "left")); None when it is not one."""
     from .language import PHRASE_POSITIONS

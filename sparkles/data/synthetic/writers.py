@@ -10,7 +10,8 @@ Files (paths from ``SparklesLayout``):
   ``data/cc_sbu_align/perception.json``: short count and place questions about them (``perception_samples``),
   and ``perception_where.json``: its place questions alone
 - ``data/reasoning/reasoning.json``: text-only BISON/NLVR2 questions and answers about scene pairs that have
-  no images (``Builder.reasoning_item``), the decoder's warm-up on the step from facts to verdict, and
+  no images (``Builder.reasoning_item``), the decoder's warm-up on the step from facts to verdict (each with
+  ``unsupervised_spans``: its facts, which carry no loss, ``tasks.fact_spans``), and
   ``data/reasoning/caption_checks.json``: single-image caption checks (empty unless the world's reasoning_mix
   asks for them)
 
@@ -31,7 +32,7 @@ from sparkles.eval.prompts import bison_prompt, nlvr2_prompt
 from .build import World
 from .language import Qual, caption, describe
 from .scenes import (ALL_COLOURS, ALL_SHAPES, BACKGROUND_RGB, POSITION_PHRASES, SIZES, Scene)
-from .tasks import Task, answer, image_name, parse_question, question
+from .tasks import Task, answer, fact_spans, image_name, parse_question, question
 
 FORMAT = "sparkles-synthetic-world"
 FORMAT_VERSION = 1
@@ -149,8 +150,10 @@ def write_world(world: World, root: str | os.PathLike, *, workers: int = 1, forc
     # The caption checks go to a file of their own: a batch of them is less than half as long as a batch of
     # BISON/NLVR2 drills, so a mixture that draws them apart trains on them at less than half the cost.
     for path, kinds in ((REASONING_FILE, ("bison", "nlvr2")), (CAPTION_CHECKS_FILE, ("caption",))):
+        # The drills' facts carry no loss (``fact_spans``): no text determines them.
         drills = [{"uniform_question": it["prompt"], "instruction": turn_instruction(it["prompt"]),
-                   "answer": it["answer"], "tgt_imgs": []} for it in world.reasoning if it["kind"] in kinds]
+                   "answer": it["answer"], "unsupervised_spans": [list(s) for s in fact_spans(it["answer"])],
+                   "tgt_imgs": []} for it in world.reasoning if it["kind"] in kinds]
         write_json(root / path, drills)
         summary[path] = len(drills)
 
