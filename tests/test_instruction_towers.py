@@ -3,6 +3,8 @@ and the stage-0 data it is pretrained on (sparkles.data.instruction_tags)."""
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import pytest
@@ -274,6 +276,26 @@ def test_instructed_stage0_learns_the_items_and_its_towers_load_into_sparklescha
                            tagger.ln_vision(tagger.visual_encoder(batch["images"])), tagger.qformer_text(ids), mask)
         got = chat_model.image_features(batch["images"], batch["messages"])
     torch.testing.assert_close(got, want)
+
+    # towers_report reads that checkpoint's item heads on every held-out BISON and NLVR2 image
+    from sparkles.tools import towers_report
+
+    checkpoint = world / "models" / "towers" / "checkpoint_last.pth"
+    report = towers_report.towers_report(towers_report.load_tagger(Path(STAGE0), checkpoint, world), world)
+    before = towers_report.towers_report(untrained, world)
+    bison = json.loads((world / "evaluation/BISON/annotations/sparkles_evaluation_bison_annotations.json").read_text())
+    nlvr2 = json.loads((world / "evaluation/NLVR2/annotations/sparkles_evaluation_nlvr2_annotations.json").read_text())
+    assert report["bison_pairs_with_one_fitting_image"]["pairs"] == len(bison)
+    assert report["nlvr2_asked_count_right"]["images"] == 2 * len(nlvr2)
+    assert sum(row["items"] for row in report["bison_items"].values()) == 2 * sum(
+        len(re.split(", | and ", item["caption"])) for item in bison)
+    assert report["nlvr2_asked_count_right"]["share"] > before["nlvr2_asked_count_right"]["share"] + 0.1
+    assert towers_report.main(["--root", str(world), "--checkpoint", "models/towers/checkpoint_last.pth",
+                               "--config", STAGE0, "--out", str(world / "towers.json")]) == 0
+    assert json.loads((world / "towers.json").read_text()) == report
+    assert towers_report.main(["--root", str(world), "--checkpoint", "models/none.pth", "--config", STAGE0]) == 2
+    with pytest.raises(ValueError, match="not a stage-0 checkpoint"):
+        towers_report.load_tagger(Path(STAGE0), towers, world)  # the exported file has no read-out heads
 
 
 def test_position_jitter_moves_the_text_in_training_only():
