@@ -152,9 +152,10 @@ class Renderer:
                max_length: Optional[int] = None, unsupervised: Sequence[tuple[int, int]] = ()) -> Rendered:
         """Render ``messages`` (ending with a user message) for ``layout``.
 
-        With ``target`` (training), the answer plus the end symbol is appended and carries the loss (except on
-        the ``unsupervised`` character spans of ``target``). Without it (generation), the sequence ends with the pending assistant header. Earlier whole turns
-        are dropped to fit ``max_length``; their images are dropped with them.
+        With ``target`` (training), the answer plus the end symbol is appended and carries the loss, except on
+        the ``unsupervised`` character spans of ``target``. Without it (generation), the sequence ends with the
+        pending assistant header. Earlier whole turns are dropped to fit ``max_length``; their images are dropped
+        with them.
         """
         messages = list(messages)
         _check_roles(messages)

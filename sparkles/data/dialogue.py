@@ -51,7 +51,8 @@ def parse_dialogue_record(rec: Any, index: int, where: str, *, name: str) -> Rec
         if rec.get(key) is None:
             raise DataError(f"{where}: needs 'instruction', 'uniform_question' or 'question'")
         messages = [(USER, _text_field(rec, key, where))]
-    if isinstance(rec.get("fix_answer"), str) and rec["fix_answer"].strip():
+    fixed = isinstance(rec.get("fix_answer"), str) and bool(rec["fix_answer"].strip())
+    if fixed:
         target = rec["fix_answer"]
     elif "answer" in rec:
         target = _text_field(rec, "answer", where)
@@ -62,14 +63,14 @@ def parse_dialogue_record(rec: Any, index: int, where: str, *, name: str) -> Rec
     image_ids = image_ids_of(rec, where)
     check_messages(messages, len(image_ids), where)
     return Record(id=f"{name}/{index}", index=index, messages=messages, target=target, image_ids=image_ids,
-                  unsupervised=_unsupervised_spans(rec, target, where))
+                  unsupervised=_unsupervised_spans(rec, target, where, fixed=fixed))
 
 
-def _unsupervised_spans(rec: dict, target: str, where: str) -> list[tuple[int, int]]:
+def _unsupervised_spans(rec: dict, target: str, where: str, *, fixed: bool) -> list[tuple[int, int]]:
     spans = rec.get("unsupervised_spans")
     if spans is None:
         return []
-    if rec.get("fix_answer") is not None and target is rec["fix_answer"]:
+    if fixed:
         raise DataError(f"{where}: 'unsupervised_spans' index into 'answer', but 'fix_answer' replaces it")
     if not isinstance(spans, list):
         raise DataError(f"{where}: field 'unsupervised_spans' must be a list of [start, end] pairs")

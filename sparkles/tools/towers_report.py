@@ -54,13 +54,13 @@ def load_tagger(config: Path, checkpoint: Path, root: Path):
     return tagger.eval()
 
 
-def item_holds_by(count: int, place: int, claim, top: int) -> bool:
-    """Whether a (count class, cell) makes a caption item hold (the top count class stands for that many or more)."""
+def item_holds_by(count: int, cell: int, claim) -> bool:
+    """Whether a count and the cell of the single object (or the "not one" class past the grid) make a caption item
+    hold: ``tasks.fact_supports`` with the cell named as the world names places."""
     from sparkles.data.synthetic.scenes import GRID, POSITION_NAMES
+    from sparkles.data.synthetic.tasks import fact_supports
 
-    if min(count, top) != min(claim.count, top):
-        return False
-    return claim.position is None or (place < GRID * GRID and POSITION_NAMES[divmod(place, GRID)] == claim.position)
+    return fact_supports(claim, (count, POSITION_NAMES[divmod(cell, GRID)] if cell < GRID * GRID else None))
 
 
 def towers_report(tagger, root: Path, batch_size: int = 32) -> dict:
@@ -74,7 +74,6 @@ def towers_report(tagger, root: Path, batch_size: int = 32) -> dict:
 
     scenes = load_scenes(root)
     process = Blip2ImageEvalProcessor(image_size=int(tagger.cfg.image_size))
-    top = tagger.vocabulary.max_count_class - 1
 
     def read(samples):
         with torch.no_grad():
@@ -90,15 +89,15 @@ def towers_report(tagger, root: Path, batch_size: int = 32) -> dict:
         claims = parse_items(parse_question(sample.message).text)
         fits_here = True
         for (count, place), claim, got_count, got_place in zip(sample.items, claims, counts, places):
-            truth = item_holds_by(min(count, top), place, claim, top)
-            said = item_holds_by(got_count, got_place, claim, top)
+            truth, said = item_holds_by(count, place, claim), item_holds_by(got_count, got_place, claim)
             key = ("true" if truth else "false") + (" positioned" if claim.position else "") + " items"
             items[key, "right"] += said == truth
             items[key, "all"] += 1
             fits_here &= said
         fits.append(fits_here)
     pairs = list(zip(fits[0::2], fits[1::2]))  # held_out_items lists each pair's two candidates in turn
-    asked = [counts[0] == min(sample.items[0][0], top) for sample, counts, _ in read(nlvr2)]
+    # count classes run 0 .. the most objects a scene holds, so a scene's count is always a class
+    asked = [counts[0] == sample.items[0][0] for sample, counts, _ in read(nlvr2)]
     return {"bison_items": {key: {"agreement": round(items[key, "right"] / items[key, "all"], 3),
                                   "items": items[key, "all"]}
                             for key in sorted({k for k, _ in items})},
