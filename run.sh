@@ -1,22 +1,19 @@
 #!/usr/bin/env bash
 # Train SparklesChat, then evaluate it on BISON, NLVR2 and SparklesEval.
 #
-#   bash run.sh                  CPU default: generate the procedural world, train the tiny SparklesChat on it in
-#                                three steps (towers that read the question; the decoder's verdict warm-up on
-#                                text-only drills; dialogues), evaluate it (reference judge for SparklesEval), write
-#                                everything under outputs/tiny/ and print a summary (summary.json there).
-#   SPARKLES_TOWERS=image bash run.sh
-#                                the earlier pipeline, in outputs/tiny_image/: image-only towers (model_type tiny),
-#                                then perception questions and captions, then dialogues (docs/notes/tiny_world.md).
+#   bash run.sh                  CPU default: generate the CPU world, train the tiny SparklesChat on it in three
+#                                stages (towers that read the question; the decoder's verdict warm-up on text-only
+#                                drills; dialogues), evaluate it (the world's reference judge for SparklesEval),
+#                                write everything under outputs/tiny/ and print a summary (summary.json there).
 #   bash run.sh ROOT [NGPU]      the paper pipeline on GPUs: torchrun train.py with train_configs/sparkleschat.yaml
 #                                on NGPU GPUs (default 8), then evaluate.sh on BISON and NLVR2 (and SparklesEval
 #                                when OPENAI_API_KEY or OPENAI_BASE_URL is set).
 #
-# Environment: SPARKLES_OUT (CPU default's folder, default outputs/tiny), SPARKLES_TOWERS (instructed | image),
-# SPARKLES_PROCS (training processes, default 2 where the machine has 2 cores or more: torchrun, one thread each),
-# SPARKLES_PRESET (default | ci: a small world and a short training, used by the tests), STAGE0_OPTIONS /
-# STAGE1_OPTIONS / TRAIN_OPTIONS (extra --options for the tower, warm-up (image: perception) and dialogue stages), EVAL_BATCH
-# (default 16), SKIP_INSTALL=1 (do not check/install requirements), PYTHON (default python3).
+# Environment: SPARKLES_OUT (CPU default's folder, default outputs/tiny), SPARKLES_PROCS (training processes,
+# default 2 where the machine has 2 cores or more: torchrun, one thread each), SPARKLES_PRESET (default | ci: a
+# small world and a short training, used by the tests), STAGE0_OPTIONS / STAGE1_OPTIONS / TRAIN_OPTIONS (extra
+# --options for the towers, the warm-up and the dialogue stage), EVAL_BATCH (default 16), SKIP_INSTALL=1 (do not
+# check/install requirements), PYTHON (default python3).
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
@@ -55,22 +52,11 @@ train_stage() {
 }
 
 run_tiny() {
-  local towers=${SPARKLES_TOWERS:-instructed} model_opts=()
-  local stage0_cfg=train_configs/sparkleschat_tiny_stage0_instructed.yaml
-  local stage1_cfg=train_configs/sparkleschat_tiny_reasoning.yaml stage2_cfg=train_configs/sparkleschat_tiny_instructed.yaml
+  local stage0_cfg=train_configs/sparkleschat_tiny_towers.yaml
+  local stage1_cfg=train_configs/sparkleschat_tiny_reasoning.yaml stage2_cfg=train_configs/sparkleschat_tiny.yaml
   local out=${SPARKLES_OUT:-outputs/tiny} preset=${SPARKLES_PRESET:-default} batch=${EVAL_BATCH:-16}
-  case "$towers" in
-    instructed) ;;
-    image)
-      stage0_cfg=train_configs/sparkleschat_tiny_stage0.yaml
-      stage1_cfg=train_configs/sparkleschat_tiny_stage1.yaml stage2_cfg=train_configs/sparkleschat_tiny.yaml
-      model_opts=(model.model_type=tiny)
-      out=${SPARKLES_OUT:-outputs/tiny_image} ;;
-    *) echo "run.sh: SPARKLES_TOWERS must be instructed or image, not '$towers'" >&2; exit 2 ;;
-  esac
   PROCS=${SPARKLES_PROCS:-$(( $(nproc) >= 2 ? 2 : 1 ))}
-  local train_opts=("${model_opts[@]}" ${TRAIN_OPTIONS:-}) stage1_opts=("${model_opts[@]}" ${STAGE1_OPTIONS:-})
-  local stage0_opts=(${STAGE0_OPTIONS:-})
+  local stage0_opts=(${STAGE0_OPTIONS:-}) stage1_opts=(${STAGE1_OPTIONS:-}) train_opts=(${TRAIN_OPTIONS:-})
   if [[ "$preset" == ci ]]; then
     stage0_opts=(run.iters_per_epoch=${CI_STAGE0_ITERS:-300} run.warmup_steps=10 "${stage0_opts[@]}")
     stage1_opts=(run.iters_per_epoch=${CI_ITERS:-30} run.warmup_steps=5 "${stage1_opts[@]}")
@@ -80,15 +66,15 @@ run_tiny() {
   echo "[run.sh] CPU default: tiny SparklesChat on the procedural world in $out (preset $preset)"
   local t0; t0=$(now)
   if [[ ! -f "$out/world/scenes.json" || ! -f "$out/models/tiny_llm/tokenizer.json" ]]; then
-    "$PYTHON" -m sparkles.data.synthetic --out "$out" --seed 0 --preset "$preset"
+    "$PYTHON" -m sparkles.tinyworld --out "$out" --seed 0 --preset "$preset"
   else
     echo "[run.sh] world found in $out (delete the folder to regenerate it)"
   fi
   local t1; t1=$(now)
-  # Stage 0 pretrains the vision towers on the world's scene tags and on what each image's message asks (the
-  # stand-in for EVA-CLIP/BLIP-2 weights); with the towers frozen, stage 1 teaches a fresh decoder the step from
-  # an answer's facts to its verdict on text-only drills, and stage 2 trains it on the dialogues, where it learns
-  # to read those facts from the towers. (image: stage 1 is perception questions and captions instead.)
+  # The first stage pretrains the vision towers on the world's scene tags and on what each image's message asks
+  # (the stand-in for EVA-CLIP/BLIP-2 weights); with the towers frozen, the second teaches a fresh decoder the step
+  # from an answer's facts to its verdict on text-only drills, and the third trains it on the dialogues, where it
+  # learns to read those facts from the towers.
   train_stage "$stage0_cfg" "$out" "${stage0_opts[@]}"
   train_stage "$stage1_cfg" "$out" "${stage1_opts[@]}"
   train_stage "$stage2_cfg" "$out" "${train_opts[@]}"
@@ -98,16 +84,15 @@ run_tiny() {
     local judge=()
     [[ "$ds" == SparklesEval ]] && judge=(--judge_models reference)
     "$PYTHON" evaluate.py --cfg-path eval_configs/sparkles_tiny.yaml --sparkles_root "$out" --dataset "$ds" \
-      --inference --merge-results --batch-size "$batch" --max-new-tokens 120 --no-progress "${judge[@]}" \
-      ${model_opts[@]:+--options "${model_opts[@]}"}
+      --inference --merge-results --batch-size "$batch" --max-new-tokens 120 --no-progress "${judge[@]}"
   done
   local t3; t3=$(now)
   "$PYTHON" -m sparkles.tools.summary --root "$out" --train-seconds "$(elapsed "$t1" "$t2")" \
     --eval-seconds "$(elapsed "$t2" "$t3")" \
     --extra "{\"world_seconds\": $(elapsed "$t0" "$t1"), \"total_seconds\": $(elapsed "$t0" "$t3"),
-              \"preset\": \"$preset\", \"towers\": \"$towers\", \"processes\": $PROCS}"
+              \"preset\": \"$preset\", \"processes\": $PROCS}"
   local demo="python demo.py"
-  [[ "$towers" == image ]] && demo="python demo.py --sparkles_root $out --options model.model_type=tiny"
+  [[ "$out" != outputs/tiny ]] && demo="python demo.py --sparkles_root $out"
   echo "[run.sh] result pages: $out/evaluation/*/results/*.html; chat with it: $demo"
 }
 

@@ -1,12 +1,12 @@
 """Train SparklesChat.
 
-    python train.py --cfg-path train_configs/sparkleschat_tiny.yaml                  # CPU tiny model
     torchrun --nproc-per-node 8 train.py --cfg-path train_configs/sparkleschat.yaml \\
         --sparkles_root /data/Sparkles                                                 # the paper recipe
+    python train.py --cfg-path train_configs/sparkleschat_tiny.yaml                  # the CPU tiny model's dialogues
     python train.py --cfg-path ... --options run.resume_ckpt_path=models/SparklesChat/checkpoint_last.pth
 
 ``--options key=value ...`` overrides any config value (``run.init_lr=1e-4``, ``model.freeze_vit=False``,
-``datasets.SparklesDialogueCC_turn1_1img.sample_ratio=0``). See docs/sections/training.md.
+``datasets.SparklesDialogueCC_turn1_1img.sample_ratio=0``). See docs/training.md.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import random
 import sys
 import time
 from typing import Optional, Sequence
@@ -35,15 +34,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def seed_everything(seed: int) -> None:
-    import numpy as np
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     """Train as configured; returns the runner's summary (output_dir, per-epoch stats, checkpoint)."""
     args = parse_args(argv)
@@ -56,6 +46,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     from sparkles.common.config import load_config, resolve_config_root
     from sparkles.common.logging import setup_logging
     from sparkles.common.registry import TASKS
+    from sparkles.common.tensors import seed_everything
     from sparkles.runners import get_runner, validate_run_config
 
     cfg = load_config(args.cfg_path, args.options)
@@ -73,8 +64,6 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         if info.device.type == "cuda":
             torch.backends.cudnn.benchmark = False
             torch.backends.cudnn.deterministic = True
-        cfg.run.world_size = info.world_size
-        cfg.run.distributed = info.distributed
         job_id = time.strftime("%Y%m%d%H%M%S")
         log.info("job %s: %d process(es) on %s, Sparkles root %s", job_id, info.world_size, info.device, root)
 

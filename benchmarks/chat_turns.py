@@ -2,7 +2,7 @@
 
 One dialogue of ``chat_turns`` user turns (two images at turn 1, one at turn 3, ✨ slots, ~30-word
 questions) is answered with greedy decoding of a fixed ``chat_new_tokens`` tokens per answer (no stop string,
-so both modes do the same work), through the real chat engine (:class:`sparkles.conversation.chat.Chat`):
+so both modes do the same work), through the real chat engine (:class:`sparkles.engine.chat.Chat`):
 
 * ``reuse``: the engine's default — each turn runs only the positions its cache does not already hold;
 * ``reprefill``: ``Chat(..., reuse_cache=False)`` — every turn re-runs system text, all earlier turns and all
@@ -30,8 +30,8 @@ MODES = ("reuse", "reprefill")
 
 
 def run_dialogue(ctx: Context, *, reuse: bool, questions, images, new_tokens: int) -> list[dict]:
-    from sparkles.conversation.chat import Chat
-    from sparkles.models.generation import GenerationConfig
+    from sparkles.engine.chat import Chat
+    from sparkles.engine.decoding import GenerationConfig
 
     gen = GenerationConfig(max_new_tokens=new_tokens, stop_strings=(), stop_on_eos=False, max_length=4096)
     chat = Chat(ctx.model, tokenizer=ctx.tokenizer, generation=gen, reuse_cache=reuse)

@@ -24,6 +24,8 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
+from sparkles.common.io import atomic_write
+
 
 # ----------------------------------------------------------------------------------------------- sizes
 @dataclass(frozen=True)
@@ -458,11 +460,7 @@ def print_targets(result: dict) -> None:
 def write_json(path: Optional[str], obj: dict) -> None:
     if not path:
         return
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_suffix(p.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, p)  # atomic: a killed run never leaves half a file
+    atomic_write(path, json.dumps(obj, indent=2, default=str))  # a killed run never leaves half a file
 
 
 def command_line(module: str, argv: Optional[Sequence[str]]) -> str:

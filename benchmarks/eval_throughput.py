@@ -1,12 +1,12 @@
 """Evaluation throughput: batched greedy generation (left padding) at batch 1, 4 and 8.
 
 ``eval_items`` independent BISON/NLVR2-style prompts (two images, a question of varying length, "Let's think
-step by step.") are answered with :func:`sparkles.conversation.chat.generate_batch` — all images of a batch
+step by step.") are answered with :func:`sparkles.engine.batch.generate_batch` — all images of a batch
 encoded in one vision pass, one left-padded prefill, one decode loop — with a fixed ``eval_new_tokens``
 answer length (no stop string, so every batch size does the same work). Upstream evaluates one item at a
 time, i.e. batch 1. Items/s is end to end: image encoding, prefill and decoding. The answers must be
 identical at every batch size (checked in float32; reported in bfloat16, where padding changes rounding).
-Decode steps compute the LM head column-wise on the CPU (:func:`sparkles.models.generation.lm_head_logits`;
+Decode steps compute the LM head column-wise on the CPU (:func:`sparkles.engine.decoding.lm_head_logits`;
 its docstring says why a batched step needs that).
 
     python -m benchmarks.eval_throughput --size small [--out eval_throughput.json]
@@ -23,8 +23,9 @@ SPEEDUP_TARGET = 4.0
 
 
 def run(ctx: Context) -> dict:
-    from sparkles.conversation.chat import Chat, generate_batch
-    from sparkles.models.generation import GenerationConfig
+    from sparkles.engine.batch import generate_batch
+    from sparkles.engine.chat import Chat
+    from sparkles.engine.decoding import GenerationConfig
 
     size = ctx.size
     prompts = eval_prompts(size, Words(size, ctx.seed + 3000))

@@ -4,7 +4,7 @@
 # on one H100 by `timeout`s (typically ~2-3 min: model build ~1 min, benchmarks ~1-2 min).
 #
 #   bash benchmarks/gpu_check.sh --prepare   # HERE, once: copies into the git-ignored .whl/ what the device
-#                                            # image lacks (omegaconf + antlr4, pure Python) and the parity fixture
+#                                            # image lacks (omegaconf + antlr4, pure Python)
 #   bash benchmarks/gpu_check.sh             # ON THE DEVICE, with .whl carried; results in $OUT
 #
 # Files written to $OUT: bench_full.json (all figures), bench_full.log (full output), parity.json.
@@ -21,12 +21,6 @@ if [ "${1:-}" = "--prepare" ]; then
         cp -r "$src" ".whl/pydeps/$pkg"
     done
     find .whl/pydeps -name __pycache__ -type d -prune -exec rm -rf {} +
-    fixture=${SPARKLES_PARITY_FIXTURE:-../shared/fixtures/upstream_parity_tiny}
-    if [ -f "$fixture/expected.pt" ]; then
-        rm -rf .whl/parity_fixture && cp -r "$fixture" .whl/parity_fixture
-    else
-        echo "note: no parity fixture at $fixture; the device run will skip parity"
-    fi
     du -sh .whl
     echo "prepared .whl/ (git-ignored); carry it: run(command='bash benchmarks/gpu_check.sh', carry=['.whl'])"
     exit 0
@@ -56,19 +50,10 @@ grep -v -E "^\s*$|Warning|warn\(" "$OUT/bench_full.log" | tail -n 90
 [ $rc -eq 124 ] && echo "benchmarks: TIMED OUT after 400 s (partial results in bench_full.json)"
 echo "benchmarks exit status: $rc"
 
-echo "== parity"
-fixture=""
-for d in "${SPARKLES_PARITY_FIXTURE:-}" .whl/parity_fixture shared/fixtures/upstream_parity_tiny ../shared/fixtures/upstream_parity_tiny; do
-    # absolute: the parity tool resolves relative weight paths against SPARKLES_ROOT
-    if [ -n "$d" ] && [ -f "$d/expected.pt" ]; then fixture=$(cd "$d" && pwd); break; fi
-done
-if [ -n "$fixture" ]; then
-    timeout 120 $PY -m sparkles.tools.parity --fixture "$fixture" --json "$OUT/parity.json" 2>&1 | tail -n 6
-    prc=${PIPESTATUS[0]}
-    echo "parity exit status: $prc"
-else
-    echo "parity: SKIPPED (no fixture; run 'bash benchmarks/gpu_check.sh --prepare' here and carry .whl)"
-    prc=0
-fi
+echo "== parity (tests/fixtures/upstream_parity_tiny)"
+timeout 120 $PY -m sparkles.tools.parity --fixture "$PWD/tests/fixtures/upstream_parity_tiny" \
+    --json "$OUT/parity.json" 2>&1 | tail -n 6
+prc=${PIPESTATUS[0]}
+echo "parity exit status: $prc"
 echo "== done in $(( $(date +%s) - t0 )) s; files in $OUT"
 [ $rc -eq 0 ] && [ $prc -eq 0 ]

@@ -22,6 +22,8 @@ import traceback
 from pathlib import Path
 from typing import Optional
 
+from sparkles.common.io import read_json
+
 from . import chat_turns, eval_throughput, train_step, vision_cache
 from .common import add_common_args, context_from_args, machine_info, write_json
 
@@ -143,7 +145,7 @@ def _model_path(result: dict, old_key: str) -> dict:
 
 
 def render_file(path: Path) -> list[str]:
-    doc = json.loads(path.read_text())
+    doc = read_json(path, what="benchmark results")
     m = doc["machine"]
     b = doc["benchmarks"]
     where = m.get("gpu") or m["cpu"]

@@ -20,11 +20,12 @@ from typing import Optional
 
 import torch
 
+from sparkles.common.tensors import IGNORE_INDEX
+
 from . import flops
 from .common import (benchmark_main, Context, Gemm, Words, median,
                      paired_rounds, print_table, print_targets, random_pixels, target, train_messages)
 
-IGNORE_INDEX = -100
 MFU_TARGET = 0.60
 
 

@@ -16,7 +16,6 @@ records unless ``--kind`` says it.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from pathlib import Path
@@ -25,18 +24,13 @@ _REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(_REPO_ROOT) not in sys.path:  # run as `python dataset/X.py` from a checkout without installing
     sys.path.insert(0, str(_REPO_ROOT))
 
+from sparkles.common.io import read_json  # noqa: E402
 from sparkles.common.paths import DIALOGUE_SUBSETS, EVAL_DATASETS, MissingPathError, SparklesLayout  # noqa: E402
 
 
 def load_records(path: Path) -> list:
     """The JSON list in ``path``; errors name the file."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise MissingPathError(f"input file not found: {path}") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    data = read_json(path, what="input file")
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
     return data

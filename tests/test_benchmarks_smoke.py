@@ -108,8 +108,8 @@ def test_full_size_dry_run_on_meta(tmp_path, capsys):
 
 @pytest.mark.parametrize("reuse", [True, False])
 def test_chat_reuse_cache_switch(tmp_path, reuse):
-    from sparkles.conversation.chat import Chat
-    from sparkles.models.tiny import build_tiny_model
+    from sparkles.engine.chat import Chat
+    from sparkles.testing.tiny import build_tiny_model
 
     model = build_tiny_model(tmp_path, init_std=0.3).eval()
     chat = Chat(model, reuse_cache=reuse)

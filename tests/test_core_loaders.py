@@ -11,7 +11,7 @@ from sparkles.models.loaders import CheckpointError, load_blip2, load_eva_vit, l
 from sparkles.tools import parity
 
 
-def test_parity_command_passes_on_shared_fixture(parity_dir, capsys):
+def test_parity_command_passes_on_the_fixture(parity_dir, capsys):
     assert parity.main(["--fixture", str(parity_dir)]) == 0
     out = capsys.readouterr().out
     assert "PARITY OK" in out

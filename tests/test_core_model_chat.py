@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sparkles.conversation.chat import Chat, ChatError, generate_batch
+from sparkles.engine.batch import generate_batch
+from sparkles.engine.chat import Chat, ChatError
 from sparkles.conversation.render import Message, Renderer, collate
 from sparkles.conversation.template import TRAIN_LAYOUT
-from sparkles.models.tiny import build_tiny_model
+from sparkles.testing.tiny import build_tiny_model
 
 
 def _images(n, size=32, seed=0):
@@ -99,7 +100,7 @@ def test_image_ordinal_embeddings_mark_each_image_by_its_place_in_the_row(tmp_pa
         embeds = model.embed_inputs(batch["input_ids"], batch["image_slot_mask"], tokens)
     first, second, third = embeds[0][batch["image_slot_mask"][0]].split(model.image_tokens)
     (alone,) = embeds[1][batch["image_slot_mask"][1]].split(model.image_tokens)
-    marks = model.image_ordinal_embed
+    marks = model.image_ordinal_embed.weight
     assert torch.allclose(first, tokens[0] + marks[0], atol=1e-6) and torch.allclose(alone, first, atol=1e-6)
     assert torch.allclose(second, tokens[0] + marks[1], atol=1e-6)
     assert torch.allclose(third, second, atol=1e-6)  # past the last ordinal: the last one's mark
@@ -108,7 +109,7 @@ def test_image_ordinal_embeddings_mark_each_image_by_its_place_in_the_row(tmp_pa
     model.train()
     model(**batch, images=torch.stack(same))["loss"].backward()
     assert marks.grad is not None and marks.grad[0].abs().sum() > 0 and marks.grad[1].abs().sum() > 0
-    assert "image_ordinal_embed" in model.trainable_state_dict()
+    assert "image_ordinal_embed.weight" in model.trainable_state_dict()
     # a batch answers as the prompts one by one (left padding does not move the ordinals)
     model.eval()
     chat = Chat(model)
@@ -199,3 +200,13 @@ def test_sampling_is_reproducible_with_a_seed(chat):
 def test_beam_search_runs_through_transformers(chat):
     out = generate_batch(chat, [("Describe IMAGE#1✨.", _images(1))], max_new_tokens=5, num_beams=2)
     assert isinstance(out[0], str)
+
+
+def test_an_8bit_placement_moves_every_part_but_the_decoder(tmp_path):
+    """With model.low_resource the decoder sits where bitsandbytes put it and place() moves every other part (the
+    ordinal marks and the query tokens included); the meta device stands in for a GPU."""
+    model = build_tiny_model(tmp_path, seed=0, image_ordinal_embeddings=2)
+    model.cfg.low_resource = True
+    model.place("meta")
+    for name, param in model.named_parameters():
+        assert param.device.type == ("cpu" if name.startswith("llama_model.") else "meta"), name

@@ -7,7 +7,7 @@ import pytest
 from sparkles.conversation.render import IGNORE_INDEX, Message, Renderer, SampleTooLong, collate, render_text
 from sparkles.conversation.template import (INFER_LAYOUT, TRAIN_LAYOUT, parse_upstream_instruction,
                                             replace_glyphs)
-from sparkles.models.tiny import write_tiny_tokenizer
+from sparkles.testing.tiny import write_tiny_tokenizer
 
 NQ = 4
 

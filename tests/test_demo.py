@@ -20,7 +20,7 @@ gradio_client = pytest.importorskip("gradio_client")
 
 from PIL import Image  # noqa: E402
 
-from sparkles.models.tiny import build_tiny_model, write_tiny_tokenizer  # noqa: E402
+from sparkles.testing.tiny import build_tiny_model, write_tiny_tokenizer  # noqa: E402
 from sparkles.serve.demo_app import build_demo, launch_kwargs, place_images  # noqa: E402
 from sparkles.serve.loading import LoadError, load_model, make_chat, parse_gpu_ids  # noqa: E402
 
@@ -223,7 +223,8 @@ def test_cli_arguments_and_single_device_loading(tmp_path, monkeypatch, capsys):
     # the single-device path: a config → a model on the CPU → a working chat
     write_tiny_tokenizer(tmp_path / "models" / "tiny_llm")
     cfg = tmp_path / "tiny.yaml"
-    cfg.write_text("model:\n  arch: sparkleschat\n  model_type: tiny\nrun:\n  sparkles_root: " + str(tmp_path) + "\n")
+    cfg.write_text("model:\n  arch: sparkleschat\n  model_type: tiny\nrun:\n  imports: [sparkles.tinyworld]\n"
+                   "  sparkles_root: " + str(tmp_path) + "\n")
     model, loaded = load_model(str(cfg))
     assert str(model.device) == "cpu" and loaded.model.model_type == "tiny" and not model.training
     chat = make_chat(model)

@@ -20,7 +20,7 @@ from PIL import Image
 
 import evaluate
 from sparkles.eval.cli import run as eval_run
-from sparkles.models.tiny import TINY_SIZES, build_tiny_model
+from sparkles.testing.tiny import TINY_SIZES, build_tiny_model
 from sparkles.testing.openai_server import OpenAICompatServer, Reply
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,8 +82,8 @@ def world(tmp_path_factory):
     model = build_tiny_model(mdir, seed=0, init_std=0.3)
     (mdir / "ckpt").mkdir(parents=True)
     torch.save({"model": model.state_dict()}, mdir / "ckpt/checkpoint_last.pth")
-    lines = ["model:", "  arch: sparkleschat", "  model_type: tiny", "  llama_model: models/tiny_test/tokenizer",
-             "  ckpt: models/tiny_test/ckpt/checkpoint_last.pth"]
+    lines = ["model:", "  arch: sparkleschat", "  model_type: ''", "  llama_model: models/tiny_test/tokenizer",
+             "  ckpt: models/tiny_test/ckpt/checkpoint_last.pth", "  system_text: ''"]
     lines += [f"  {k}: {json.dumps(v)}" for k, v in {**TINY_SIZES, "freeze_vit": True, "freeze_qformer": True,
                                                        "freeze_llm": True}.items()]
     cfg = root / "tiny_eval.yaml"
@@ -271,7 +271,8 @@ def test_sparkleseval_end_to_end_with_http_judge(world, api_env, tmp_path):
     # turn 2 is conditioned on the model's own turn-1 answer, with the images of both turns
     import sparkles.models  # noqa: F401
     from sparkles.common.config import load_config
-    from sparkles.conversation.chat import Chat, generate_batch
+    from sparkles.engine.batch import generate_batch
+    from sparkles.engine.chat import Chat
     from sparkles.models.sparkleschat import SparklesChat
     from sparkles.processors.image import build_processor
 
@@ -344,23 +345,27 @@ def test_reference_dialogues_are_judged_into_results(world, api_env, tmp_path):
 
 
 def test_reference_judge_on_the_synthetic_world(world, api_env, tmp_path, caplog):
-    # on data without scenes the offline judge refuses instead of inventing scores
+    # the world's judge is registered by the world's module (--imports or run.imports); on data without scenes
+    # it refuses instead of inventing scores
     assert evaluate.main(["--sparkles_root", str(world["root"]), "--dataset", "SparklesEval", "--inference",
-                          "--judge_models", "reference", "--model-name", "refjudge", "--no-progress"]) == 1
+                          "--imports", "sparkles.tinyworld", "--judge_models", "reference", "--model-name",
+                          "refjudge", "--no-progress"]) == 1
     assert "synthetic world" in caplog.text
-    synth = pytest.importorskip("sparkles.data.synthetic")
+    import sparkles.tinyworld as synth
+
     root = tmp_path / "synthetic"
     synth.write_world(synth.build_world(synth.WorldConfig(seed=3, num_train=10, num_bison=2, num_nlvr2=2,
                                                           num_sparkleseval=4)), root)
     ref = eval_run(["--sparkles_root", str(root), "--dataset", "SparklesEval", "--inference", "--merge-results",
-                    "--judge_models", "reference", "--no-progress"])
+                    "--imports", "sparkles.tinyworld", "--judge_models", "reference", "--no-progress"])
     ref_score = ref.merged["judges"]["reference"]
     assert ref_score["rated"] == 4 and ref_score["overall"] >= 8  # the reference answers are right
     # the untrained tiny model (weights from the test world, given as absolute paths) scores far lower
     cfg = tmp_path / "tiny_abs.yaml"
     cfg.write_text(world["cfg"].read_text().replace("models/tiny_test", str(world["root"] / "models/tiny_test")))
     tiny = eval_run(["--sparkles_root", str(root), "--cfg-path", str(cfg), "--dataset", "SparklesEval",
-                     "--inference", "--merge-results", "--judge_models", "reference", "--max-new-tokens", "8",
+                     "--inference", "--merge-results", "--imports", "sparkles.tinyworld", "--judge_models",
+                     "reference", "--max-new-tokens", "8",
                      "--batch-size", "4", "--no-progress"])
     tiny_score = tiny.merged["judges"]["reference"]
     assert tiny_score["rated"] == 4 and tiny_score["overall"] < ref_score["overall"] - 3

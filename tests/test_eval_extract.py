@@ -2,9 +2,8 @@
 
 import pytest
 
-from sparkles.eval.extract import extract_choice
-from sparkles.eval.prompts import BISON_OPTIONS, NLVR2_OPTIONS, bison_prompt, nlvr2_prompt
-from sparkles.eval.scores import choice_summary
+from sparkles.eval.benchmarks import bison, nlvr2
+from sparkles.eval.benchmarks.choice import choice_summary, extract_choice
 
 BISON_CASES = [
     ("Let's think step by step. The bus is red. Therefore, the answer (IMAGE#1 or IMAGE#2) is IMAGE#2.", "image#2"),
@@ -40,17 +39,17 @@ NLVR2_CASES = [
 
 @pytest.mark.parametrize("response,expected", BISON_CASES)
 def test_bison_extraction(response, expected):
-    assert extract_choice(response, BISON_OPTIONS) == expected
+    assert extract_choice(response, bison.OPTIONS) == expected
 
 
 @pytest.mark.parametrize("response,expected", NLVR2_CASES)
 def test_nlvr2_extraction(response, expected):
-    assert extract_choice(response, NLVR2_OPTIONS) == expected
+    assert extract_choice(response, nlvr2.OPTIONS) == expected
 
 
 def test_prompts_end_with_the_phrase_the_extractor_reads():
     # the answer phrase the prompt asks for, completed with a choice, must parse back to that choice
-    for prompt, options in ((bison_prompt("a cat"), BISON_OPTIONS), (nlvr2_prompt("two cats"), NLVR2_OPTIONS)):
+    for prompt, options in ((bison.prompt("a cat"), bison.OPTIONS), (nlvr2.prompt("two cats"), nlvr2.OPTIONS)):
         phrase = prompt.split('finish it with "')[1].split('"')[0]
         for option in options:
             assert extract_choice(f"Let's think step by step. {phrase} {option}.", options) == option.lower()

@@ -7,11 +7,12 @@ from pathlib import Path
 import pytest
 
 from sparkles.eval.cli import model_name_from_ckpt, shard_range
-from sparkles.eval.judge import (DialogueFormatError, JudgeParseError, build_judge_prompt, check_dialogue,
-                                 parse_judge_reply)
+from sparkles.eval.benchmarks.sparkleseval import (DialogueFormatError, JudgeParseError, build_judge_prompt,
+                                                   check_dialogue, parse_judge_reply)
+from sparkles.eval.benchmarks.sparkleseval import score as sparkleseval_summary
 from sparkles.eval.protocol import item_seed, make_protocol
-from sparkles.eval.scores import sparkleseval_summary
-from sparkles.eval.store import ManifestError, RunDir, ShardFile, atomic_write_json
+from sparkles.common.io import atomic_write_json
+from sparkles.eval.store import ManifestError, RunDir, ShardFile
 
 DIALOGUE = [
     {"role": "user", "content": "How does IMAGE#12<Img><ImageHere></Img> differ from IMAGE#7<Img><ImageHere></Img>?",

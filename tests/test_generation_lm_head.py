@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from sparkles.models.generation import GenerationConfig, decode_tokens, lm_head_logits
-from sparkles.models.tiny import build_tiny_model
+from sparkles.engine.decoding import GenerationConfig, decode_tokens, lm_head_logits
+from sparkles.testing.tiny import build_tiny_model
 
 GREEDY = GenerationConfig(max_new_tokens=12, stop_strings=(), stop_on_eos=False)
 

@@ -12,7 +12,7 @@ import pytest
 
 from sparkles.gpt import (ChatRequest, GPTCallError, GPTClient, GPTConfig, MissingAPIKeyError, PriceTable,
                           UsageLedger)
-from sparkles.common.io import read_jsonl, write_json_atomic
+from sparkles.common.io import read_jsonl, atomic_write_json
 from sparkles.testing.openai_server import OpenAICompatServer, Reply
 
 DUMMY_KEY = "sk-test-DUMMYKEY0123456789abcdef"
@@ -207,7 +207,7 @@ def test_cost_summary_adds_up(server, tmp_path):
     assert (t["calls"], t["cached_calls"], t["prompt_tokens"], t["completion_tokens"]) == (4, 1, 4000, 2000)
     assert summary["unpriced_models"] == ["my-local-model"]
     assert "my-local-model" in table and f"{0.06 + 0.06 + 0.00125:.4f}" in table
-    path = write_json_atomic(tmp_path / "cost.json", summary)
+    path = atomic_write_json(tmp_path / "cost.json", summary)
     assert json.loads(path.read_text()) == json.loads(json.dumps(summary))
 
 
@@ -262,7 +262,7 @@ def test_api_key_never_reaches_logs_cache_or_errors(server, tmp_path, caplog):
         with pytest.raises(GPTCallError) as info:
             gpt.chat("secret?", model="gpt-4")
         gpt.chat("fine", model="gpt-4")
-        write_json_atomic(tmp_path / "cost.json", gpt.ledger.summary())
+        atomic_write_json(tmp_path / "cost.json", gpt.ledger.summary())
     assert "retry 1/3" in caplog.text
     for text in (caplog.text, str(info.value), json.dumps(info.value.to_dict()),
                  (tmp_path / "cache.sqlite").read_bytes().decode("latin-1"), (tmp_path / "cost.json").read_text()):

@@ -1,5 +1,5 @@
 """A Q-Former that reads each image's user message: rendering, model, chat engine, feature cache, towers file,
-and the stage-0 data it is pretrained on (sparkles.data.instruction_tags)."""
+and the stage-0 data it is pretrained on (sparkles.tinyworld.instruction_tags)."""
 
 from __future__ import annotations
 
@@ -10,17 +10,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from sparkles.conversation.chat import Chat, generate_batch
+from sparkles.engine.batch import generate_batch
+from sparkles.engine.chat import Chat
 from sparkles.conversation.render import Message, Renderer
 from sparkles.conversation.template import TRAIN_LAYOUT
 from sparkles.models import loaders
-from sparkles.models.tiny import build_tiny_model
+from sparkles.testing.tiny import build_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
-STAGE0 = str(REPO / "train_configs/sparkleschat_tiny_stage0_instructed.yaml")
+STAGE0 = str(REPO / "train_configs/sparkleschat_tiny_towers.yaml")
 SLOT = "<Img><ImageHere></Img>"
 FIRST = f"Compare IMAGE#1{SLOT} with IMAGE#2{SLOT}."
 SECOND = f"And IMAGE#3{SLOT}: what is in it?"
+PLAIN_FIRST, PLAIN_SECOND = FIRST.replace(SLOT, ""), SECOND.replace(SLOT, "")  # what the Q-Former reads
 
 
 @pytest.fixture(scope="module")
@@ -38,10 +40,10 @@ def test_renderer_gives_each_image_the_message_that_shows_it(reader):
     renderer = Renderer(reader.tokenizer, reader.num_query_token)
     messages = [Message("user", FIRST), Message("assistant", "IMAGE#1 has more."), Message("user", SECOND)]
     out = renderer.render(messages, TRAIN_LAYOUT, target="A red circle.")
-    assert out.image_indices == [0, 1, 2] and out.image_messages == [FIRST, FIRST, SECOND]
+    assert out.image_indices == [0, 1, 2] and out.image_messages == [PLAIN_FIRST, PLAIN_FIRST, PLAIN_SECOND]
     # when the first turn is dropped to fit, its images and their messages go with it
     short = renderer.render(messages, TRAIN_LAYOUT, target="A red circle.", max_length=len(out) - 5)
-    assert short.dropped_turns == 1 and short.image_indices == [2] and short.image_messages == [SECOND]
+    assert short.dropped_turns == 1 and short.image_indices == [2] and short.image_messages == [PLAIN_SECOND]
 
 
 def test_image_tokens_depend_on_the_message_and_need_one(reader):
@@ -58,15 +60,21 @@ def test_image_tokens_depend_on_the_message_and_need_one(reader):
 
 
 def test_markup_and_long_messages(reader):
-    """The Q-Former reads the text without image markup, and at most qformer_max_text tokens of it."""
+    """The Q-Former reads the text without image markup (as the renderer hands it over), and at most
+    qformer_max_text tokens of it."""
     pixels = _images(1)
-    long_tail = FIRST + " " + "Please look very carefully at every object. " * 20
+    long_tail = PLAIN_FIRST + " " + "Please look very carefully at every object. " * 20
     with torch.no_grad():
         marked = reader.encode_images(pixels, [FIRST])
-        plain = reader.encode_images(pixels, [FIRST.replace(SLOT, "")])
+        plain = reader.encode_images(pixels, [PLAIN_FIRST])
         cut = reader.encode_images(pixels, [long_tail])
         cut_other = reader.encode_images(pixels, [long_tail + " More words at the very end."])
-    torch.testing.assert_close(marked, plain)
+    assert (marked - plain).abs().max() > 1e-3  # markup would be read as words: the renderer removes it
+    session = Chat(reader).session()
+    session.add_images([pixels[0], pixels[0]])
+    session.ask(FIRST)
+    session.answer(max_new_tokens=1)
+    torch.testing.assert_close(session.image_embeds[0], plain[0])  # the chat engine reads the message without it
     torch.testing.assert_close(cut, cut_other)  # both cut at the same 24 tokens
     assert (cut - plain).abs().max() > 1e-3  # ...which hold more than the short message
 
@@ -80,7 +88,7 @@ def test_chat_encodes_images_with_their_message_and_matches_batched_generation(r
     session.ask(FIRST)
     answer = session.answer(max_new_tokens=8)
     with torch.no_grad():
-        want = reader.encode_images(pixels[:2], [FIRST, FIRST])
+        want = reader.encode_images(pixels[:2], [PLAIN_FIRST, PLAIN_FIRST])
     torch.testing.assert_close(torch.stack(session.image_embeds), want)
     # the batched path (evaluation) reads the same messages and gives the same greedy answer
     assert generate_batch(chat, [(FIRST, [pixels[0], pixels[1]])], max_new_tokens=8) == [answer]
@@ -89,7 +97,7 @@ def test_chat_encodes_images_with_their_message_and_matches_batched_generation(r
     session.ask(SECOND)
     session.answer(max_new_tokens=4)
     with torch.no_grad():
-        third = reader.encode_images(pixels[2:], [SECOND])
+        third = reader.encode_images(pixels[2:], [PLAIN_SECOND])
     torch.testing.assert_close(session.image_embeds[2], third[0])
     torch.testing.assert_close(torch.stack(session.image_embeds[:2]), want)
 
@@ -129,7 +137,7 @@ def test_towers_file_carries_the_text_side(tmp_path, reader):
 # --------------------------------------------------------------------------------------------- stage-0 data
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
-    from sparkles.data.synthetic import main as synthetic_main
+    from sparkles.tinyworld import main as synthetic_main
 
     root = tmp_path_factory.mktemp("world")
     assert synthetic_main(["--out", str(root), "--seed", "5", "--preset", "ci", "--quiet"]) == 0
@@ -146,11 +154,11 @@ def _dataset(world, name):
 
 
 def test_instruction_tags_hold_each_item_of_the_message(world):
-    from sparkles.data.instruction_tags import IGNORE
-    from sparkles.data.synthetic.language import parse_items
-    from sparkles.data.synthetic.scenes import ALL_COLOURS as COLOURS, ALL_SHAPES as SHAPES, GRID, Scene
-    from sparkles.data.synthetic.tasks import parse_question, parse_statement
-    from sparkles.data.synthetic.writers import load_scenes
+    from sparkles.common.tensors import IGNORE_INDEX as IGNORE
+    from sparkles.tinyworld.language import parse_items
+    from sparkles.tinyworld.scenes import ALL_COLOURS as COLOURS, ALL_SHAPES as SHAPES, GRID, Scene
+    from sparkles.tinyworld.tasks import parse_question, parse_statement
+    from sparkles.tinyworld.writers import load_scenes
 
     data, cfg = _dataset(world, "synthetic_instruction_tags")
     items = cfg.model.num_query_token - 33
@@ -185,9 +193,9 @@ def test_instruction_tags_hold_each_item_of_the_message(world):
 
 
 def test_caption_variants_and_statements_are_mixed_in_by_the_sample_seed(world):
-    from sparkles.data.synthetic.scenes import Scene
-    from sparkles.data.synthetic.tasks import parse_question, parse_statement
-    from sparkles.data.synthetic.writers import load_scenes
+    from sparkles.tinyworld.scenes import Scene
+    from sparkles.tinyworld.tasks import parse_question, parse_statement
+    from sparkles.tinyworld.writers import load_scenes
 
     data, cfg = _dataset(world, "synthetic_instruction_tags")
     shares = cfg.datasets.synthetic_instruction_tags
@@ -224,7 +232,7 @@ def test_a_replaced_question_is_read_again_with_its_images(reader):
     session.ask(other)
     answer = session.answer(max_new_tokens=6)
     with torch.no_grad():
-        want = reader.encode_images(pixels, [other, other])
+        want = reader.encode_images(pixels, [other.replace(SLOT, "")] * 2)
     torch.testing.assert_close(torch.stack(session.image_embeds), want)
     fresh = chat.session()
     fresh.add_images([pixels[0], pixels[1]])
@@ -235,10 +243,10 @@ def test_a_replaced_question_is_read_again_with_its_images(reader):
 def test_instructed_stage0_learns_the_items_and_its_towers_load_into_sparkleschat(world):
     import train
     from sparkles.common.config import load_config
-    from sparkles.data.instruction_tags import IGNORE as NO_ITEM
+    from sparkles.common.tensors import IGNORE_INDEX as NO_ITEM
     from sparkles.models.qformer import run_qformer, tokenize_instructions
     from sparkles.models.sparkleschat import SparklesChat
-    from sparkles.tasks.tower_pretrain import TowerPretrainTask
+    from sparkles.tinyworld.towers import TowerPretrainTask
 
     options = ["run.iters_per_epoch=250", "run.warmup_steps=20", "run.log_freq=50", "run.output_dir=models/towers"]
     summary = train.main(["--cfg-path", STAGE0, "--sparkles_root", str(world), "--options", *options])
@@ -249,7 +257,7 @@ def test_instructed_stage0_learns_the_items_and_its_towers_load_into_sparklescha
     cfg = load_config(STAGE0, options)
     task = TowerPretrainTask(cfg)
     tagger = task.build_model(root=world, device=torch.device("cpu"))
-    state = torch.load(world / "models" / "towers" / "checkpoint_last.pth", map_location="cpu", weights_only=False)
+    state = torch.load(world / "models" / "towers" / "checkpoint_last.pth", map_location="cpu", weights_only=True)
     tagger.load_state_dict(state["model"])
     tagger.eval()
     data, _ = _dataset(world, "synthetic_instruction_tags")
@@ -267,8 +275,8 @@ def test_instructed_stage0_learns_the_items_and_its_towers_load_into_sparklescha
     assert count > 0.85 and count > count0 + 0.2 and items > items0 + 0.15, (count, items, count0, items0)
 
     # The exported file puts exactly the tagger's towers, text side included, into the chat model.
-    model_cfg = load_config(str(REPO / "train_configs/sparkleschat_tiny_stage1.yaml"),
-                            ["model.model_type=tiny_instructed", f"model.q_former_model={towers}"]).model
+    model_cfg = load_config(str(REPO / "train_configs/sparkleschat_tiny_reasoning.yaml"),
+                            [f"model.q_former_model={towers}"]).model
     chat_model = SparklesChat.from_config(model_cfg, root=world)
     with torch.no_grad():
         ids, mask = tokenize_instructions(tagger.tokenizer, batch["messages"], tagger.cfg.qformer_max_text)
@@ -278,7 +286,7 @@ def test_instructed_stage0_learns_the_items_and_its_towers_load_into_sparklescha
     torch.testing.assert_close(got, want)
 
     # towers_report reads that checkpoint's item heads on every held-out BISON and NLVR2 image
-    from sparkles.tools import towers_report
+    from sparkles.tinyworld import towers_report
 
     checkpoint = world / "models" / "towers" / "checkpoint_last.pth"
     report = towers_report.towers_report(towers_report.load_tagger(Path(STAGE0), checkpoint, world), world)

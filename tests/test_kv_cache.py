@@ -7,10 +7,10 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from sparkles.models import kv_cache
-from sparkles.models.generation import GenerationConfig, decode_tokens
-from sparkles.models.kv_cache import GrowingLayer, new_kv_cache
-from sparkles.models.tiny import build_tiny_model
+from sparkles.engine import kv_cache
+from sparkles.engine.decoding import GenerationConfig, decode_tokens
+from sparkles.engine.kv_cache import GrowingLayer, new_kv_cache
+from sparkles.testing.tiny import build_tiny_model
 
 
 def _step(gen: torch.Generator, positions: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,7 +23,7 @@ uvicorn = pytest.importorskip("uvicorn")
 
 from PIL import Image  # noqa: E402
 
-from sparkles.models.tiny import build_tiny_model  # noqa: E402
+from sparkles.testing.tiny import build_tiny_model  # noqa: E402
 from sparkles.serve.api import create_app  # noqa: E402
 from sparkles.serve.loading import make_chat  # noqa: E402
 from sparkles.serve.openai_format import DeltaTracker  # noqa: E402

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 import re
 
-from sparkles.data.synthetic import load_scenes, main as world_main
-from sparkles.data.synthetic.scenes import as_scene
-from sparkles.data.synthetic.tasks import Task, answer
-from sparkles.tools.synthetic_report import main
+from sparkles.tinyworld import load_scenes, main as world_main
+from sparkles.tinyworld.scenes import as_scene
+from sparkles.tinyworld.tasks import Task, answer
+from sparkles.tinyworld.report import main
 
 
 def _bison_results(root, flip_checks: bool) -> list[dict]:
@@ -133,7 +133,7 @@ def test_report_counts_accuracy_and_check_agreement(tmp_path):
 
 
 def _template(sentence: str) -> str:
-    from sparkles.data.synthetic.tasks import parse_statement
+    from sparkles.tinyworld.tasks import parse_statement
 
     return parse_statement(sentence).template
 

@@ -15,9 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from sparkles.data.synthetic import build_world, iter_world_texts, judge_reference, load_scenes, main
-from sparkles.data.synthetic.build import WorldConfig
-from sparkles.eval.prompts import SLOT, bison_prompt, nlvr2_prompt
+from sparkles.tinyworld import build_world, iter_world_texts, judge_reference, load_scenes, main
+from sparkles.tinyworld.build import WorldConfig
+from sparkles.conversation.template import IMAGE_MARKER as SLOT
+from sparkles.eval.benchmarks.bison import prompt as bison_prompt
+from sparkles.eval.benchmarks.nlvr2 import prompt as nlvr2_prompt
 
 WORDS = {"no": 0, "a": 1, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7,
          "eight": 8}
@@ -210,7 +212,7 @@ def test_reasoning_drills_are_text_only_evaluation_questions_with_consistent_ver
 
 
 def test_reasoning_drills_mark_their_facts_and_only_those_as_unsupervised(world):
-    from sparkles.data.synthetic.tasks import parse_fact
+    from sparkles.tinyworld.tasks import parse_fact
 
     samples = _load(world / "data" / "reasoning" / "reasoning.json") + \
         _load(world / "data" / "reasoning" / "caption_checks.json")
@@ -314,8 +316,8 @@ def test_scene_records_cover_every_image(world):
 def test_objects_are_visible_at_64_pixels(world):
     from PIL import Image
 
-    from sparkles.data.synthetic.render import object_geometry
-    from sparkles.data.synthetic.scenes import COLOUR_RGB, Obj
+    from sparkles.tinyworld.render import object_geometry
+    from sparkles.tinyworld.scenes import COLOUR_RGB, Obj
 
     checked = 0
     for rec in list(_scenes(world).values())[:150]:
@@ -368,9 +370,9 @@ def test_image_mentions_follow_the_upstream_convention(world):
 
 
 def test_answers_are_short(world):
-    from sparkles.data.synthetic.build import WorldConfig
-    from sparkles.data.synthetic.scenes import Scene
-    from sparkles.data.synthetic.tasks import Task, answer
+    from sparkles.tinyworld.build import WorldConfig
+    from sparkles.tinyworld.scenes import Scene
+    from sparkles.tinyworld.tasks import Task, answer
 
     limit = WorldConfig().max_answer_words
     assert limit <= 60
@@ -648,7 +650,7 @@ def test_reference_judge_accepts_training_dialogues_too(world):
 
 
 def test_reference_judge_reads_bison_checks_and_nlvr2_steps(world):
-    from sparkles.data.synthetic.judge import extract_claims
+    from sparkles.tinyworld.judge import extract_claims
 
     scenes = load_scenes(world)
     flipped = {"yes": "no", "no": "yes"}

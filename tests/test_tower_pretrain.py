@@ -1,4 +1,5 @@
-"""Stage 0 of the tiny model: scene-tag labels, tower pretraining through train.py, and the BLIP-2 towers file."""
+"""The tiny model's towers: scene-tag labels, the read-out heads, the world's initialisation, the BLIP-2 towers
+file, and which task trains on which data."""
 
 from __future__ import annotations
 
@@ -7,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from sparkles.common.tensors import IGNORE_INDEX as IGNORE
 from sparkles.data.base import DataError
-from sparkles.data.scene_tags import IGNORE, TagVocabulary
-from sparkles.data.synthetic import main as synthetic_main
 from sparkles.models import loaders
-from sparkles.models.tiny import build_tiny_model
+from sparkles.testing.tiny import build_tiny_model
+from sparkles.tinyworld.tags import TagVocabulary
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,24 +31,30 @@ def test_cell_labels_of_a_scene_record():
     assert len(classes) == vocab.num_kinds - 1 and 0 not in classes
 
 
-def _tagger(tokenizer=None, model_type="tiny", **overrides):
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("tok"), seed=0).tokenizer
+
+
+def _tagger(tokenizer, **overrides):
     from omegaconf import OmegaConf
 
     import sparkles.models  # noqa: F401  (registers the model)
+    import sparkles.tinyworld  # noqa: F401  (registers the tiny preset and the towers' initialisation)
     from sparkles.common.config import build_model_config
-    from sparkles.tasks.tower_pretrain import TowerTagger
+    from sparkles.tinyworld.towers import TowerTagger
 
-    cfg = build_model_config({"arch": "sparkleschat", "model_type": model_type, **overrides})
+    cfg = build_model_config({"arch": "sparkleschat", "model_type": "tiny", **overrides})
     return TowerTagger(OmegaConf.to_object(cfg), TagVocabulary.of_world(), tokenizer)
 
 
-def test_tagger_targets_give_each_query_its_own_count_place_and_size():
+def test_tagger_targets_give_each_query_its_own_count_place_and_size(tokenizer):
     vocab = TagVocabulary.of_world()
     record = {"objects": [{"shape": "circle", "colour": "red", "size": "large", "row": 0, "col": 0},
                           {"shape": "square", "colour": "blue", "size": "small", "row": 1, "col": 1},
                           {"shape": "square", "colour": "blue", "size": "large", "row": 2, "col": 2}]}
     kinds, sizes = vocab.labels(record, "r")
-    tagger = _tagger()
+    tagger = _tagger(tokenizer)
     t = tagger.targets(torch.tensor([kinds]), torch.tensor([sizes]))
     quals = list(vocab.quals)
     large, none_cell = vocab.sizes.index("large"), vocab.num_cells
@@ -66,38 +73,44 @@ def test_tagger_targets_give_each_query_its_own_count_place_and_size():
     assert len(quals) == 15 + 5 + 3 + 1 and vocab.num_query_slots == len(quals) + 9
 
 
-def test_heads_without_targets_still_get_a_zero_gradient():
-    """Under torchrun every parameter must receive a gradient on every rank: a batch of empty scenes has no
-    size targets at all, and those heads must still be in the graph, unchanged by it."""
+def test_heads_without_targets_still_get_a_zero_gradient(tokenizer):
+    """Under torchrun every parameter must receive a gradient on every rank: a batch of empty scenes with
+    messages that ask nothing has no size or item targets at all, and those heads must still be in the graph,
+    unchanged by it."""
+    from sparkles.tinyworld.towers import TowerTagger
+
     vocab = TagVocabulary.of_world()
     kinds, sizes = vocab.labels({"objects": []}, "empty")
     assert set(sizes) == {IGNORE}
-    tagger = _tagger()
-    logits = tagger(torch.rand(2, 3, tagger.cfg.image_size, tagger.cfg.image_size))
-    loss = tagger.loss(logits, torch.tensor([kinds] * 2), torch.tensor([sizes] * 2))
+    tagger = _tagger(tokenizer)
+    logits = tagger(torch.rand(2, 3, tagger.cfg.image_size, tagger.cfg.image_size), ["Describe it.", "Hello."])
+    items = {k: torch.full((2, tagger.num_items), IGNORE) for k in TowerTagger.ITEM_TARGETS}
+    loss = tagger.loss(logits, torch.tensor([kinds] * 2), torch.tensor([sizes] * 2), items)
     loss.backward()
     missing = [n for n, p in tagger.named_parameters() if p.requires_grad and p.grad is None]
     assert missing == []
     assert tagger.cell_size_head.weight.grad.abs().sum() == 0 and tagger.qual_size_head.weight.grad.abs().sum() == 0
+    assert tagger.item_count_head.weight.grad.abs().sum() == 0
     assert tagger.count_head.weight.grad.abs().sum() > 0 and torch.isfinite(loss)
 
 
-def test_tagger_needs_one_query_per_qual_and_cell(tmp_path):
-    with pytest.raises(ValueError, match="num_query_token = 33"):
-        _tagger(num_query_token=8)
+def test_tagger_needs_item_queries_after_one_query_per_qual_and_cell(tokenizer):
     # towers that read the message need item queries after the slots, and a tokenizer to read with
-    tokenizer = build_tiny_model(tmp_path, seed=0).tokenizer
     with pytest.raises(ValueError, match="item queries"):
-        _tagger(tokenizer, "tiny_instructed", num_query_token=33)
+        _tagger(tokenizer, num_query_token=8)
     with pytest.raises(ValueError, match="item queries"):
-        _tagger(None, "tiny_instructed")
-    assert _tagger(tokenizer, "tiny_instructed").num_items == 3  # 33 slots and three items
+        _tagger(tokenizer, num_query_token=33)
+    with pytest.raises(ValueError, match="item queries"):
+        _tagger(None)
+    with pytest.raises(ValueError, match="qformer_text_input"):
+        _tagger(tokenizer, qformer_text_input=False)
+    assert _tagger(tokenizer).num_items == 3  # 33 slots and three items
 
 
-def test_tiny_towers_start_with_distinct_queries_and_xavier_cross_attention():
-    tagger = _tagger()
+def test_tiny_towers_start_with_distinct_queries_and_xavier_cross_attention(tokenizer):
+    tagger = _tagger(tokenizer)
     q = tagger.query_tokens[0]
-    assert 0.8 < q.std().item() < 1.2  # query_token_init_std 1.0, not BERT's 0.02
+    assert 0.8 < q.std().item() < 1.2  # the world's recipe: 1.0, not BLIP-2's 0.02
     assert 0.4 < tagger.visual_encoder.vit.pos_embed.std().item() < 0.6
     cross = tagger.Qformer.encoder.layer[0].crossattention.attention.key.weight
     bound = (6 / sum(cross.shape)) ** 0.5  # Xavier-uniform: std = bound / sqrt(3)
@@ -105,6 +118,27 @@ def test_tiny_towers_start_with_distinct_queries_and_xavier_cross_attention():
     self_attn = tagger.Qformer.encoder.layer[0].attention.attention.key.weight
     assert abs(self_attn.std().item() - 0.02) < 0.005  # everything else keeps the configured normal init
     assert all(m.p == 0.0 for m in tagger.Qformer.modules() if isinstance(m, torch.nn.Dropout))
+    assert 0.8 < tagger.qformer_text.word_embeddings.weight.std().item() < 1.2  # as the query tokens
+    # without the recipe (towers_init ""), the modules' own initialisation: BLIP-2's 0.02 query tokens
+    plain = _tagger(tokenizer, towers_init="")
+    assert abs(plain.query_tokens.std().item() - 0.02) < 0.005
+    assert abs(plain.visual_encoder.vit.pos_embed.std().item() - 0.02) < 0.005
+
+
+def test_chat_model_and_tagger_draw_the_same_towers(tmp_path, tokenizer):
+    """SparklesChat built with the tiny preset draws its towers exactly as tower pretraining does (one recipe)."""
+    import sparkles.tinyworld  # noqa: F401
+    from sparkles.common.config import build_model_config
+    from sparkles.models.sparkleschat import build_towers
+
+    cfg = build_model_config({"arch": "sparkleschat", "model_type": "tiny"})
+    torch.manual_seed(5)
+    chat_side = build_towers(cfg)
+    torch.manual_seed(5)
+    tagger = _tagger(tokenizer)
+    for a, b in zip((chat_side[0], chat_side[2]), (tagger.visual_encoder, tagger.Qformer)):
+        assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert torch.equal(chat_side[3], tagger.query_tokens)
 
 
 @pytest.mark.parametrize("objects, message", [
@@ -130,62 +164,14 @@ def test_towers_file_round_trips_into_the_chat_model(tmp_path):
     assert not torch.equal(a["llama_proj.weight"], b["llama_proj.weight"])  # the projection is not a tower
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("world")
-    assert synthetic_main(["--out", str(root), "--seed", "3", "--preset", "ci", "--quiet"]) == 0
-    return root
-
-
-def test_stage0_learns_the_cells_and_its_towers_load_into_sparkleschat(world):
-    import train
-    from sparkles.common.config import load_config
-    from sparkles.data import builders
-    from sparkles.models.sparkleschat import SparklesChat
-    from sparkles.tasks.tower_pretrain import TOWERS_FILE, TowerPretrainTask
-
-    options = ["run.iters_per_epoch=300", "run.warmup_steps=20", "run.batch_size_train=32", "run.log_freq=50",
-               "run.output_dir=models/towers"]
-    summary = train.main(["--cfg-path", str(REPO / "train_configs/sparkleschat_tiny_stage0.yaml"),
-                          "--sparkles_root", str(world), "--options", *options])
-    towers = Path(summary["towers"])
-    assert towers == world / "models" / "towers" / TOWERS_FILE and towers.is_file()
-
-    # The trained tagger counts the kinds in images it was trained on far better than its untrained self.
-    cfg = load_config(str(REPO / "train_configs/sparkleschat_tiny_stage0.yaml"), options)
-    task = TowerPretrainTask(cfg)
-    tagger = task.build_model(root=world, device=torch.device("cpu"))
-    state = torch.load(world / "models" / "towers" / "checkpoint_last.pth", map_location="cpu", weights_only=False)
-    tagger.load_state_dict(state["model"])
-    tagger.eval()
-    data = builders.build_datasets(cfg, root=world, tokenizer=None)["synthetic_scene_tags"]
-    batch = data.collate([data[(i, 0)] for i in range(64)])
-    acc = tagger.accuracy(batch["images"], batch["cell_kinds"], batch["cell_sizes"])
-    untrained = task.build_model(root=world, device=torch.device("cpu")).eval()
-    base = untrained.accuracy(batch["images"], batch["cell_kinds"], batch["cell_sizes"])
-    assert acc["count"] > 0.9 and acc["image_counts_exact"] > base["image_counts_exact"] + 0.2, (acc, base)
-
-    # The exported file puts exactly the tagger's towers into the chat model: same Q-Former outputs.
-    model_cfg = load_config(str(REPO / "train_configs/sparkleschat_tiny_stage1.yaml"),
-                            [f"model.q_former_model={towers}"]).model
-    chat_model = SparklesChat.from_config(model_cfg, root=world)
-    with torch.no_grad():
-        from sparkles.models.qformer import run_qformer
-
-        want = run_qformer(tagger.Qformer, tagger.query_tokens, tagger.ln_vision(tagger.visual_encoder(batch["images"])))
-        got = chat_model.image_features(batch["images"])
-    torch.testing.assert_close(got, want)
-
-
-def test_image_text_configs_refuse_scene_tags_and_vice_versa():
-    import sparkles.data.builders  # noqa: F401  (registers the datasets, as train.py does)
+def test_image_text_configs_refuse_tag_datasets_and_vice_versa():
     from sparkles.common.config import load_config
     from sparkles.tasks.image_text_pretrain import ImageTextPretrainTask
-    from sparkles.tasks.tower_pretrain import TowerPretrainTask
+    from sparkles.tinyworld.towers import TowerPretrainTask
 
-    cfg = load_config(str(REPO / "train_configs/sparkleschat_tiny_stage1.yaml"), ["run.task=tower_pretrain"])
-    with pytest.raises(ValueError, match="scene-tag dataset"):
+    cfg = load_config(str(REPO / "train_configs/sparkleschat_tiny_reasoning.yaml"), ["run.task=tower_pretrain"])
+    with pytest.raises(ValueError, match="synthetic_reasoning makes samples for the task 'image_text_pretrain'"):
         TowerPretrainTask(cfg)
-    cfg = load_config(str(REPO / "train_configs/sparkleschat_tiny_stage0.yaml"), ["run.task=image_text_pretrain"])
-    with pytest.raises(ValueError, match="tower_pretrain"):
+    cfg = load_config(str(REPO / "train_configs/sparkleschat_tiny_towers.yaml"), ["run.task=image_text_pretrain"])
+    with pytest.raises(ValueError, match="run.task=tower_pretrain"):
         ImageTextPretrainTask(cfg)

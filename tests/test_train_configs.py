@@ -16,49 +16,32 @@ CONFIGS = Path(__file__).resolve().parents[1] / "train_configs"
 @pytest.mark.parametrize("name", ["sparkleschat.yaml", "sparkleschat_tiny.yaml"])
 def test_configs_train_on_the_ten_splits(name):
     cfg = load_config(CONFIGS / name)
-    dialogue = [n for n in cfg.datasets if n not in ("cc_sbu_align", "synthetic_perception")]
+    dialogue = [n for n in cfg.datasets if n.startswith("SparklesDialogue")]
     assert tuple(dialogue) == builders.DIALOGUE_NAMES
     ratios = {n: d.sample_ratio for n, d in cfg.datasets.items()}
     if name == "sparkleschat.yaml":  # the paper's 2/1 ratios
         assert list(cfg.datasets) == dialogue
         assert all(r == (2 if "turn1" in n else 1) for n, r in ratios.items()) and sum(ratios.values()) == 15
-    else:  # the tiny world weights the two-image first turns up and keeps the stage-1 captions in the mix
+    else:  # the tiny world weights the two-image first turns up and keeps the warm-up's drills in the mix
         assert all(r > 0 for r in ratios.values())
         assert max(ratios, key=ratios.get).endswith("turn1_2img")
-        assert cfg.model.ckpt == "models/sparkleschat_tiny_stage1/checkpoint_last.pth"
+        assert cfg.model.ckpt == "models/sparkleschat_tiny_reasoning/checkpoint_last.pth"
     assert not Path(cfg.run.output_dir).is_absolute()
     for n in dialogue:
         d = cfg.datasets[n]
         assert not Path(d.root_dir).is_absolute() and d.anno_path.startswith("annotations/")
 
 
-def test_tiny_stages_chain_towers_perception_dialogues():
-    stage0 = load_config(CONFIGS / "sparkleschat_tiny_stage0.yaml")
-    stage1 = load_config(CONFIGS / "sparkleschat_tiny_stage1.yaml")
-    stage2 = load_config(CONFIGS / "sparkleschat_tiny.yaml")
-    evaluation = load_config(Path(__file__).resolve().parents[1] / "eval_configs" / "sparkles_tiny.yaml")
-    assert stage0.run.task == "tower_pretrain" and list(stage0.datasets) == ["synthetic_scene_tags"]
-    assert list(stage0.datasets.synthetic_scene_tags.splits) == ["CC", "VG"]  # training images only
-    towers = f"{stage0.run.output_dir}/blip2_towers.pth"
-    # Stage 1 starts a fresh decoder on the frozen towers; stage 2 continues it; evaluation loads both files.
-    assert stage1.model.q_former_model == towers and not stage1.model.ckpt
-    assert stage2.model.q_former_model == towers
-    assert stage2.model.ckpt == f"{stage1.run.output_dir}/checkpoint_last.pth"
-    assert evaluation.model.q_former_model == towers
-    assert evaluation.model.ckpt == f"{stage2.run.output_dir}/checkpoint_last.pth"
-    for cfg in (stage1, stage2):
-        assert cfg.model.freeze_vit and cfg.model.freeze_qformer and cfg.run.vision_feature_cache
-        assert cfg.datasets.synthetic_perception.sample_ratio > 0
-
-
-def test_default_tiny_stages_chain_instructed_towers_reasoning_dialogues():
-    """run.sh's default: message-reading towers → verdict warm-up on text-only drills → dialogues → evaluation."""
-    stage0 = load_config(CONFIGS / "sparkleschat_tiny_stage0_instructed.yaml")
+def test_tiny_stages_chain_towers_reasoning_dialogues():
+    """run.sh's three stages: message-reading towers → verdict warm-up on text-only drills → dialogues →
+    evaluation, each naming the world's module in run.imports."""
+    stage0 = load_config(CONFIGS / "sparkleschat_tiny_towers.yaml")
     warm_up = load_config(CONFIGS / "sparkleschat_tiny_reasoning.yaml")
-    dialogues = load_config(CONFIGS / "sparkleschat_tiny_instructed.yaml")
+    dialogues = load_config(CONFIGS / "sparkleschat_tiny.yaml")
     evaluation = load_config(Path(__file__).resolve().parents[1] / "eval_configs" / "sparkles_tiny.yaml")
     towers = f"{stage0.run.output_dir}/blip2_towers.pth"
-    assert stage0.model.model_type == "tiny_instructed" and stage0.run.task == "tower_pretrain"
+    assert stage0.model.model_type == "tiny" and stage0.run.task == "tower_pretrain"
+    assert list(stage0.datasets) == ["synthetic_instruction_tags"]
     assert list(warm_up.datasets) == ["synthetic_reasoning"] and not warm_up.model.ckpt  # a fresh decoder
     assert warm_up.run.find_unused_parameters  # text only: the projection gets no gradient under torchrun
     assert dialogues.model.ckpt == f"{warm_up.run.output_dir}/checkpoint_last.pth"
@@ -67,20 +50,14 @@ def test_default_tiny_stages_chain_instructed_towers_reasoning_dialogues():
     # the drills stay in the dialogue stage's mix, so text-only batches need DDP's unused-parameter search
     assert ratios["synthetic_reasoning"] > 0 and dialogues.run.find_unused_parameters
     for cfg in (warm_up, dialogues, evaluation):
-        assert cfg.model.model_type == "tiny_instructed" and cfg.model.q_former_model == towers
+        assert cfg.model.model_type == "tiny" and cfg.model.q_former_model == towers
     for cfg in (warm_up, dialogues):
         assert cfg.model.freeze_vit and cfg.model.freeze_qformer
+    for cfg in (stage0, warm_up, dialogues, evaluation):
+        assert list(cfg.run.imports) == ["sparkles.tinyworld"]
     assert evaluation.model.ckpt == f"{dialogues.run.output_dir}/checkpoint_last.pth"
     # run.sh divides each stage's batch among two processes
     assert all(cfg.run.batch_size_train % 2 == 0 for cfg in (stage0, warm_up, dialogues))
-
-
-def test_tiny_stage1_asks_perception_questions_and_captions():
-    cfg = load_config(CONFIGS / "sparkleschat_tiny_stage1.yaml")
-    ratios = {n: d.sample_ratio for n, d in cfg.datasets.items()}
-    assert set(ratios) == {"synthetic_perception", "cc_sbu_align"}
-    assert ratios["synthetic_perception"] > ratios["cc_sbu_align"]
-    assert cfg.run.output_dir == "models/sparkleschat_tiny_stage1" and cfg.model.model_type == "tiny"
 
 
 def test_paper_recipe_values():

@@ -96,7 +96,7 @@ _TRAINED_TOKENIZER: list[Path] = []  # trained once per test session, copied aft
 def make_tokenizer(path: Path) -> Path:
     import shutil
 
-    from sparkles.models.tiny import write_tiny_tokenizer
+    from sparkles.testing.tiny import write_tiny_tokenizer
 
     if (path / "tokenizer.json").is_file():
         return path
@@ -108,10 +108,13 @@ def make_tokenizer(path: Path) -> Path:
     return path
 
 
-TINY_MODEL = dict(arch="sparkleschat", model_type="tiny", image_size=32, vit_patch_size=8, vit_width=32,
-                  vit_depth=1, vit_heads=2, vit_mlp_dim=64, num_query_token=4, qformer_hidden=32,
-                  qformer_layers=1, qformer_heads=2, qformer_intermediate=64, llm_hidden=48, llm_layers=2,
-                  llm_heads=2, llm_intermediate=96, llm_max_positions=512)
+# every value given (no preset): a small SparklesChat trained end to end from scratch
+TINY_MODEL = dict(arch="sparkleschat", model_type="", image_size=32, vit_patch_size=8, vit_width=32,
+                  vit_depth=1, vit_heads=2, vit_mlp_dim=64, vit_precision="fp32", freeze_vit=False,
+                  num_query_token=4, qformer_hidden=32, qformer_layers=1, qformer_heads=2, qformer_intermediate=64,
+                  qformer_dropout=0.0, freeze_qformer=False, llm_from_scratch=True, llm_hidden=48, llm_layers=2,
+                  llm_heads=2, llm_intermediate=96, llm_max_positions=512, freeze_llm=False, dtype="float32",
+                  system_text="")
 
 
 def training_world(base: Path) -> dict:

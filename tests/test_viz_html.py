@@ -375,7 +375,7 @@ def sample_root(tmp: Path) -> Path:
     _scene(bimgs / "COCO_val2014_000000000101.jpg", (135, 190, 235), (90, 160, 80), (250, 210, 60), "house")
     _scene(bimgs / "COCO_val2014_000000000102.jpg", (135, 190, 235), (90, 160, 80), None, "tree")
     _scene(bimgs / "COCO_val2014_000000000103.jpg", (70, 120, 200), (40, 90, 160), (250, 160, 60), "boat")
-    from sparkles.eval.prompts import bison_prompt
+    from sparkles.eval.benchmarks.bison import prompt as bison_prompt
 
     def item(i, caption, files, label, predict, reason):
         return {"evaluation_id": i, "sentence": caption, "label": label, "predict": predict,

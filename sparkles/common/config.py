@@ -3,24 +3,31 @@
 Each registered model or dataset builder names a dataclass schema (``config_class``) that holds every
 default exactly once, plus an optional preset YAML (``default_config_path``) with the values of a named
 variant (``model_type``; a preset may build on another through ``_base_: <model_type>``, and
-``--options model.model_type=X`` picks X's preset). Loading merges, in the upstream order: the run section,
-then for the model its schema → preset → the run file's ``model`` section, then for every dataset its schema →
-preset → the run file's entry, then ``--options key=value`` overrides. An unknown key, a wrong type or a missing required
-value is a :class:`ConfigError` naming the key and the file it came from.
+``--options model.model_type=X`` picks X's preset). Loading first imports the modules that ``run.imports``
+names (they register further datasets, tasks, judges and presets), then merges, in the upstream order: the run
+section, then for the model its schema → preset → the run file's ``model`` section, then for every dataset its
+schema → preset → the run file's entry, then ``--options key=value`` overrides. An unknown key, a wrong type or
+a missing required value is a :class:`ConfigError` naming the key and the file it came from. Keys that only the
+original implementation reads are listed in :data:`UPSTREAM_ONLY_KEYS`: configs written for it still load.
 """
 
 from __future__ import annotations
 
+import importlib
+import logging
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .registry import DATASETS, MODELS
+
+log = logging.getLogger(__name__)
 
 ROOT_SECTIONS = ("model", "datasets", "run")
 
@@ -39,8 +46,11 @@ class EvalProcessorConfig:
 
 @dataclass
 class RunConfig:
-    """The ``run`` section: optimisation, schedule, distributed and output settings (see docs/sections/training.md)."""
+    """The ``run`` section: optimisation, schedule, distributed and output settings (see docs/training.md)."""
 
+    # Python modules imported before the rest of the config is built, so that the datasets, tasks, judges and
+    # model presets they register can be named here.
+    imports: List[str] = field(default_factory=list)
     # Default Sparkles root for this config (relative to the working directory); --sparkles_root and
     # $SPARKLES_ROOT take precedence. Lets the tiny configs work without any flag.
     sparkles_root: Optional[str] = None
@@ -66,7 +76,6 @@ class RunConfig:
     max_epoch: int = 1
     iters_per_epoch: int = 100
     batch_size_train: int = 1  # per process
-    batch_size_eval: int = 1
     accum_grad_iters: int = 1  # loss / k, optimizer step every k iterations; must divide iters_per_epoch
     num_workers: int = 0  # loader workers per dataset (one sub-loader per dataset)
     seed: int = 42  # model init uses seed; per-rank RNGs seed + rank; data order and the mixture derive from it
@@ -75,19 +84,11 @@ class RunConfig:
     amp: bool = False
     amp_dtype: str = "bfloat16"
     resume_ckpt_path: Optional[str] = None  # a checkpoint_<epoch>.pth / checkpoint_last.pth to continue exactly
-    evaluate: bool = False
-    train_splits: list = field(default_factory=lambda: ["train"])
-    valid_splits: list = field(default_factory=list)
-    test_splits: list = field(default_factory=list)
-    # --- devices and processes (world_size/distributed are filled in from the torchrun environment)
+    # --- devices and processes (their number comes from the torchrun environment)
     device: str = "auto"  # auto | cpu | cuda
-    world_size: int = 1
-    dist_url: str = "env://"
-    distributed: bool = False
     dist_backend: str = "auto"  # auto = nccl on GPU, gloo on CPU
     find_unused_parameters: bool = False  # DDP option, for models with trainable parts that some batches skip
     num_threads: Optional[int] = None  # CPU threads per process; None = the cores divided among local processes
-    use_dist_eval_sampler: bool = True
     # --- logging
     log_freq: int = 50  # steps between log lines
     progress_bar: bool = True  # tqdm bar on rank 0
@@ -102,6 +103,69 @@ class RunConfig:
     mixture_per_rank: bool = True
     # --- evaluation / demo: the inference image transform (no dataset builder needed to evaluate)
     eval_vis_processor: EvalProcessorConfig = field(default_factory=EvalProcessorConfig)
+
+
+# Keys that configs written for the original implementation carry but Sparkles does not read, in one place:
+# key → (the values that ask for nothing Sparkles does differently, or None for any value; what Sparkles does).
+# Such a key loads with a warning; any other value is refused, since the config would expect something else.
+UPSTREAM_ONLY_KEYS: dict[str, tuple[Optional[tuple], str]] = {
+    "model.vit_model": (("eva_clip_g",), "the vision tower is EVA-ViT-g, sized by model.vit_*"),
+    "model.max_txt_len": (None, "captions go through the dialogue renderer, limited by run.max_length"),
+    "model.end_sym": (("###",), "every answer ends with the template's '###'"),
+    "model.prompt": (None, "caption prompts come from datasets.cc_sbu_align.prompt_path"),
+    "model.prompt_path": (None, "caption prompts come from datasets.cc_sbu_align.prompt_path"),
+    "model.prompt_template": (None, "the template is sparkles/conversation/template.py"),
+    "model.preprocess": (None, "image transforms are set by datasets.<name>.vis_processor and run.eval_vis_processor"),
+    "run.evaluate": ((False,), "training runs no evaluation; evaluate with evaluate.py"),
+    "run.train_splits": ((["train"],), "every dataset trains on its one annotation file"),
+    "run.valid_splits": (([],), "training runs no evaluation; evaluate with evaluate.py"),
+    "run.test_splits": (([],), "training runs no evaluation; evaluate with evaluate.py"),
+    "run.batch_size_eval": (None, "evaluate.py --batch-size sets the evaluation batch"),
+    "run.dist_url": (("env://",), "processes join through torchrun's environment"),
+    "run.use_dist_eval_sampler": (None, "evaluate.py shards by --shard or the torchrun rank"),
+    "run.world_size": (None, "the number of processes comes from torchrun's environment"),
+    "run.distributed": (None, "the number of processes comes from torchrun's environment"),
+}
+
+_MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+
+
+def _drop_upstream_only(section: Any, prefix: str, *, source: str) -> Any:
+    """``section`` without the keys of :data:`UPSTREAM_ONLY_KEYS` under ``prefix`` (warned about, or refused)."""
+    if not isinstance(section, (DictConfig, dict)):
+        return section
+    kept = OmegaConf.create(OmegaConf.to_container(section, resolve=False)) if isinstance(section, DictConfig) \
+        else OmegaConf.create(dict(section))
+    for name, (accepted, why) in UPSTREAM_ONLY_KEYS.items():
+        head, key = name.split(".", 1)
+        if head != prefix or key not in kept:
+            continue
+        value = kept.pop(key)
+        plain = OmegaConf.to_container(value) if isinstance(value, (DictConfig, ListConfig)) else value
+        if accepted is not None and plain not in accepted:
+            raise ConfigError(f"{source}: {name}={plain!r} is a key of the original implementation that Sparkles "
+                              f"does not act on ({why}); remove it, or set it to {accepted[0]!r}")
+        log.warning("%s: %s is a key of the original implementation and has no effect here (%s)", source, name, why)
+    return kept
+
+
+def import_modules(names: Any, *, source: str = "run.imports") -> list[str]:
+    """Import the modules a config's ``run.imports`` names (each registers its datasets, tasks, judges, presets)."""
+    if names is None:
+        return []
+    names = OmegaConf.to_container(names) if isinstance(names, ListConfig) else names
+    if isinstance(names, str) or not isinstance(names, (list, tuple)):
+        raise ConfigError(f"{source}: run.imports must be a list of module names, e.g. [mypackage.datasets]")
+    for name in names:
+        if not isinstance(name, str) or not _MODULE_NAME.match(name):
+            raise ConfigError(f"{source}: run.imports: {name!r} is not a Python module name")
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name is not None and name.startswith(exc.name):
+                raise ConfigError(f"{source}: run.imports: no module named {name!r}") from None
+            raise
+    return list(names)
 
 
 def _load_yaml(path: str | os.PathLike) -> DictConfig:
@@ -139,6 +203,7 @@ def _structured(schema: type) -> DictConfig:
 
 def build_model_config(section: Any, *, source: str = "<model section>") -> DictConfig:
     """Merge a model section over its schema and the preset of its ``model_type``."""
+    section = _drop_upstream_only(section, "model", source=source)
     arch = section.get("arch") if section is not None else None
     if not arch:
         raise ConfigError(f"{source}: model.arch is required (known: {', '.join(MODELS.names())})")
@@ -208,8 +273,15 @@ def load_config(cfg_path: str | os.PathLike, options: Sequence[str] | None = Non
     unknown = [k for k in raw.keys() if k not in ROOT_SECTIONS]
     if unknown:
         raise ConfigError(f"{source}: unknown top-level key(s) {unknown}; expected {list(ROOT_SECTIONS)}")
-    run = _merge(_structured(RunConfig), raw.get("run") or {}, source=source, section="run")
     overrides = parse_options(options)
+    for section in ("model", "run"):
+        if section in overrides:
+            overrides[section] = _drop_upstream_only(overrides[section], section, source="--options")
+    run_section = _drop_upstream_only(raw.get("run") or {}, "run", source=source)
+    overridden = "run" in overrides and "imports" in overrides.run  # before any registry lookup below
+    import_modules(overrides.run.imports if overridden else run_section.get("imports"),
+                   source="--options" if overridden else source)
+    run = _merge(_structured(RunConfig), run_section, source=source, section="run")
     model_section = raw.get("model")
     if model_section is not None and "model" in overrides and "model_type" in overrides.model:
         # --options model.model_type=X picks X's preset, under the file's other model values

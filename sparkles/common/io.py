@@ -1,35 +1,70 @@
-"""Crash-safe file writes: atomic JSON replace and durable JSON-lines appends.
+"""Files that survive a crash, read back with errors that name them: the project's one writer and one JSON reader.
 
-Paid GPT work, evaluation shards and manifests all go through these, so a killed process never leaves a
-half-written file behind.
+Every file the project writes in place (checkpoints, towers, evaluation shards and manifests, paid GPT work,
+HTML pages, world files) goes through :func:`atomic_write`, so a killed process leaves the old content or the
+new, never half of either. Paid GPT calls are appended one durable line at a time (:func:`append_jsonl`).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
-from typing import Any, Iterable
+from typing import IO, Any, Callable, Optional, Union
+
+from .paths import MissingPathError
+
+Content = Union[bytes, str, Callable[[IO[bytes]], Any]]
 
 
-def atomic_write_json(path: str | os.PathLike, data: Any, *, indent: int | None = 2) -> Path:
-    """Write ``data`` as JSON via a temp file in the same directory + rename: readers never see half a file."""
+def atomic_write(path: str | os.PathLike, content: Content) -> Path:
+    """Write ``content`` (bytes, text as UTF-8, or a function that writes into the open binary file) to ``path``.
+
+    The data goes into a new file beside ``path`` (created with ordinary permissions, as ``open`` would), is
+    flushed to disk, and is then renamed over ``path`` in one step.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, ensure_ascii=False, indent=indent)
-            f.write("\n")
+        with open(tmp, "xb") as f:
+            if callable(content):
+                content(f)
+            else:
+                f.write(content.encode("utf-8") if isinstance(content, str) else content)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_write_json(path: str | os.PathLike, data: Any, *, indent: Optional[int] = 2) -> Path:
+    """``data`` as UTF-8 JSON (non-ASCII kept as written) and a final newline, through :func:`atomic_write`."""
+    return atomic_write(path, json.dumps(data, ensure_ascii=False, indent=indent) + "\n")
+
+
+def read_json(path: str | os.PathLike, *, what: str = "JSON file", error: Optional[type[Exception]] = None) -> Any:
+    """The parsed content of a JSON file.
+
+    A missing file raises :class:`MissingPathError`, content that is not UTF-8 JSON a ``ValueError``; both name
+    ``what``, the path and (for bad JSON) the line and column. ``error`` replaces both types, so that each
+    caller reports in its own terms (e.g. ``DataError`` for training data).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise (error or MissingPathError)(f"{what} not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as exc:
+        message = f"{what} {path}: malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
+    except UnicodeDecodeError as exc:
+        message = f"{what} {path}: not UTF-8 text ({exc.reason} at byte {exc.start})"
+    raise (error or ValueError)(message) from None
 
 
 def append_jsonl(path: str | os.PathLike, record: Any) -> None:
@@ -59,19 +94,7 @@ def read_jsonl(path: str | os.PathLike, *, repair: bool = True) -> list[Any]:
         except json.JSONDecodeError as exc:
             if i == len(lines) - 1 and not line.endswith("\n"):
                 if repair:
-                    _rewrite_lines(path, lines[:i])
+                    atomic_write(path, "".join(lines[:i]))
                 break
             raise ValueError(f"{path}: line {i + 1} is not valid JSON ({exc})") from exc
     return records
-
-
-def _rewrite_lines(path: Path, lines: Iterable[str]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.writelines(lines)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-write_json_atomic = atomic_write_json  # the name the GPT pipeline uses

@@ -1,8 +1,9 @@
-"""Name → builder tables for models, datasets, processors and tasks.
+"""Name → builder tables: models, their presets and tower initialisations, datasets, processors, tasks, judges.
 
-Modules register their builders when they are imported (e.g. ``import sparkles.models``);
-this module imports nothing else from the project, so it can never be part of an import cycle.
-A lookup of an unknown name fails with the list of known names instead of returning ``None``.
+Modules register their entries when they are imported (``import sparkles.models``; a config's ``run.imports``
+names further modules, which register their own). This module imports nothing
+else from the project, so it can never be part of an import cycle. A lookup of an unknown name fails with the
+list of known names instead of returning ``None``.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ class Registry(Generic[T]):
         try:
             return self._table[name]
         except KeyError:
-            known = ", ".join(sorted(self._table)) or "(none registered; was its package imported?)"
+            known = ", ".join(sorted(self._table)) or ("(none registered: is the module that registers them "
+                                                       "imported, e.g. through the config's run.imports?)")
             raise RegistryError(f"unknown {self.kind} {name!r}; known {self.kind}s: {known}") from None
 
     def __contains__(self, name: object) -> bool:
@@ -53,6 +55,10 @@ class Registry(Generic[T]):
 
 
 MODELS: Registry = Registry("model")
+MODEL_PRESETS: Registry = Registry("model preset")  # "<arch>/<model_type>" → preset YAML path
+# model.towers_init → fn(visual_encoder, Qformer, query_tokens), the recipe for towers trained from scratch
+TOWERS_INITS: Registry = Registry("towers initialisation")
 DATASETS: Registry = Registry("dataset")
 PROCESSORS: Registry = Registry("processor")
 TASKS: Registry = Registry("task")
+JUDGES: Registry = Registry("judge")  # SparklesEval judges other than chat models (--judge_models NAME)

@@ -19,9 +19,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from .template import ASSISTANT, END_SYM, IMAGE_PLACEHOLDER, ROLE_NAMES, SEP, USER, Layout, count_slots
-
-IGNORE_INDEX = -100
+from ..common.tensors import IGNORE_INDEX
+from .template import ASSISTANT, END_SYM, IMAGE_PLACEHOLDER, ROLE_NAMES, SEP, USER, Layout, count_slots, strip_slots
 
 
 class SampleTooLong(ValueError):
@@ -50,8 +49,8 @@ class Rendered:
     dropped_turns: int = 0
     # Identity of every position for prefix matching: token id, or -(1 + image*nq + j) for slot j of an image.
     keys: list[int] = field(default_factory=list)
-    # The user message that shows each image, in slot order (image markup left in): what an instruction-reading
-    # Q-Former reads with that image. Filled by Renderer.render; tokenize() alone does not know messages.
+    # The user message that shows each image, in slot order, without its image markup: what an
+    # instruction-reading Q-Former reads with that image. Filled by Renderer.render (tokenize() knows no messages).
     image_messages: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
@@ -172,7 +171,8 @@ class Renderer:
             out = self.tokenize(prompt, full_target, image_offset=first_image, unsupervised=unsupervised)
             if max_length is None or len(out) <= max_length:
                 out.dropped_turns = dropped
-                out.image_messages = [m.content for m, n in zip(kept, slots_per_msg[2 * dropped:]) for _ in range(n)]
+                out.image_messages = [strip_slots(m.content) for m, n in zip(kept, slots_per_msg[2 * dropped:])
+                                      for _ in range(n)]
                 return out
             if len(kept) <= 1:
                 raise SampleTooLong(f"the last turn alone needs {len(out)} tokens, more than max_length="

@@ -1,1 +1,1 @@
-"""Data for Sparkles: dialogue datasets, and the procedurally generated CPU world (``sparkles.data.synthetic``)."""
+"""Training data: dialogue, caption and LLaVA datasets, their ratio mixture, and webdataset shards."""

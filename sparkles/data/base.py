@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import json
 import os
 import random
 from dataclasses import dataclass, field
@@ -31,7 +30,9 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from omegaconf import MISSING
 
-from ..conversation.render import IGNORE_INDEX, Message, Rendered, Renderer, SampleTooLong, collate
+from ..common.io import read_json
+from ..common.tensors import IGNORE_INDEX
+from ..conversation.render import Message, Rendered, Renderer, SampleTooLong, collate
 from ..conversation.template import ASSISTANT, USER, Layout, count_slots
 
 
@@ -141,16 +142,9 @@ class RecordSet:
     skipped: list[str] = field(default_factory=list)  # reasons of records dropped at load time
 
 
-def read_json(path: Path) -> Any:
-    if not path.is_file():
-        raise DataError(f"annotation file not found: {path}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}: malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text: {exc}") from None
+def read_annotations(path: Path) -> Any:
+    """The parsed annotation file; a missing or malformed one is a :class:`DataError` naming it."""
+    return read_json(path, what="annotation file", error=DataError)
 
 
 def image_path(image_dir: Path, image_id: str) -> Path:

@@ -5,20 +5,13 @@ Importing this module registers, in ``sparkles.common.registry.DATASETS``:
 - ``SparklesDialogue{CC,VG}_turn{1,2}_{n}img`` — the ten SparklesDialogue training splits; by default under
   ``data/SparklesDialogue{CC,VG}/`` of the Sparkles root (``annotations/<name>.json`` + ``images/``);
 - ``cc_sbu_align`` — the single-image caption data (``data/cc_sbu_align/filter_cap.json`` + ``image/``);
-- ``LLaVA_description`` / ``LLaVA_reasoning`` — the re-formatted LLaVA files (``data/LLaVA/``);
-- ``synthetic_perception`` — the synthetic world's single-image count and place questions
-  (``data/cc_sbu_align/perception.json``, dialogue split-file format), the CPU tiny model's first decoder stage;
-- ``synthetic_perception_where`` — its place questions alone (``data/cc_sbu_align/perception_where.json``);
-- ``synthetic_reasoning`` — the synthetic world's text-only BISON/NLVR2 reasoning drills
-  (``data/reasoning/reasoning.json``), the CPU tiny model's verdict warm-up;
-- ``synthetic_caption_checks`` — its single-image caption checks (``data/reasoning/caption_checks.json``);
-- ``synthetic_scene_tags`` — cell labels of the synthetic world's training images (``world/scenes.json``), used
-  only by the ``tower_pretrain`` task of the CPU tiny model;
-- ``synthetic_instruction_tags`` — the same images read with a user message and its targets
-  (``sparkles.data.instruction_tags``), for the towers of a message-reading Q-Former.
+- ``LLaVA_description`` / ``LLaVA_reasoning`` — the re-formatted LLaVA files (``data/LLaVA/``).
 
 Each builder has a ``config_class`` (the :class:`~sparkles.data.base.DatasetConfig` schema with that
-dataset's default location); a train config only needs to name the dataset and its ``sample_ratio``.
+dataset's default location); a train config only needs to name the dataset and its ``sample_ratio``. Other
+modules register further datasets with :func:`register_dataset` (a config lists them in ``run.imports``); a
+builder whose samples are not dialogue records names the task that trains on them (``task``) and builds its
+dataset itself (``build_training_dataset``).
 """
 
 from __future__ import annotations
@@ -29,11 +22,15 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..common.registry import DATASETS
+from ..conversation.render import Renderer
+from ..conversation.template import DEFAULT_SYSTEM_TEXT, END_SYM, TRAIN_LAYOUT
+from ..models.sparkleschat import image_tokens_per_image
 from .base import DataError, DatasetConfig, RecordDataset, RecordSet, SampleEncoder, build_text_processor
 from .base import build_vis_transform, resolve_under
 from .caption import load_caption_records, load_prompts
 from .dialogue import load_dialogue_records
 from .llava import LLAVA_FILES, LLAVA_IMAGES, LLAVA_ROOT, load_llava_records
+from .shards import ShardDataset, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +53,7 @@ class DatasetBuilder:
 
     config_class: type = DatasetConfig
     kind = "dialogue"
+    task = "image_text_pretrain"  # the run.task that trains on this dataset's samples
 
     @classmethod
     def read_records(cls, name: str, anno_file: Path, image_dir: Path, cfg, *, skip_bad: bool) -> RecordSet:
@@ -89,78 +87,22 @@ class CaptionBuilder(DatasetBuilder):
         return load_prompts(resolve_under(root, path) if path else None)
 
 
-def _register(name: str, base: type, **defaults: Any) -> None:
+def register_dataset(name: str, base: type = DialogueBuilder, **defaults: Any) -> type:
+    """Register ``name`` as a dataset built by ``base``; ``defaults`` are its schema's defaults (``root_dir``,
+    ``anno_path``, ``img_root``, ...; ``_extra`` adds fields: ``[(name, type, dataclasses.field(...))]``)."""
     builder = type(f"{name}Builder", (base,), {"config_class": _config_class(name, **defaults)})
-    DATASETS.register(name)(builder)
+    return DATASETS.register(name)(builder)
 
 
 for _s, _t, _n in DIALOGUE_SPLITS:
     _name = f"SparklesDialogue{_s}_turn{_t}_{_n}img"
-    _register(_name, DialogueBuilder, root_dir=f"data/SparklesDialogue{_s}", anno_path=f"annotations/{_name}.json")
+    register_dataset(_name, DialogueBuilder, root_dir=f"data/SparklesDialogue{_s}",
+                     anno_path=f"annotations/{_name}.json")
 for _name, _file in LLAVA_FILES.items():
-    _register(_name, LLaVABuilder, root_dir=LLAVA_ROOT, anno_path=_file, img_root=LLAVA_IMAGES)
-class SceneTagBuilder(DatasetBuilder):
-    """The synthetic world's cell labels (``sparkles.data.scene_tags``), for the tiny model's tower pretraining."""
-
-    kind = "scene_tags"
-
-    @classmethod
-    def read_records(cls, name, anno_file, image_dir, cfg, *, skip_bad):
-        raise DataError(f"datasets.{name}: scene tags are not text records; only the tower_pretrain task uses them")
-
-    @classmethod
-    def build_training_dataset(cls, name: str, cfg, *, root: Path, model_cfg, run_cfg, split: str):
-        from .scene_tags import load_scene_tags
-
-        base = resolve_under(root, cfg.root_dir)
-        return load_scene_tags(name, resolve_under(base, cfg.anno_path), resolve_under(base, cfg.img_root),
-                               splits=list(cfg.splits),
-                               image_transform=build_vis_transform(cfg.vis_processor[split], model_cfg.image_size),
-                               skip_bad=bool(run_cfg.skip_bad_records), sample_ratio=float(cfg.sample_ratio))
-
-
-class InstructionTagBuilder(SceneTagBuilder):
-    """The world's training images read with a message (``sparkles.data.instruction_tags``), for towers whose
-    Q-Former reads the user message."""
-
-    @classmethod
-    def build_training_dataset(cls, name: str, cfg, *, root: Path, model_cfg, run_cfg, split: str):
-        from .instruction_tags import load_instruction_tags
-        from .scene_tags import TagVocabulary
-
-        items = int(model_cfg.num_query_token) - TagVocabulary.of_world().num_query_slots
-        return load_instruction_tags(name, resolve_under(root, cfg.root_dir), num_items=items,
-                                     image_transform=build_vis_transform(cfg.vis_processor[split],
-                                                                         model_cfg.image_size),
-                                     caption_variants=float(cfg.caption_variants),
-                                     nlvr2_statements=float(cfg.nlvr2_statements),
-                                     skip_bad=bool(run_cfg.skip_bad_records), sample_ratio=float(cfg.sample_ratio),
-                                     seed=int(run_cfg.seed))
-
-
+    register_dataset(_name, LLaVABuilder, root_dir=LLAVA_ROOT, anno_path=_file, img_root=LLAVA_IMAGES)
 # prompt_path: alignment prompts (one per line, relative to the Sparkles root); None = the package's own.
-_register("cc_sbu_align", CaptionBuilder, root_dir="data/cc_sbu_align", anno_path="filter_cap.json",
-          img_root="image", _extra=[("prompt_path", Optional[str], field(default=None))])
-# The synthetic world's single-image perception questions (dialogue split-file format, next to its captions).
-_register("synthetic_perception", DialogueBuilder, root_dir="data/cc_sbu_align", anno_path="perception.json",
-          img_root="image")
-# Its place questions alone ("Where is the blue square in IMAGE#…?"), for a mixture that weights them apart.
-_register("synthetic_perception_where", DialogueBuilder, root_dir="data/cc_sbu_align",
-          anno_path="perception_where.json", img_root="image")
-# The world's text-only BISON/NLVR2 reasoning drills (dialogue split-file format, no images).
-_register("synthetic_reasoning", DialogueBuilder, root_dir="data/reasoning", anno_path="reasoning.json", img_root=".")
-# Its single-image caption checks (written when the world's reasoning_mix has a share for them).
-_register("synthetic_caption_checks", DialogueBuilder, root_dir="data/reasoning", anno_path="caption_checks.json",
-          img_root=".")
-# The world's scene file; image paths in it are relative to the Sparkles root (img_root ".." from world/).
-_register("synthetic_scene_tags", SceneTagBuilder, root_dir="world", anno_path="scenes.json", img_root="..",
-          _extra=[("splits", list[str], field(default_factory=lambda: ["CC", "VG"]))])
-# It reads the world under the Sparkles root (world/scenes.json, the dialogues, the perception questions);
-# caption_variants / nlvr2_statements: the shares of samples that are caption questions about any training image
-# / the dialogues' NLVR2 statements read with any training image.
-_register("synthetic_instruction_tags", InstructionTagBuilder, root_dir=".", anno_path="world/scenes.json",
-          img_root=".", _extra=[("caption_variants", float, field(default=0.0)),
-                                ("nlvr2_statements", float, field(default=0.0))])
+register_dataset("cc_sbu_align", CaptionBuilder, root_dir="data/cc_sbu_align", anno_path="filter_cap.json",
+                 img_root="image", _extra=[("prompt_path", Optional[str], field(default=None))])
 
 
 # --------------------------------------------------------------------------------------------- factories
@@ -183,8 +125,6 @@ def load_records(name: str, cfg, *, root: Path, skip_bad: bool = False) -> Recor
 
 
 def training_layout(model_cfg):
-    from ..conversation.template import DEFAULT_SYSTEM_TEXT, TRAIN_LAYOUT
-
     if model_cfg.get("train_with_system", False):
         system = model_cfg.get("system_text")
         return TRAIN_LAYOUT.with_system(system if system is not None else DEFAULT_SYSTEM_TEXT)
@@ -193,11 +133,7 @@ def training_layout(model_cfg):
 
 def build_dataset(name: str, cfg, *, root: Path, tokenizer, model_cfg, run_cfg, split: str = "train"):
     """A training dataset for ``datasets.<name>``: a :class:`RecordDataset` over the JSON file, or a
-    :class:`~sparkles.data.wds.ShardDataset` when ``shards`` is set."""
-    from ..conversation.render import Renderer
-    from ..conversation.template import END_SYM
-    from ..models.sparkleschat import image_tokens_per_image
-
+    :class:`~sparkles.data.shards.ShardDataset` when ``shards`` is set."""
     builder = DATASETS.get(name)
     custom = getattr(builder, "build_training_dataset", None)
     if custom is not None:
@@ -214,8 +150,6 @@ def build_dataset(name: str, cfg, *, root: Path, tokenizer, model_cfg, run_cfg, 
         text_processor=build_text_processor(cfg.text_processor[split]),
     )
     if cfg.shards:
-        from .wds import ShardDataset, read_manifest
-
         manifest = read_manifest(resolve_under(root, cfg.shards), expect_dataset=name)
         if manifest.get("kind") not in (None, builder.kind):
             raise DataError(f"datasets.{name}.shards: holds {manifest['kind']} records, expected {builder.kind}")

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..conversation.template import count_slots
-from .base import DataError, Record, RecordSet, collect_records, read_json
+from .base import DataError, Record, RecordSet, collect_records, read_annotations
 
 DEFAULT_PROMPTS = "prompts/alignment.txt"  # inside this package
 
@@ -51,7 +51,7 @@ def parse_caption_record(item: Any, index: int, where: str, *, name: str) -> Rec
 
 
 def load_caption_records(name: str, anno_file: Path, image_dir: Path, *, skip_bad: bool = False) -> RecordSet:
-    data = read_json(anno_file)
+    data = read_annotations(anno_file)
     if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
         raise DataError(f"{anno_file}: expected an object with an 'annotations' list")
 

@@ -6,7 +6,7 @@ template around the question; the target is ``fix_answer`` if given, else ``answ
 images in slot order (turn-1 images first for turn-2 samples). Only the target answer and the end symbol
 carry loss; earlier turns are teacher-forced history. Our own optional field ``unsupervised_spans``
 (``[[start, end], ...]``, character offsets into ``answer``) marks parts of the answer that carry no loss:
-the synthetic world's text-only drills mark their facts, which no text can determine.
+text-only drills mark the facts that no text can determine.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..conversation.template import USER, parse_upstream_instruction
-from .base import DataError, Record, RecordSet, check_messages, collect_records, read_json
+from .base import DataError, Record, RecordSet, check_messages, collect_records, read_annotations
 
 
 def _text_field(rec: dict, key: str, where: str) -> str:
@@ -88,7 +88,7 @@ def _unsupervised_spans(rec: dict, target: str, where: str, *, fixed: bool) -> l
 
 def load_dialogue_records(name: str, anno_file: Path, image_dir: Path, *, skip_bad: bool = False) -> RecordSet:
     """Read and validate a split file (a JSON list); every image must exist under ``image_dir``."""
-    data = read_json(anno_file)
+    data = read_annotations(anno_file)
     if not isinstance(data, list):
         raise DataError(f"{anno_file}: expected a JSON list of samples, found {type(data).__name__}")
 

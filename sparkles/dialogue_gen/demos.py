@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Callable
 
-from sparkles.common.io import write_json_atomic
+from sparkles.common.io import atomic_write_json, read_json
 
 from .schema import count_slots, strip_slots
 
@@ -66,7 +66,7 @@ def _groups(messages: list[str], group_fn: GroupFn | None, cache_path: str | Pat
         return group_fn(messages)
     digest = hashlib.sha256(json.dumps(messages, ensure_ascii=False).encode()).hexdigest()
     if cache_path is not None and Path(cache_path).exists():
-        cached = json.loads(Path(cache_path).read_text(encoding="utf-8"))
+        cached = read_json(cache_path, what="demo grouping cache")
         if isinstance(cached, dict) and cached.get("messages_sha256") == digest:
             return cached["groups"]
     # spaCy is heavy and optional: imported only on this path
@@ -74,5 +74,5 @@ def _groups(messages: list[str], group_fn: GroupFn | None, cache_path: str | Pat
 
     groups = group_by_verb_noun(messages, nlp=load_spacy_pipeline())
     if cache_path is not None:
-        write_json_atomic(cache_path, {"messages_sha256": digest, "groups": groups})
+        atomic_write_json(cache_path, {"messages_sha256": digest, "groups": groups})
     return groups

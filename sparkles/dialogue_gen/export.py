@@ -13,7 +13,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from sparkles.common.io import write_json_atomic
+from sparkles.common.io import atomic_write_json
 
 from .schema import ASSISTANT_PREFIX, HUMAN_PREFIX, check_dialogue_record
 
@@ -53,10 +53,10 @@ def export_dialogues(records: list[dict], out_dir: str | Path, name: str) -> lis
     out_dir = Path(out_dir)
     for i, record in enumerate(records):
         check_dialogue_record(record, f"{name}: record {i}")
-    written = [write_json_atomic(out_dir / f"{name}.json", records)]
+    written = [atomic_write_json(out_dir / f"{name}.json", records)]
     for turn in (1, 2):
         for n, samples in split_by_image_count(records, turn).items():
-            written.append(write_json_atomic(out_dir / f"{name}_turn{turn}_{n}img.json", samples))
+            written.append(atomic_write_json(out_dir / f"{name}_turn{turn}_{n}img.json", samples))
     pattern = re.compile(rf"{re.escape(name)}_turn[12]_\d+img\.json")
     stale = sorted(p for p in out_dir.glob(f"{name}_turn*img.json") if pattern.fullmatch(p.name) and p not in written)
     if stale:

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .schema import IMAGE_SLOT
-from .sources import image_ids_of, load_dialogues, read_json
+from ..common.io import read_json
+from .sources import image_ids_of, load_dialogues
 
 # Phrases that lead into the image reference when a question does not mention an image (13, "" included),
 # and phrases that attach it at the end (8, "" included).
@@ -131,7 +132,7 @@ def overlap_exclusions(vg_image_data: list[dict], used_vg: set[int], bison_items
 
 
 def load_bison(path: Path) -> list[dict]:
-    data = read_json(path, "BISON annotations")
+    data = read_json(path, what="BISON annotations")
     if not isinstance(data, list):
         raise ValueError(f"BISON annotations {path}: expected a JSON list")
     return data
@@ -147,13 +148,13 @@ def run_conversion(kind: str, layout, *, vg_image_data_path: str | Path | None, 
     The used-VG set comes from the SparklesDialogueVG files (released and generated) and the SparklesEval
     annotations, whichever exist; a missing BISON annotation file is reported, not fatal.
     """
-    from sparkles.common.io import write_json_atomic
+    from sparkles.common.io import atomic_write_json
 
     candidates = [layout.dialogue_file("VG"), layout.dialogue_dir("VG") / "generated" / "SparklesDialogueVG.json",
                   layout.eval_annotations("SparklesEval"), *extra_dialogue_files]
     dialogue_files = sorted({Path(p) for p in candidates if Path(p).exists()})
     vg_path = Path(vg_image_data_path) if vg_image_data_path else layout.vg_image_data
-    vg_data = read_json(vg_path, "Visual Genome image_data.json")
+    vg_data = read_json(vg_path, what="Visual Genome image_data.json")
     if not isinstance(vg_data, list):
         raise ValueError(f"{vg_path}: expected a JSON list")
     bison_path = layout.eval_annotations("BISON")
@@ -172,17 +173,17 @@ def run_conversion(kind: str, layout, *, vg_image_data_path: str | Path | None, 
     if kind == "llava":
         for fname in LLAVA_FILES:
             src = layout.llava_dir / fname
-            items = read_json(src, "LLaVA instruction file")
+            items = read_json(src, what="LLaVA instruction file")
             records, stats = convert_llava(items, ex["excluded_coco"], rng, source=str(src))
             dst = layout.llava_dir / f"LLaVA_{Path(fname).stem}_filtered_for_Sparkles.json"
-            write_json_atomic(dst, records)
+            atomic_write_json(dst, records)
             summary["outputs"][str(dst)] = stats
     elif kind == "svit":
         src = layout.svit_descriptions
-        records, stats = convert_svit(read_json(src, "SVIT detailed-description file"), ex["excluded_vg"], rng,
+        records, stats = convert_svit(read_json(src, what="SVIT detailed-description file"), ex["excluded_vg"], rng,
                                       source=str(src))
         dst = src.parent / "SVIT_detail_description_filtered_for_Sparkles.json"
-        write_json_atomic(dst, records)
+        atomic_write_json(dst, records)
         summary["outputs"][str(dst)] = stats
     else:
         raise ValueError(f"unknown conversion {kind!r}; known: llava, svit")

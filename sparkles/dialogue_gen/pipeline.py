@@ -29,7 +29,7 @@ from sparkles.common.paths import MissingPathError, SparklesLayout
 from sparkles.gpt.client import ChatRequest, GPTClient
 from sparkles.gpt.cost import PriceTable, UsageLedger
 from sparkles.gpt.errors import GPTCallError
-from sparkles.common.io import append_jsonl, read_jsonl, write_json_atomic
+from sparkles.common.io import append_jsonl, read_jsonl, atomic_write_json
 
 from . import sources
 from .demos import GroupFn, for_display, select_vg_demos
@@ -334,7 +334,7 @@ def run_job(opts: GenerationOptions, client: GPTClient | None = None, *, group_f
         summary["failed_calls"] = report.failed
         for log in sorted({c.log for c in cases}):
             records = read_jsonl(out_dir / log)
-            write_json_atomic(out_dir / log.replace(".jsonl", ".json"),
+            atomic_write_json(out_dir / log.replace(".jsonl", ".json"),
                               [{"raw": [{"prompt": r["prompt"], "response": r["response"]}]} for r in records])
     raw_records = [r for log in raw_log_names(opts, out_dir) for r in read_jsonl(out_dir / log)]
     prices = prices or (client.ledger.prices if client is not None else PriceTable())
@@ -344,7 +344,7 @@ def run_job(opts: GenerationOptions, client: GPTClient | None = None, *, group_f
         if opts.include_demos:
             records = records + demo_records(opts)
         files = export_dialogues(records, out_dir, opts.name) if records else []
-        write_json_atomic(out_dir / f"{opts.name}_rejects.json", result["rejects"])
+        atomic_write_json(out_dir / f"{opts.name}_rejects.json", result["rejects"])
         by_reason = Counter(r["reason"] for r in result["rejects"])
         first_counts = Counter(len(r["dialogue"][0]["images"]) for r in result["accepted"])
         summary["dialogues"] = {
@@ -357,10 +357,10 @@ def run_job(opts: GenerationOptions, client: GPTClient | None = None, *, group_f
     cost = {"all_raw_calls": raw_cost(raw_records, prices)}
     if client is not None:
         cost["this_run"] = client.ledger.summary()
-    write_json_atomic(out_dir / f"{opts.name}_cost.json", cost)
+    atomic_write_json(out_dir / f"{opts.name}_cost.json", cost)
     summary["cost_usd"] = {"this_run": cost.get("this_run", {}).get("total", {}).get("cost_usd"),
                            "all_raw_calls": cost["all_raw_calls"]["total"]["cost_usd"]}
-    write_json_atomic(out_dir / f"{opts.name}_summary.json", summary)
+    atomic_write_json(out_dir / f"{opts.name}_summary.json", summary)
     return summary
 
 

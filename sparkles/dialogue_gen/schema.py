@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..conversation.template import ASSISTANT, IMAGE_MARKER as IMAGE_SLOT, ROLE_NAMES, SEP, USER, TRAIN_LAYOUT
+from ..conversation.template import ASSISTANT, ROLE_NAMES, SEP, USER, TRAIN_LAYOUT
 from ..conversation.template import count_slots, strip_slots  # noqa: F401  (re-exported for this package)
 
 # The training layout's strings, from the one template module.

@@ -2,28 +2,17 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
-from sparkles.common.paths import MissingPathError
+
+from sparkles.common.io import read_json
 
 from .schema import check_dialogue_record
 
 
-def read_json(path: str | Path, what: str) -> Any:
-    path = Path(path)
-    if not path.exists():
-        raise MissingPathError(f"{what} not found: {path}")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{what} {path} is not valid JSON: {exc}") from exc
-
-
 def load_cc_captions(path: str | Path) -> dict[str, dict]:
     """``filter_cap.json`` → ``{str id: {"image_id": str, "caption": str}}`` (CC ids are strings)."""
-    data = read_json(path, "cc_sbu_align caption file")
+    data = read_json(path, what="cc_sbu_align caption file")
     anns = data.get("annotations") if isinstance(data, dict) else None
     if not isinstance(anns, list):
         raise ValueError(f"{path}: expected an object with an 'annotations' list")
@@ -38,7 +27,7 @@ def load_cc_captions(path: str | Path) -> dict[str, dict]:
 
 def load_svit_descriptions(path: str | Path) -> dict[str, dict]:
     """SVIT ``detail_description.json`` → ``{str id: {"image_id": int, "caption": description}}``."""
-    data = read_json(path, "SVIT detailed-description file")
+    data = read_json(path, what="SVIT detailed-description file")
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected a JSON list")
     pool: dict[str, dict] = {}
@@ -57,7 +46,7 @@ def load_svit_descriptions(path: str | Path) -> dict[str, dict]:
 
 def load_dialogues(path: str | Path, what: str) -> list[dict]:
     """A §12.1 dialogue file (or a demo-seed file); every record is checked."""
-    data = read_json(path, what)
+    data = read_json(path, what=what)
     if not isinstance(data, list):
         raise ValueError(f"{what} {path}: expected a JSON list of dialogue records")
     for i, record in enumerate(data):

@@ -20,20 +20,24 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import random
 import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from .data import CHOICE_DATASETS, DATASETS, EvalSet
+from ..common.config import ConfigError, import_modules, load_config, resolve_config_root, to_container
+from ..common.paths import EVAL_DATASETS, MissingPathError, resolve_root
+from .benchmarks import CHOICE_BENCHMARKS
+from .benchmarks.sparkleseval import DialogueFormatError
+from .data import AnnotationError, EvalSet
+from .judges import JudgeSetupError, make_judges
 from .protocol import PROTOCOLS, make_protocol
+from .store import ManifestError, RunDir, ShardFile, eid_key
 
 log = logging.getLogger("sparkles.eval")
 
 REFERENCE_MODEL_NAME = "gpt-4"  # upstream's name for the GPT-4 reference dialogues
-REFERENCE_JUDGE = "reference"
 EXIT_INCOMPLETE = 3  # some judgements could not be obtained (API errors); re-run to continue
 
 
@@ -64,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model config (eval_configs/*.yaml); omit to judge SparklesEval's GPT-4 reference dialogues")
     p.add_argument("--sparkles_root", "--sparkles-root", dest="sparkles_root", default=None,
                    help="Sparkles root (default: $SPARKLES_ROOT, then run.sparkles_root of the config)")
-    p.add_argument("--dataset", default="NLVR2", choices=DATASETS)
+    p.add_argument("--dataset", default="NLVR2", choices=EVAL_DATASETS)
     p.add_argument("--data-from", type=int, default=0, help="first annotation index of the slice")
     p.add_argument("--data-to", type=int, default=None, help="end of the slice (exclusive; default: all)")
     p.add_argument("--shard", default=None, metavar="I/N",
@@ -85,8 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--gpu-id", type=int, default=None, help="upstream flag: same as --device cuda:N")
     p.add_argument("--judge_models", "--judge-models", dest="judge_models", nargs="+", default=None,
-                   help="SparklesEval judges: gpt-4 (default), gpt-3.5-turbo, any chat model name, or 'reference' "
-                        "(synthetic world only, offline). With --merge-results alone: every judge found.")
+                   help="SparklesEval judges: gpt-4 (default), gpt-3.5-turbo, any chat model name, or a judge that a "
+                        "module of run.imports / --imports registers. With --merge-results alone: every judge found.")
+    p.add_argument("--imports", nargs="+", default=None, metavar="MODULE",
+                   help="Python modules to import first (besides the config's run.imports): they register judges, "
+                        "datasets or model presets, e.g. for runs without --cfg-path")
     p.add_argument("--judge-temperature", type=float, default=None, help="default 0 (upstream protocol: 1.0)")
     p.add_argument("--judge-attempts", type=int, default=None,
                    help="replies asked for per dialogue until one parses (default 3; upstream protocol 10)")
@@ -146,34 +153,22 @@ def _device(args) -> str:
     return "cpu"
 
 
-def _seed_everything(seed: int) -> None:
-    import numpy as np
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 # ------------------------------------------------------------------------------------------------ the run
 class _Context:
     """Resolved inputs of one invocation: config, root, protocol, names and lazily built model/judges."""
 
     def __init__(self, args) -> None:
         self.args = args
+        import_modules(args.imports, source="--imports")
         self.reference_mode = args.cfg_path is None
         if self.reference_mode:
             if args.dataset != "SparklesEval":
                 raise EvalError("without --cfg-path only SparklesEval can be evaluated (its GPT-4 reference "
                                 "dialogues are judged); pass --cfg-path for BISON/NLVR2")
-            from ..common.paths import resolve_root
-
             self.cfg = None
             self.root = resolve_root(args.sparkles_root)
         else:
             import sparkles.models  # noqa: F401  (registers the sparkleschat model)
-
-            from ..common.config import load_config, resolve_config_root
 
             self.cfg = load_config(args.cfg_path, args.options)
             self.root = resolve_config_root(self.cfg, args.sparkles_root)
@@ -185,8 +180,6 @@ class _Context:
             log.warning("--temperature is ignored: the default protocol decodes greedily (use --protocol upstream)")
         self.evalset = EvalSet(self.root, args.dataset)
         self.model_name = args.model_name or self._model_name()
-        from .store import RunDir
-
         self.run = RunDir(self.evalset.results_dir, args.dataset, self.model_name)
 
     def _model_name(self) -> str:
@@ -207,8 +200,6 @@ class _Context:
 
     def settings(self) -> dict:
         """What determines the answers; a run directory only ever holds results of one such setting."""
-        from ..common.config import to_container
-
         proto = self.protocol.to_dict()
         for key in ("judge_temperature", "judge_attempts"):
             proto.pop(key)
@@ -243,16 +234,9 @@ class _Context:
         return build
 
     def judges(self) -> list:
-        from .judge import GPTJudge, ReferenceJudge
-
-        out, client = [], _LazyClient(self.gpt_client)
-        for name in dict.fromkeys(self.args.judge_models or ["gpt-4"]):  # unique, in order
-            if name == REFERENCE_JUDGE:
-                out.append(ReferenceJudge(self.root))
-                continue
-            out.append(GPTJudge(client, name, temperature=self.protocol.judge_temperature,
-                                max_tokens=self.args.judge_max_tokens, max_attempts=self.protocol.judge_attempts))
-        return out
+        return make_judges(self.args.judge_models or ["gpt-4"], root=self.root, client=_LazyClient(self.gpt_client),
+                           temperature=self.protocol.judge_temperature, max_tokens=self.args.judge_max_tokens,
+                           max_attempts=self.protocol.judge_attempts)
 
     def gpt_client(self):
         from ..gpt import GPTClient
@@ -303,7 +287,6 @@ def _slice(args, n: int) -> tuple[tuple[int, int], Optional[tuple[int, int]]]:
 def run_inference(ctx: _Context, report: EvalReport) -> None:
     from .runner import (ShardStats, adopt_from_siblings, run_choice_shard, run_judging,
                          run_sparkleseval_generation)
-    from .store import ShardFile, eid_key
 
     args, evalset, run = ctx.args, ctx.evalset, ctx.run
     n = len(evalset.items)
@@ -312,7 +295,9 @@ def run_inference(ctx: _Context, report: EvalReport) -> None:
     if start >= stop:
         log.info("shard %s of [%d, %d) is empty; nothing to do", args.shard, args.data_from, stop)
         return
-    _seed_everything(args.seed)
+    from ..common.tensors import seed_everything
+
+    seed_everything(args.seed)
     judges = ctx.judges() if evalset.dataset == "SparklesEval" else []
     run.register_shard(start=start, stop=stop, settings=ctx.settings(),
                        annotation_file=evalset.relpath(evalset.annotation_path), num_annotations=n, planned=planned)
@@ -327,7 +312,7 @@ def run_inference(ctx: _Context, report: EvalReport) -> None:
         if adopted:
             log.info("copied %d finished item(s) from other shards of this run", adopted)
         progress = not args.no_progress
-        if evalset.dataset in CHOICE_DATASETS:
+        if evalset.dataset in CHOICE_BENCHMARKS:
             run_choice_shard(evalset, indices, shard, ctx.generator_factory(), ctx.protocol, args.seed, stats,
                              progress)
         else:
@@ -359,7 +344,7 @@ def run_inference(ctx: _Context, report: EvalReport) -> None:
 
 def _print_shard_summary(ctx: _Context, start: int, stop: int, stats) -> None:
     parts = [f"{stats.items} items", f"{stats.reused} already done", f"{stats.generated} generated"]
-    if ctx.evalset.dataset in CHOICE_DATASETS:
+    if ctx.evalset.dataset in CHOICE_BENCHMARKS:
         parts.append(f"{stats.unparseable} unparseable")
     for name, count in stats.judged.items():
         parts.append(f"{count} judged by {name} ({stats.judge_failed.get(name, 0)} unparseable)")
@@ -412,14 +397,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "httpx2", "httpcore", "openai"):  # one line per HTTP request otherwise
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from ..common.config import ConfigError
-    from ..common.paths import MissingPathError
     from ..gpt.errors import MissingAPIKeyError
-    from .data import AnnotationError
     from .generator import InputError
-    from .judge import DialogueFormatError, JudgeSetupError
     from .merge import MergeError
-    from .store import ManifestError
 
     expected = (EvalError, ConfigError, MissingPathError, MissingAPIKeyError, AnnotationError, InputError,
                 DialogueFormatError, JudgeSetupError, MergeError, ManifestError)

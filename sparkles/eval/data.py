@@ -1,21 +1,19 @@
-"""Evaluation sets on disk: annotation files, image paths and ground-truth labels (UPSTREAM_FACTS §11–12).
+"""Evaluation sets on disk: annotation files and image paths under a Sparkles root (UPSTREAM_FACTS §11–12).
 
 Paths written into result files are relative to the Sparkles root (POSIX separators), so result files never
-carry a machine's absolute paths; :meth:`EvalSet.abspath` turns them back into files.
+carry a machine's absolute paths; :meth:`EvalSet.abspath` turns them back into files. What a record means is
+each benchmark's business (:mod:`sparkles.eval.benchmarks`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Optional
 
-from ..common.paths import MissingPathError, SparklesLayout
-from .prompts import BISON_OPTIONS, NLVR2_OPTIONS, bison_prompt, nlvr2_prompt
-from .store import eid_key, read_json
+from ..common.io import read_json
+from ..common.paths import EVAL_DATASETS, MissingPathError, SparklesLayout
+from .store import eid_key
 
-DATASETS = ("BISON", "NLVR2", "SparklesEval")
-CHOICE_DATASETS = ("BISON", "NLVR2")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 
 
@@ -23,24 +21,12 @@ class AnnotationError(ValueError):
     """A malformed annotation record; the message names the file, the record and the field."""
 
 
-@dataclass
-class ChoiceQuestion:
-    """One BISON / NLVR2 question, ready for the model."""
-
-    evaluation_id: Any
-    prompt: str
-    img_paths: list[str]  # relative to the root
-    label: str
-    sentence: str
-    options: tuple[str, str]
-
-
 class EvalSet:
     """One evaluation dataset under a root: its annotations and how to turn them into questions."""
 
     def __init__(self, root: str | Path, dataset: str) -> None:
-        if dataset not in DATASETS:
-            raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+        if dataset not in EVAL_DATASETS:
+            raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(EVAL_DATASETS)}")
         self.root = Path(root)
         self.dataset = dataset
         self.layout = SparklesLayout(self.root)
@@ -85,46 +71,17 @@ class EvalSet:
         p = Path(rel)
         return p if p.is_absolute() else self.root / p
 
-    def _where(self, index: int, item: Mapping[str, Any]) -> str:
-        return f"{self.annotation_path}: record {index} (evaluation_id {item.get('evaluation_id')!r})"
+    def where(self, index: int) -> str:
+        """``<annotation file>: record <index> (evaluation_id <id>)``, for error messages."""
+        return f"{self.annotation_path}: record {index} (evaluation_id {self.items[index].get('evaluation_id')!r})"
 
-    def _field(self, index: int, item: Mapping[str, Any], name: str, kind=str) -> Any:
-        value = item.get(name)
+    def field(self, index: int, name: str, kind: Optional[type] = str) -> Any:
+        """Field ``name`` of record ``index``; missing (or not a ``kind``) is an :class:`AnnotationError`."""
+        value = self.items[index].get(name)
         if value is None or (kind is not None and not isinstance(value, kind)):
-            raise AnnotationError(f"{self._where(index, item)}: field '{name}' is missing or not a {kind.__name__}")
+            wanted = f" or not a {kind.__name__}" if kind is not None else ""
+            raise AnnotationError(f"{self.where(index)}: field '{name}' is missing{wanted}")
         return value
-
-    # ------------------------------------------------------------------ BISON / NLVR2
-    def choice_question(self, index: int) -> ChoiceQuestion:
-        item = self.items[index]
-        if self.dataset == "BISON":
-            caption = self._field(index, item, "caption")
-            cands = item.get("image_candidates")
-            if not isinstance(cands, list) or len(cands) != 2 or not all(
-                    isinstance(c, Mapping) and "image_id" in c and "image_filename" in c for c in cands):
-                raise AnnotationError(f"{self._where(index, item)}: field 'image_candidates' must list two "
-                                      "{image_id, image_filename}")
-            if "true_image_id" not in item:
-                raise AnnotationError(f"{self._where(index, item)}: field 'true_image_id' is missing")
-            truth = str(item["true_image_id"])
-            if truth not in (str(cands[0]["image_id"]), str(cands[1]["image_id"])):
-                raise AnnotationError(f"{self._where(index, item)}: true_image_id {truth} is not a candidate")
-            label = BISON_OPTIONS[0] if truth == str(cands[0]["image_id"]) else BISON_OPTIONS[1]
-            paths = [self.image_dir / str(c["image_filename"]) for c in cands]
-            return ChoiceQuestion(item["evaluation_id"], bison_prompt(caption), [self.relpath(p) for p in paths],
-                                  label, caption, BISON_OPTIONS)
-        if self.dataset == "NLVR2":
-            sentence = self._field(index, item, "sentence")
-            identifier = self._field(index, item, "identifier")
-            label = str(self._field(index, item, "label", kind=None))
-            if label.lower() not in ("true", "false"):
-                raise AnnotationError(f"{self._where(index, item)}: field 'label' must be True or False, "
-                                      f"got {label!r}")
-            stem = identifier[:-2]  # "dev-850-0-1" → pair "dev-850-0" (the last 2 chars number the sentence)
-            paths = [self.image_dir / f"{stem}-img0.png", self.image_dir / f"{stem}-img1.png"]
-            return ChoiceQuestion(item["evaluation_id"], nlvr2_prompt(sentence), [self.relpath(p) for p in paths],
-                                  label, sentence, NLVR2_OPTIONS)
-        raise ValueError(f"{self.dataset} is not a choice dataset")
 
     # ------------------------------------------------------------------ SparklesEval
     def image_file(self, image_id: Any) -> Path:

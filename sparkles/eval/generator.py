@@ -34,7 +34,7 @@ class ModelGenerator:
     """Answers requests with a SparklesChat model through the chat engine."""
 
     def __init__(self, model, image_processor, *, batch_size: int = 1) -> None:
-        from ..conversation.chat import Chat
+        from ..engine.chat import Chat
 
         self.model = model.eval()
         self.chat = Chat(model, image_processor)
@@ -72,7 +72,7 @@ class ModelGenerator:
                          "(--batch-size applies to greedy decoding)")
                 self._warned = True
             return [self._one(r, gen) for r in requests]
-        from ..conversation.chat import generate_batch
+        from ..engine.batch import generate_batch
 
         for r in requests:  # fail on a bad image with its record before the batched vision pass
             for path in r.images:

@@ -12,7 +12,7 @@ The manifest lists the shards; their files are read (never deleted), items are j
 
 Outputs, next to the run directory in ``<root>/evaluation/<dataset>/results/``:
 ``<dataset>_<model>.json`` (SparklesEval) or ``<dataset>_<model>_acc<x.xxx>.json`` (BISON/NLVR2) in the
-upstream schema, the same name with ``.html`` (when :mod:`sparkles.viz.html` is available), and
+upstream schema, the same name with ``.html`` (:mod:`sparkles.viz.html`), and
 ``<dataset>_<model>_metrics.json``.
 """
 
@@ -23,10 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from ..common.io import atomic_write_json, read_json
+from ..viz import html as viz
+from .benchmarks import CHOICE_BENCHMARKS, sparkleseval
+from .benchmarks.sparkleseval import SCORE_KEYS, has_scores
 from .data import EvalSet
-from .judge import SCORE_KEYS, has_scores
-from .scores import choice_summary, sparkleseval_summary
-from .store import RunDir, atomic_write_json, eid_key, read_json
+from .store import RunDir, eid_key
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +136,7 @@ def merge_run(run: RunDir, evalset: EvalSet, *, judges: Optional[Sequence[str]] 
         found = sorted({k for it in items for k, v in it.items()
                         if isinstance(v, dict) and ("error" in v or SCORE_KEYS[0] in v)})
         names = list(dict.fromkeys(judges)) if judges else sorted(found, key=lambda n: (n != "gpt-4", n))
-        metrics["judges"] = {name: sparkleseval_summary(items, name) for name in names}
+        metrics["judges"] = {name: sparkleseval.score(items, name) for name in names}
         if names:  # the reported number: the first judge asked for (gpt-4 when present otherwise)
             first = metrics["judges"][names[0]]
             metrics["headline"] = {"judge": names[0], "overall": first["overall"], "A1": first["A1"],
@@ -149,7 +151,7 @@ def merge_run(run: RunDir, evalset: EvalSet, *, judges: Optional[Sequence[str]] 
                   f"A1 {s['A1']:.2f}, A2 {s['A2']:.2f}, overall {s['overall']:.2f} "
                   f"({s['rated']} rated, {s['failed']} unparseable, {s['unjudged']} unjudged)")
     else:
-        summary = choice_summary(items)
+        summary = CHOICE_BENCHMARKS[evalset.dataset].score(items)
         metrics.update(summary)
         acc = summary["accuracy"] or 0.0
         result_path = out_dir / f"{run.base}_acc{acc:.3f}.json"
@@ -179,11 +181,6 @@ def _check_not_input(path: Path, evalset: EvalSet) -> None:
 
 
 def _write_html(items, result_path: Path, evalset: EvalSet, model_name: str, metrics: dict) -> list[Path]:
-    try:
-        from ..viz import html as viz
-    except ImportError:
-        log.info("sparkles.viz.html is not available; skipping the HTML page")
-        return []
     html_path = result_path.with_suffix(".html")
     try:
         if evalset.dataset == "SparklesEval":

@@ -13,17 +13,17 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
+from ..common.io import read_json
+from ..gpt.errors import GPTCallError
+from .benchmarks import CHOICE_BENCHMARKS
+from .benchmarks.sparkleseval import check_dialogue, judge_entry_status, turn2_prompt
 from .data import EvalSet
-from .extract import extract_choice
 from .generator import Request
-from .judge import JudgeOutcome, check_dialogue, judge_entry_status
+from .judges import JudgeOutcome
 from .protocol import Protocol, item_seed
-from .store import RunDir, ShardFile, eid_key, read_json
+from .store import RunDir, ShardFile, eid_key
 
 log = logging.getLogger(__name__)
-
-TURN_SEP_ASSISTANT = "###Assistant: "
-TURN_SEP_HUMAN = "###Human: "
 
 
 @dataclass
@@ -82,7 +82,8 @@ def adopt_from_siblings(run: RunDir, shard: ShardFile, wanted: set, *, merge_jud
 def run_choice_shard(evalset: EvalSet, indices: Sequence[int], shard: ShardFile, generator_factory: Callable,
                      protocol: Protocol, seed: int, stats: ShardStats, progress: bool = True) -> None:
     """Answer every question of ``indices`` that the shard does not hold yet."""
-    questions = [evalset.choice_question(i) for i in indices]
+    benchmark = CHOICE_BENCHMARKS[evalset.dataset]
+    questions = [benchmark.question(evalset, i) for i in indices]
     pending = [(i, q) for i, q in zip(indices, questions) if q.evaluation_id not in shard]
     stats.items, stats.reused = len(questions), len(questions) - len(pending)
     if not pending:
@@ -95,12 +96,12 @@ def run_choice_shard(evalset: EvalSet, indices: Sequence[int], shard: ShardFile,
         responses = generator.generate(reqs, protocol.generation())
         for (i, q), req, response in zip(batch, reqs, responses):
             generations = 1
-            predict = extract_choice(response, q.options)
+            predict = benchmark.extract(response)
             while predict is None and generations <= protocol.max_retries:
                 retry = Request(req.prompt, req.images, item_seed(seed, q.evaluation_id, generations), req.where)
                 response = generator.generate([retry], protocol.generation())[0]
                 generations += 1
-                predict = extract_choice(response, q.options)
+                predict = benchmark.extract(response)
             stats.generations += generations
             stats.unparseable += predict is None
             shard.put({"label": q.label, "prompt": q.prompt, "img_paths": q.img_paths, "predict": predict,
@@ -128,10 +129,9 @@ def run_sparkleseval_generation(evalset: EvalSet, indices: Sequence[int], shard:
                                 stats: ShardStats, progress: bool = True) -> None:
     """Two-turn answers for every dialogue of ``indices`` not in the shard yet.
 
-    Turn 1 asks the first user message with its images. Turn 2 asks one user message that reproduces the
-    two-turn template with the model's own first answer — Q1 ``###Assistant: `` A1 ``###Human: `` Q2 — with
-    the images of both turns (as upstream). ``generator_factory=None`` keeps the reference answers
-    (judging the GPT-4 dialogues themselves).
+    Turn 1 asks the first user message with its images; turn 2 asks
+    :func:`~.benchmarks.sparkleseval.turn2_prompt` with the images of both turns. ``generator_factory=None`` keeps
+    the reference answers (judging the GPT-4 dialogues themselves).
     """
     dialogues = {i: check_dialogue(evalset.items[i], _where(evalset, i, "dialogue")) for i in indices}
     pending = [i for i in indices if evalset.items[i]["evaluation_id"] not in shard]
@@ -158,7 +158,7 @@ def run_sparkleseval_generation(evalset: EvalSet, indices: Sequence[int], shard:
         for i, a1 in zip(batch, answers1):
             q1, q2 = dialogues[i][0], dialogues[i][2]
             eid = evalset.items[i]["evaluation_id"]
-            prompt = q1["content"] + TURN_SEP_ASSISTANT + a1 + TURN_SEP_HUMAN + q2["content"]
+            prompt = turn2_prompt(q1["content"], a1, q2["content"])
             turn2.append(Request(prompt, _image_files(evalset, q1) + _image_files(evalset, q2),
                                  item_seed(seed, eid, 0, "turn2"), _where(evalset, i, "dialogue[2].images")))
         answers2 = generator.generate(turn2, protocol.generation())
@@ -181,8 +181,6 @@ def run_judging(shard: ShardFile, eids: Sequence[Any], judges: Sequence[Any], st
     A reply that never parses is recorded as a failure entry (``error``, ``prompt``, ``response``) and is not
     asked again on re-runs unless ``rejudge_failed``. An API failure records nothing: the next run retries.
     """
-    from ..gpt.errors import GPTCallError
-
     redo = ("missing", "failed") if rejudge_failed else ("missing",)
     for judge in judges:
         name = judge.model

@@ -15,29 +15,17 @@ Nothing here deletes a file; merged outputs are written next to the run director
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import socket
 import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional
 
-from ..common.io import atomic_write_json  # noqa: F401  (re-exported for the eval modules)
+from ..common.io import atomic_write_json, read_json
 
 
 class ManifestError(RuntimeError):
     """The run directory belongs to a different configuration, or its manifest is unreadable."""
-
-
-def read_json(path: str | os.PathLike, *, what: str = "JSON file") -> Any:
-    path = Path(path)
-    try:
-        with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
-    except FileNotFoundError:
-        raise
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{what} {path} is not valid JSON: {exc}") from None
 
 
 def eid_key(value: Any) -> Any:

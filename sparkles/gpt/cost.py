@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from ..common.io import read_json
+
 DEFAULT_PRICES_PER_1M: dict[str, tuple[float, float]] = {
     "gpt-4": (30.0, 60.0),
     "gpt-4-32k": (60.0, 120.0),
@@ -56,11 +58,7 @@ class PriceTable:
 
     @classmethod
     def from_file(cls, path: str | Path, *, include_defaults: bool = True) -> "PriceTable":
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ValueError(f"price table {path}: cannot read JSON ({exc})") from exc
+        data = read_json(path, what="price table", error=ValueError)
         if not isinstance(data, dict):
             raise ValueError(f"price table {path}: expected an object mapping model names to prices")
         return cls(data, include_defaults=include_defaults)

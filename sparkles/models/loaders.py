@@ -6,8 +6,8 @@
   contrastive/matching heads are ignored on purpose. A ``visual_encoder.*`` block, if present, overrides the
   EVA file, as upstream's non-strict whole-model load did.
 - MiniGPT-4 / SparklesChat ``.pth``: ``{"model": {"llama_proj.weight", "llama_proj.bias", ...}}``; also the
-  full-model checkpoints our runner writes for from-scratch (tiny) models. Registered buffers saved by the
-  upstream runner are ignored on purpose.
+  checkpoints our runner writes, which hold every trainable part (a decoder trained from scratch included).
+  Registered buffers saved by the upstream runner are ignored on purpose.
 - Vicuna/LLaMA Hugging Face directories through ``AutoModelForCausalLM``.
 
 A model key with no source, a checkpoint key we cannot place, or a shape mismatch is a
@@ -24,6 +24,8 @@ from typing import Callable, Iterable
 
 import torch
 from torch import nn
+
+from ..common.io import atomic_write
 
 
 class CheckpointError(RuntimeError):
@@ -237,8 +239,8 @@ def save_blip2(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write the image side of ``model`` as a BLIP-2 stage-1 file that :func:`load_blip2` reads back.
 
     The LAVIS layout (``{"model": {...}}`` with ``query_tokens``, ``ln_vision.*``, ``Qformer.bert.*`` and
-    ``visual_encoder.*``) is the form in which the paper's pretrained towers come; the tiny world's tower
-    pretraining writes its towers the same way, so the chat model loads them through the same path.
+    ``visual_encoder.*``) is the form in which the paper's pretrained towers come; towers pretrained by this
+    project are written the same way, so the chat model loads them through the same path.
     """
     sd: dict[str, torch.Tensor] = {"query_tokens": model.query_tokens.detach().cpu().clone()}
     for k, v in model.ln_vision.state_dict().items():
@@ -253,12 +255,8 @@ def save_blip2(model: nn.Module, path: str | os.PathLike) -> Path:
     for k, v in model.visual_encoder.vit.state_dict().items():
         if not k.endswith(_BUFFER_SUFFIXES + ("relative_position_index",)):
             sd[f"visual_encoder.{k}"] = v.detach().cpu().clone()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"model": sd}, tmp)
-    os.replace(tmp, path)  # atomic: a crash never leaves half a file where the next stage looks
-    return path
+    # atomic: a crash never leaves half a file where the next stage looks
+    return atomic_write(path, lambda f: torch.save({"model": sd}, f))
 
 
 # --------------------------------------------------------------------------------------------- projection / full checkpoints
@@ -317,7 +315,7 @@ def load_llama(path: str | os.PathLike | None, *, dtype: torch.dtype = torch.flo
 
 
 def build_llama_from_sizes(cfg, *, vocab_size: int | None, llm_dir: Path | None = None) -> nn.Module:
-    """A randomly initialised LLaMA of the configured ``llm_*`` sizes (the CPU tiny model)."""
+    """A randomly initialised LLaMA of the configured ``llm_*`` sizes (a decoder trained from scratch)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if vocab_size is None:

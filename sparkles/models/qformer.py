@@ -5,8 +5,7 @@ layer (0, 2, 4, ...), and use the query feed-forward pair. On SparklesChat's pat
 word/position embeddings, the text feed-forward and the LM head of the BLIP-2 checkpoint are not part of this
 module. ``text_input=True`` builds the InstructBLIP variant instead: the tokens of an instruction
 (:class:`QFormerTextEmbeddings`) join the queries in self-attention, with their own feed-forward pair, and
-only the queries cross-attend to the image — so what the queries extract can depend on the question
-(``sparkles.tools.conditioned_towers_probe`` measures that on the synthetic world).
+only the queries cross-attend to the image — so what the queries extract can depend on the question.
 """
 
 from __future__ import annotations
@@ -21,33 +20,18 @@ log = logging.getLogger(__name__)
 
 
 def build_qformer(*, hidden: int, layers: int, heads: int, intermediate: int, encoder_width: int,
-                  cross_attention_freq: int = 2, init_std: float = 0.02, dropout: float = 0.1,
-                  cross_attention_init: str = "normal", text_input: bool = False) -> nn.Module:
-    """A fresh Q-Former. ``cross_attention_init="xavier"`` re-draws the cross-attention matrices Xavier-uniform.
-
-    With BERT's 0.02 everywhere, a Q-Former trained from scratch learns content-based attention (every query
-    finds the objects) but never position-based routing: its queries all look at the same patch. Xavier-scale
-    cross-attention lets each query learn its own routing (docs/notes/tiny_world.md, session 4).
-    """
+                  cross_attention_freq: int = 2, dropout: float = 0.1, text_input: bool = False) -> nn.Module:
+    """A fresh Q-Former with BERT's initialisation (N(0, 0.02)); ``text_input`` builds InstructBLIP's variant."""
     from transformers import Blip2QFormerConfig, Blip2QFormerModel
-
-    if cross_attention_init not in ("normal", "xavier"):
-        raise ValueError(f"cross_attention_init must be 'normal' or 'xavier', not {cross_attention_init!r}")
 
     config = Blip2QFormerConfig(
         hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=intermediate,
         encoder_hidden_size=encoder_width, cross_attention_frequency=cross_attention_freq, layer_norm_eps=1e-12,
         hidden_act="gelu", vocab_size=1, max_position_embeddings=1, use_qformer_text_input=text_input,
-        initializer_range=init_std, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
+        initializer_range=0.02, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
     )
     config._attn_implementation = "sdpa"
-    qformer = Blip2QFormerModel(config)
-    if cross_attention_init == "xavier":
-        with torch.no_grad():
-            for name, param in qformer.named_parameters():
-                if ".crossattention." in name and param.dim() == 2:
-                    nn.init.xavier_uniform_(param)
-    return qformer
+    return Blip2QFormerModel(config)
 
 
 class QFormerTextEmbeddings(nn.Module):
@@ -98,15 +82,14 @@ def _note_truncation(count: int, longest: int, max_length: int) -> None:
 
 def tokenize_instructions(tokenizer, texts: Sequence[str], max_length: int,
                           device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Instruction texts → right-padded ``(ids [N, T], mask [N, T])`` for :class:`QFormerTextEmbeddings`.
+    """Instruction texts (without image markup: the Q-Former sees the image itself) → right-padded
+    ``(ids [N, T], mask [N, T])`` for :class:`QFormerTextEmbeddings`.
 
-    Image markup is removed (the Q-Former sees the image itself). A text longer than ``max_length`` tokens keeps
-    its first ``max_length`` (InstructBLIP's Q-Former truncates its instruction the same way), with a warning,
-    so a long chat message still gets an answer. An empty text is one padding token that no query attends to.
+    A text longer than ``max_length`` tokens keeps its first ``max_length`` (InstructBLIP's Q-Former truncates its
+    instruction the same way), with a warning, so a long chat message still gets an answer. An empty text is one
+    padding token that no query attends to.
     """
-    from ..conversation.template import strip_slots
-
-    rows = [list(tokenizer(strip_slots(t), add_special_tokens=False)["input_ids"]) for t in texts]
+    rows = [list(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
     long = [len(r) for r in rows if len(r) > max_length]
     if long and not _warned_truncation:
         _note_truncation(len(long), max(long), max_length)

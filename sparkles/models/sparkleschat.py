@@ -1,8 +1,9 @@
 """SparklesChat: EVA-ViT-g + Q-Former (frozen) → linear projection (trainable) → LLaMA/Vicuna (frozen).
 
 Images become ``num_query_token`` soft tokens each (or the last ``decoder_image_tokens`` of them); they enter
-the decoder's input embeddings through ``masked_scatter`` on a boolean image-slot mask produced by
-:mod:`sparkles.conversation.render`, so no image placeholder id ever goes through the embedding table. All images of a batch are encoded in one pass.
+the decoder's input embeddings through ``masked_scatter`` on a boolean image-slot mask (the conversation
+renderer writes it), so no image placeholder id ever goes through the embedding table. All images of a batch
+are encoded in one pass.
 """
 
 from __future__ import annotations
@@ -16,18 +17,22 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 from torch import nn
 
-from ..common.registry import MODELS
-from .generation import logits_keep_kwarg
+from ..common.paths import resolve_path
+from ..common.registry import MODEL_PRESETS, MODELS, TOWERS_INITS
+from ..common.tensors import IGNORE_INDEX, resolve_dtype
+from . import loaders
+from .hf_compat import logits_keep_kwarg
 from .qformer import QFormerTextEmbeddings, build_qformer, run_qformer, tokenize_instructions
+from .tokenizer import load_tokenizer as read_tokenizer
 from .vision import VisionTower, build_eva_vit, ln_vision
 
 log = logging.getLogger(__name__)
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"
-IGNORE_INDEX = -100
+QUERY_TOKEN_STD = 0.02  # BLIP-2's initialisation of fresh query tokens
 
 
 @dataclass
@@ -37,7 +42,6 @@ class SparklesChatConfig:
     arch: str = "sparkleschat"
     model_type: str = "pretrain_vicuna"
     # --- vision tower (EVA-ViT-g) ---
-    vit_model: str = "eva_clip_g"
     vit_weights: str = ""  # eva_vit_g.pth; "" = random init
     image_size: int = 224
     vit_patch_size: int = 14
@@ -57,18 +61,12 @@ class SparklesChatConfig:
     qformer_heads: int = 12
     qformer_intermediate: int = 3072
     qformer_cross_attention_freq: int = 2
-    # Spread of the random initialisation (BERT's 0.02). A Q-Former trained from scratch needs more: its
-    # cross-attention output passes two 0.02-scale matrices before a post-LayerNorm residual, so the image
-    # signal (and its gradient) starts near zero and the decoder learns to ignore images.
-    qformer_init_std: float = 0.02
-    # From-scratch towers only (the tiny world): the query tokens' own spread (None = qformer_init_std),
-    # Xavier cross-attention ("xavier") and no dropout let the Q-Former learn per-query routing; a larger ViT
-    # position embedding keeps each patch's place legible after the blocks.
-    query_token_init_std: Optional[float] = None
-    qformer_cross_attention_init: str = "normal"
     qformer_dropout: float = 0.1  # BLIP-2's hidden and attention dropout
-    vit_pos_embed_init_std: Optional[float] = None  # None = timm's 0.02
     freeze_qformer: bool = True
+    # How towers without weight files start: "" = the modules' own initialisation (timm's EVA, BERT's 0.02 for the
+    # Q-Former and the query tokens), which pretrained weights overwrite; a name = a recipe for towers trained from
+    # scratch, registered in sparkles.common.registry.TOWERS_INITS by a module of run.imports.
+    towers_init: str = ""
     # InstructBLIP's Q-Former (off in the paper, whose BLIP-2 towers see only the image): each image's queries
     # also read the user message that shows it, through word and position embeddings over the decoder's
     # tokenizer (at most qformer_max_text tokens), so what they extract can depend on the question.
@@ -76,8 +74,8 @@ class SparklesChatConfig:
     qformer_max_text: int = 128
     qformer_text_position_jitter: int = 0  # training only: random start position of the text (QFormerTextEmbeddings)
     # How many of each image's query outputs the decoder reads: the last N (0 = all num_query_token, as in the
-    # paper). Towers whose last queries carry what the message asks (the tiny instructed preset's item queries)
-    # can hand the decoder those alone: fewer tokens a step and fewer to search among.
+    # paper). Towers whose last queries are trained to carry what the message asks (item queries) can hand the
+    # decoder those alone: fewer tokens a step and fewer to search among.
     decoder_image_tokens: int = 0
     # Learned vectors added to the decoder's image tokens by the image's place in the conversation (the k-th
     # image shown, its t-th token), as a transformer's position embedding marks its tokens; 0 = none (the
@@ -99,12 +97,6 @@ class SparklesChatConfig:
     dtype: str = "auto"  # decoder dtype: auto | float32 | bfloat16 | float16
     # --- weights of the projection (MiniGPT-4 / SparklesChat .pth) or of a whole trained model ---
     ckpt: str = ""
-    # --- text (upstream keys; the single-image caption path reads them) ---
-    max_txt_len: int = 32
-    end_sym: str = "\n"
-    prompt: str = ""
-    prompt_path: str = ""
-    prompt_template: str = ""
     # --- conversation layout (see sparkles.conversation.template) ---
     system_text: Optional[str] = None  # None = the template's default system text
     train_with_system: bool = False  # upstream trains without the system text and infers with it
@@ -123,43 +115,28 @@ def image_tokens_per_image(cfg) -> int:
     return chosen or queries
 
 
-def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
-    device = torch.device(device)
-    if name == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32  # CPUs of this class run half precision several times slower
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
-    if name not in table:
-        raise ValueError(f"model.dtype: unknown dtype {name!r}; use auto, float32, bfloat16 or float16")
-    return table[name]
-
-
 def first_target_position(labels: torch.Tensor) -> int:
     """Position of the first logit the loss needs: one before the batch's earliest labelled token (0 if none)."""
     has_label = (labels[:, 1:] != IGNORE_INDEX).any(0)
     return int(has_label.nonzero()[0]) if bool(has_label.any()) else 0
 
 
-def query_token_std(cfg: SparklesChatConfig) -> float:
-    return cfg.query_token_init_std if cfg.query_token_init_std is not None else cfg.qformer_init_std
-
-
-def build_instruction_embeddings(cfg: SparklesChatConfig, vocab_size: int) -> Optional[nn.Module]:
-    """The Q-Former's text embeddings when ``qformer_text_input`` is on (else None), with the query tokens'
-    spread, so that text and queries enter the Q-Former's shared LayerNorm alike."""
+def build_instruction_embeddings(cfg: SparklesChatConfig, vocab_size: int, *,
+                                 init_std: float = QUERY_TOKEN_STD) -> Optional[nn.Module]:
+    """The Q-Former's text embeddings when ``qformer_text_input`` is on (else None): word and position tables over
+    the decoder's vocabulary, drawn with ``init_std``."""
     if not cfg.qformer_text_input:
         return None
-    return QFormerTextEmbeddings(vocab_size, cfg.qformer_hidden, cfg.qformer_max_text,
-                                 init_std=query_token_std(cfg), position_jitter=cfg.qformer_text_position_jitter)
+    return QFormerTextEmbeddings(vocab_size, cfg.qformer_hidden, cfg.qformer_max_text, init_std=init_std,
+                                 position_jitter=cfg.qformer_text_position_jitter)
 
 
 def build_towers(cfg: SparklesChatConfig) -> tuple[nn.Module, nn.Module, nn.Module, nn.Parameter]:
     """The image side of the model, freshly initialised: ``(visual_encoder, ln_vision, Qformer, query_tokens)``.
 
-    Shared by :class:`SparklesChat` and the tower pretraining of the tiny world
-    (:mod:`sparkles.tasks.tower_pretrain`), so both hold the same modules under the same names.
+    Shared by :class:`SparklesChat` and tower pretraining (so both hold the same modules under the same names).
+    The query tokens have no initialisation of their own module: BLIP-2's N(0, 0.02), or the registered
+    ``towers_init`` recipe, which draws them and may redraw the other towers' weights.
     """
     visual_encoder = VisionTower(build_eva_vit(
         image_size=cfg.image_size, patch_size=cfg.vit_patch_size, width=cfg.vit_width, depth=cfg.vit_depth,
@@ -168,15 +145,35 @@ def build_towers(cfg: SparklesChatConfig) -> tuple[nn.Module, nn.Module, nn.Modu
     qformer = build_qformer(
         hidden=cfg.qformer_hidden, layers=cfg.qformer_layers, heads=cfg.qformer_heads,
         intermediate=cfg.qformer_intermediate, encoder_width=cfg.vit_width,
-        cross_attention_freq=cfg.qformer_cross_attention_freq, init_std=cfg.qformer_init_std,
-        dropout=cfg.qformer_dropout, cross_attention_init=cfg.qformer_cross_attention_init,
+        cross_attention_freq=cfg.qformer_cross_attention_freq, dropout=cfg.qformer_dropout,
         text_input=cfg.qformer_text_input)
     query_tokens = nn.Parameter(torch.zeros(1, cfg.num_query_token, cfg.qformer_hidden))
-    nn.init.normal_(query_tokens, std=query_token_std(cfg))
-    if cfg.vit_pos_embed_init_std is not None:
-        with torch.no_grad():
-            nn.init.normal_(visual_encoder.vit.pos_embed, std=cfg.vit_pos_embed_init_std)
+    if cfg.towers_init:
+        TOWERS_INITS.get(cfg.towers_init)(visual_encoder, qformer, query_tokens)
+    else:
+        nn.init.normal_(query_tokens, std=QUERY_TOKEN_STD)
     return visual_encoder, ln_vision(cfg.vit_width), qformer, query_tokens
+
+
+class ImageOrdinalEmbedding(nn.Module):
+    """A learned mark per image ordinal (the first, second, ... image of a conversation), added to that image's
+    decoder tokens as a position embedding marks words; images past the last ordinal share the last mark."""
+
+    def __init__(self, num_ordinals: int, tokens_per_image: int, hidden: int) -> None:
+        super().__init__()
+        # about the spread of a freshly projected image token, so that the mark is legible from the first step
+        self.weight = nn.Parameter(torch.randn(num_ordinals, tokens_per_image, hidden) * 0.5)
+
+    def forward(self, image_embeds: torch.Tensor, image_slot_mask: torch.Tensor) -> torch.Tensor:
+        """``image_embeds [N, tokens, D]`` of a batch's images in reading order, marked by their ordinal in their
+        row of ``image_slot_mask [B, T]``."""
+        tokens = self.weight.shape[1]
+        per_row = image_slot_mask.sum(dim=1) // tokens
+        # index within the batch minus the index of the row's first image (no per-row loop, no host sync)
+        first_of_row = torch.cumsum(per_row, 0) - per_row
+        ordinals = torch.arange(image_embeds.shape[0], device=image_slot_mask.device)
+        ordinals = (ordinals - torch.repeat_interleave(first_of_row, per_row)).clamp(max=self.weight.shape[0] - 1)
+        return image_embeds + self.weight[ordinals.to(self.weight.device)].to(image_embeds.device)
 
 
 @MODELS.register("sparkleschat")
@@ -187,12 +184,18 @@ class SparklesChat(nn.Module):
 
     @classmethod
     def default_config_path(cls, model_type: str | None) -> Path | None:
+        """The preset of ``model_type``: ``configs/models/sparkleschat_<model_type>.yaml`` of this package, or one a
+        module registered in ``MODEL_PRESETS`` under ``sparkleschat/<model_type>``."""
         if not model_type:
             return None
+        if f"sparkleschat/{model_type}" in MODEL_PRESETS:
+            return Path(MODEL_PRESETS.get(f"sparkleschat/{model_type}"))
         path = PRESET_DIR / f"sparkleschat_{model_type}.yaml"
         if not path.is_file():
-            known = sorted(p.stem.removeprefix("sparkleschat_") for p in PRESET_DIR.glob("sparkleschat_*.yaml"))
-            raise KeyError(f"unknown model_type {model_type!r} for arch sparkleschat; known: {', '.join(known)}")
+            known = sorted({p.stem.removeprefix("sparkleschat_") for p in PRESET_DIR.glob("sparkleschat_*.yaml")}
+                           | {n.split("/", 1)[1] for n in MODEL_PRESETS.names() if n.startswith("sparkleschat/")})
+            raise KeyError(f"unknown model_type {model_type!r} for arch sparkleschat; known: {', '.join(known)} "
+                           "(presets of other modules appear once the config's run.imports names them)")
         return path
 
     def __init__(self, cfg: SparklesChatConfig, llama_model: nn.Module) -> None:
@@ -204,13 +207,11 @@ class SparklesChat(nn.Module):
         self.visual_encoder, self.ln_vision, self.Qformer, self.query_tokens = build_towers(cfg)
         self.llama_model = llama_model
         self.llama_proj = nn.Linear(cfg.qformer_hidden, llama_model.config.hidden_size)
-        self.image_ordinal_embed = None
         if cfg.image_ordinal_embeddings < 0:
             raise ValueError(f"model.image_ordinal_embeddings must be >= 0; got {cfg.image_ordinal_embeddings}")
-        if cfg.image_ordinal_embeddings:
-            # about the spread of a freshly projected image token, so that the mark is legible from the first step
-            self.image_ordinal_embed = nn.Parameter(torch.randn(
-                cfg.image_ordinal_embeddings, self.image_tokens, llama_model.config.hidden_size) * 0.5)
+        self.image_ordinal_embed = ImageOrdinalEmbedding(
+            cfg.image_ordinal_embeddings, self.image_tokens, llama_model.config.hidden_size) \
+            if cfg.image_ordinal_embeddings else None
         # named after LAVIS' Qformer.bert.embeddings (word and position tables), which loaders map to it
         self.qformer_text = build_instruction_embeddings(cfg, llama_model.get_input_embeddings().num_embeddings)
         self.tokenizer = None  # attached by from_config; not a module
@@ -320,20 +321,10 @@ class SparklesChat(nn.Module):
                              f"but {n_img} image(s) given")
         if n_slots:
             if self.image_ordinal_embed is not None:
-                image_embeds = image_embeds + self.image_ordinal_embed[self.image_ordinals(image_slot_mask)]
+                image_embeds = self.image_ordinal_embed(image_embeds, image_slot_mask)
             mask = image_slot_mask.unsqueeze(-1).expand_as(inputs_embeds)
             inputs_embeds = inputs_embeds.masked_scatter(mask, image_embeds.to(inputs_embeds.dtype))
         return inputs_embeds
-
-    def image_ordinals(self, image_slot_mask: torch.Tensor) -> torch.Tensor:
-        """For each image of a batch in reading order, its place among its row's images (0, 1, ...), capped at the
-        last ordinal embedding."""
-        per_row = image_slot_mask.sum(dim=1) // self.image_tokens
-        # index within the batch minus the index of the row's first image (no per-row loop, no host sync)
-        first_of_row = torch.cumsum(per_row, 0) - per_row
-        ordinals = torch.arange(int(image_slot_mask.sum()) // self.image_tokens, device=image_slot_mask.device)
-        ordinals = ordinals - torch.repeat_interleave(first_of_row, per_row)
-        return ordinals.clamp(max=self.image_ordinal_embed.shape[0] - 1)
 
     def forward(self, *, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_slot_mask: torch.Tensor,
                 images: torch.Tensor | None = None, image_embeds: torch.Tensor | None = None,
@@ -385,11 +376,6 @@ class SparklesChat(nn.Module):
     def from_config(cls, cfg, *, root: str | os.PathLike | None = None, device: str | torch.device = "cpu",
                     load_tokenizer: bool = True, verbose: bool = True) -> "SparklesChat":
         """Build from a model config (dict, OmegaConf or dataclass), loading every configured weight file."""
-        from omegaconf import OmegaConf
-
-        from ..common.paths import resolve_path
-        from . import loaders
-
         if not isinstance(cfg, SparklesChatConfig):
             cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SparklesChatConfig), cfg))
         device = torch.device(device)
@@ -403,10 +389,8 @@ class SparklesChat(nn.Module):
         llm_dir = path_of(cfg.llama_model, "model.llama_model (decoder directory)") if cfg.llama_model else None
         tokenizer = None
         if load_tokenizer:
-            from .tokenizer import load_tokenizer as _load_tok
-
             tok_dir = path_of(cfg.tokenizer_path, "model.tokenizer_path") if cfg.tokenizer_path else llm_dir
-            tokenizer = _load_tok(tok_dir)
+            tokenizer = read_tokenizer(tok_dir)
         llm_dtype = resolve_dtype(cfg.dtype, device)
         if cfg.llm_from_scratch:
             llama = loaders.build_llama_from_sizes(cfg, vocab_size=len(tokenizer) if tokenizer is not None else None,
@@ -433,11 +417,7 @@ class SparklesChat(nn.Module):
         """Move to ``device``; on CUDA cast the ViT to ``vit_precision`` and the decoder to ``dtype``."""
         device = torch.device(device)
         if self.cfg.low_resource:  # 8-bit decoder already sits on its device; move the rest
-            for name, mod in self.named_children():
-                if name != "llama_model":
-                    mod.to(device)
-            self.query_tokens.data = self.query_tokens.data.to(device)
-            return self
+            return self.place_all_but_decoder(device)
         self.to(device)
         if device.type == "cuda":
             if self.cfg.vit_precision in ("fp16", "bf16"):
@@ -447,3 +427,14 @@ class SparklesChat(nn.Module):
                         mod.to(vit_dtype)
             self.llama_model.to(resolve_dtype(self.cfg.dtype, device))
         return self
+
+    def place_all_but_decoder(self, device: str | torch.device) -> "SparklesChat":
+        """Move every part except ``llama_model`` to ``device`` (an 8-bit or device-mapped decoder stays where it
+        was put): the child modules and the model's own parameters (``query_tokens``)."""
+        for name, module in self.named_children():
+            if name != "llama_model":
+                module.to(device)
+        for name, param in list(self._parameters.items()):
+            setattr(self, name, nn.Parameter(param.detach().to(device), requires_grad=param.requires_grad))
+        return self
+

@@ -1,8 +1,8 @@
-"""Tokenizers: load a LLaMA/Vicuna tokenizer, or train a small one for the CPU world.
+"""Tokenizers: load a LLaMA/Vicuna tokenizer, or train a small one for a decoder trained from scratch.
 
-The tiny tokenizer mirrors LLaMA's conventions (``<unk>``=0, ``<s>``=1, ``</s>``=2, a SentencePiece-style
-``▁`` word prefix, byte fallback is unnecessary for the closed synthetic vocabulary) so the same renderer and
-stop-string logic serve both the real and the tiny model. It is trained with ``tokenizers`` and saved in
+A trained tokenizer mirrors LLaMA's conventions (``<unk>``=0, ``<s>``=1, ``</s>``=2, a SentencePiece-style
+``▁`` word prefix; no byte fallback, which a closed training vocabulary does not need) so the same renderer and
+stop-string logic serve both the released and a small model. It is trained with ``tokenizers`` and saved in
 Hugging Face format, loadable with ``AutoTokenizer.from_pretrained``.
 """
 

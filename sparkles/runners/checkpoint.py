@@ -13,13 +13,14 @@ Only plain containers and tensors are stored, so ``torch.load(..., weights_only=
 
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 import torch
+
+from ..common.io import atomic_write
 
 FORMAT = "sparkles-train-1"
 
@@ -52,20 +53,9 @@ def set_rng_state(state: Mapping) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def atomic_save(obj: Any, path: Path) -> None:
-    """Write to a temporary file in the same directory, flush to disk, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+def atomic_save(obj: Any, path: Path) -> Path:
+    """``torch.save`` through the project's atomic writer: a killed run leaves the previous checkpoint whole."""
+    return atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def load_checkpoint(path: Path) -> dict:

@@ -26,7 +26,9 @@ import torch
 
 from ..common import dist
 from ..common.config import to_container
+from ..common.io import atomic_write
 from ..common.logging import MeterGroup
+from ..common.tensors import DTYPES
 from ..data.base import DataError, resolve_under
 from ..data.mixture import build_mixture
 from .checkpoint import FORMAT, atomic_save, cpu_state, load_checkpoint, optimizer_state_to_cpu, rng_state
@@ -37,7 +39,7 @@ from .optim import build_optimizer
 log = logging.getLogger(__name__)
 
 MAX_EMPTY_BATCHES = 1000  # with skip_bad_records: give up instead of looping over a dataset of bad records
-AMP_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+HALF_DTYPES = (torch.bfloat16, torch.float16)  # what run.amp_dtype may name
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -59,7 +61,7 @@ def validate_run_config(run) -> None:
         raise ValueError(f"run.accum_grad_iters={run.accum_grad_iters} must divide run.iters_per_epoch="
                          f"{run.iters_per_epoch} (an epoch ends with an optimizer step, so checkpoints never "
                          "hold half-accumulated gradients)")
-    if run.amp and run.amp_dtype not in AMP_DTYPES:
+    if run.amp and DTYPES.get(run.amp_dtype) not in HALF_DTYPES:
         raise ValueError(f"run.amp_dtype: {run.amp_dtype!r}; use bfloat16 or float16")
     LRSchedule.from_run_config(run)  # unknown schedule names, missing decay rate
 
@@ -101,7 +103,7 @@ class RunnerBase:
     def _amp_dtype(self) -> Optional[torch.dtype]:
         if not self.run.amp:
             return None
-        dtype = AMP_DTYPES[self.run.amp_dtype]
+        dtype = DTYPES[self.run.amp_dtype]
         # CPUs autocast to bfloat16 only (with AVX512-BF16 or AMX its matrix products are ~1.5x faster for the tiny
         # model); float16 needs a GPU and its loss scaling.
         if self.device.type == "cuda" or (self.device.type == "cpu" and dtype == torch.bfloat16):
@@ -158,10 +160,8 @@ class RunnerBase:
             }
             path = self.output_dir / f"checkpoint_{epoch}.pth"
             atomic_save(ckpt, path)
-            last = self.output_dir / "checkpoint_last.pth"
-            tmp = last.with_name(f".{last.name}.tmp")
-            shutil.copyfile(path, tmp)
-            tmp.replace(last)
+            with open(path, "rb") as src:
+                last = atomic_write(self.output_dir / "checkpoint_last.pth", lambda f: shutil.copyfileobj(src, f))
             log.info("saved %s (and %s)", path, last.name)
         dist.barrier()
         return path

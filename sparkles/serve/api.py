@@ -42,7 +42,7 @@ class ModelWorker:
 
 def _prepare(chat, req: ChatRequest, images: list) -> tuple[object, dict, int]:
     """Build the engine session for a request; check it fits. Returns ``(session, options, prompt_tokens)``."""
-    from ..conversation.chat import Chat
+    from ..engine.chat import Chat
     from ..conversation.render import Message
     from .loading import context_limit
 
@@ -86,7 +86,7 @@ def create_app(chat, *, model_name: str = "sparkleschat", allowed_image_dirs: Se
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    from ..conversation.chat import ChatError
+    from ..engine.chat import ChatError
     from .images import DEFAULT_MAX_IMAGE_BYTES, load_image_url
 
     worker = ModelWorker()

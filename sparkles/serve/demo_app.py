@@ -104,14 +104,14 @@ class DemoConversation:
 
 
 def build_demo(chat, *, save_root: str | os.PathLike, model_name: Optional[str] = None, title: str = TITLE):
-    """The Gradio Blocks app for ``chat`` (a :class:`~sparkles.conversation.chat.Chat`).
+    """The Gradio Blocks app for ``chat`` (a :class:`~sparkles.engine.chat.Chat`).
 
     API names (for ``gradio_client``): ``/add_images`` (files), ``/chat`` (message, beams, temperature, top_p,
     max_new_tokens, auto_place; streams), ``/clear``, ``/upvote``, ``/downvote``, ``/flag``.
     """
     import gradio as gr
 
-    from ..conversation.chat import ChatError
+    from ..engine.chat import ChatError
     from ..processors.image import ImageLoadError, load_rgb
 
     def new_conversation() -> DemoConversation:

@@ -1,4 +1,4 @@
-"""Build a ready-to-serve :class:`~sparkles.conversation.chat.Chat` from a run config.
+"""Build a ready-to-serve :class:`~sparkles.engine.chat.Chat` from a run config.
 
 Shared by ``demo.py`` and ``python -m sparkles.serve``: config → model on one device (or its decoder split
 over several GPUs with an accelerate device map) → the BLIP-2 eval image transform → a chat engine whose
@@ -66,8 +66,8 @@ def context_limit(chat) -> int:
 
 def make_chat(model, *, generation=None):
     """A chat engine for ``model`` with the eval image transform at the model's image size."""
-    from ..conversation.chat import Chat
-    from ..models.generation import GenerationConfig
+    from ..engine.chat import Chat
+    from ..engine.decoding import GenerationConfig
     from ..processors.image import build_processor
 
     processor = build_processor({"name": "blip2_image_eval", "image_size": model.cfg.image_size})
@@ -107,7 +107,7 @@ def split_decoder(model, gpu_ids: Sequence[int], *, max_memory: Optional[dict] =
     from accelerate import dispatch_model, infer_auto_device_map
     from accelerate.utils import get_balanced_memory
 
-    from ..models.sparkleschat import resolve_dtype
+    from ..common.tensors import resolve_dtype
 
     if model.cfg.low_resource:
         raise LoadError("model.low_resource=True (8-bit decoder) cannot be split over several GPUs; "
@@ -127,10 +127,7 @@ def split_decoder(model, gpu_ids: Sequence[int], *, max_memory: Optional[dict] =
         if placed_off_gpu:
             raise LoadError(f"the decoder does not fit on GPUs {list(gpu_ids)} (would spill to {placed_off_gpu})")
     dispatch_model(llm, device_map=device_map, main_device=first)
-    for name, module in model.named_children():
-        if name != "llama_model":
-            module.to(first)
-    model.query_tokens.data = model.query_tokens.data.to(first)
+    model.place_all_but_decoder(first)
     if model.cfg.vit_precision in ("fp16", "bf16"):
         vit_dtype = torch.float16 if model.cfg.vit_precision == "fp16" else torch.bfloat16
         for module in model.visual_encoder.modules():

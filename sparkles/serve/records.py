@@ -7,13 +7,14 @@ their metadata). Every change rewrites the JSON atomically, so a crash never lea
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import threading
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
+
+from ..common.io import atomic_write_json
 
 SCHEMA = "sparkles-demo-conversation/1"
 
@@ -72,8 +73,5 @@ class ConversationRecord:
             self._save()
 
     def _save(self) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
         self.data["updated"] = _now()
-        tmp = self.dir / "conversation.json.tmp"
-        tmp.write_text(json.dumps(self.data, ensure_ascii=False, indent=2), encoding="utf-8")
-        os.replace(tmp, self.dir / "conversation.json")
+        atomic_write_json(self.dir / "conversation.json", self.data)

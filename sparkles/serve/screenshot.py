@@ -105,7 +105,7 @@ class DevToolsPipe:
 
 
 def draw_sample_images(folder: Path) -> list[Path]:
-    """Two simple scenes in the style of the synthetic world: two red circles; one blue square."""
+    """Two simple pictures: two red circles; one blue square."""
     from PIL import Image, ImageDraw
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -173,7 +173,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     work = Path(args.work or tempfile.mkdtemp(prefix="sparkles-shot-"))
     if args.untrained:
-        from ..models.tiny import build_tiny_model
+        from ..testing.tiny import build_tiny_model
 
         model = build_tiny_model(work / "model", init_std=0.3)
     else:

@@ -12,14 +12,14 @@ inside the functions that need them.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
-from sparkles.conversation.template import IMAGE_MARKER as SLOT
+from ..common.io import atomic_write_json, read_json
+from ..conversation.template import IMAGE_MARKER as SLOT
 
 TOP_VERBS = 20
 TOP_NOUNS = 4
@@ -33,11 +33,7 @@ _IMAGE_REF = re.compile(r"\bIMAGE\s?#\s?\w+", re.IGNORECASE)
 def load_dialogues(path: str | Path) -> list[dict]:
     """Records of a SparklesDialogue/SparklesEval file (a JSON list of ``{"dialogue": [...]}``)."""
     path = Path(path)
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    data = read_json(path, what="dialogue file")
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected a JSON list of dialogue records")
     for i, rec in enumerate(data):
@@ -268,5 +264,5 @@ def compute_statistics(dialogues: Sequence[dict], out_dir: str | Path, name: str
         files.append(out / cloud["file"])
     result["files"] = sorted(p.name for p in files)
     json_path = out / f"statistics_{name}.json"
-    json_path.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    atomic_write_json(json_path, result)
     return result

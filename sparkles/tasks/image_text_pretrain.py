@@ -15,7 +15,8 @@ from typing import Optional
 
 import torch
 
-from ..common.registry import TASKS
+from ..common.registry import DATASETS, MODELS, TASKS
+from ..data import builders
 
 log = logging.getLogger(__name__)
 
@@ -61,27 +62,30 @@ def check_feature_cache(cfg) -> None:
         raise ValueError("run.vision_feature_cache=True: " + "; ".join(problems))
 
 
+def check_datasets_feed(cfg, task: str) -> None:
+    """Every dataset of ``cfg`` makes samples for ``task`` (its builder's ``task``), or a ValueError names it."""
+    for name in cfg.datasets:
+        wanted = getattr(DATASETS.get(name), "task", "image_text_pretrain")
+        if wanted != task:
+            raise ValueError(f"datasets.{name} makes samples for the task {wanted!r}, not {task!r}: train it with "
+                             f"run.task={wanted}, or leave it out of this config")
+
+
 @TASKS.register("image_text_pretrain")
 class ImageTextPretrainTask:
     """Build model and datasets; one training step = the model's masked next-token loss."""
 
-    def __init__(self, cfg) -> None:
-        from ..common.registry import DATASETS
+    name = "image_text_pretrain"
 
+    def __init__(self, cfg) -> None:
         self.cfg = cfg
-        for name in cfg.datasets:
-            if getattr(DATASETS.get(name), "kind", None) == "scene_tags":
-                raise ValueError(f"datasets.{name} holds scene tags, not text: train it with run.task=tower_pretrain "
-                                 "(train_configs/sparkleschat_tiny_stage0.yaml)")
+        check_datasets_feed(cfg, self.name)
         self.feature_cache: Optional[VisionFeatureCache] = None
         if cfg.run.vision_feature_cache:
             check_feature_cache(cfg)
             self.feature_cache = VisionFeatureCache()
 
     def build_model(self, *, root: Path, device: torch.device):
-        import sparkles.models  # noqa: F401  (registers the model)
-        from ..common.registry import MODELS
-
         model_cls = MODELS.get(self.cfg.model.arch)
         model = model_cls.from_config(self.cfg.model, root=root, device=device)
         if self.cfg.model.use_grad_checkpoint:
@@ -99,8 +103,6 @@ class ImageTextPretrainTask:
                 log.info("gradient checkpointing on for %s", name)
 
     def build_datasets(self, *, root: Path, tokenizer) -> dict:
-        from ..data import builders
-
         return builders.build_datasets(self.cfg, root=root, tokenizer=tokenizer, split="train")
 
     def train_step(self, model, batch: dict, *, device: torch.device) -> dict:

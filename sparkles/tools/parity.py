@@ -1,20 +1,24 @@
 """Parity check against outputs of the original implementation.
 
-``python -m sparkles.tools.parity --fixture DIR`` loads DIR's files in the original formats
+``python -m sparkles.tools.parity [--fixture DIR]`` loads DIR's files in the original formats
 (``eva_vit_g.pth``, ``blip2_pretrained.pth``, ``sparkleschat.pth``, ``llama/``) through our loaders and
 compares with ``DIR/expected.pt``: image embeddings, training loss and logits, greedy tokens. It prints each
-difference and exits 0 only within tolerance (max abs diff ≤ 1e-4, loss ≤ 1e-5, tokens identical).
+difference and exits 0 only within tolerance (max abs diff ≤ 1e-4, loss ≤ 1e-5, tokens identical). The default
+fixture is the repository's ``tests/fixtures/upstream_parity_tiny`` (its README says how it was made).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 
+from ..common.io import atomic_write_json
+
+# the repository's fixture, when this package runs from a checkout
+REPO_FIXTURE = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "upstream_parity_tiny"
 TOL_EMBEDS = 1e-4
 TOL_LOGITS = 1e-4
 TOL_LOSS = 1e-5
@@ -43,7 +47,7 @@ def build_fixture_model(fixture: Path):
 
 @torch.no_grad()
 def run_parity(fixture: str | Path) -> dict:
-    from ..models.generation import GenerationConfig, decode_tokens
+    from ..engine.decoding import GenerationConfig, decode_tokens
 
     fixture = Path(fixture).resolve()  # weight paths must not be read relative to a Sparkles root
     model, e = build_fixture_model(fixture)
@@ -80,9 +84,12 @@ def run_parity(fixture: str | Path) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--fixture", required=True, help="directory with the original-format files + expected.pt")
+    parser.add_argument("--fixture", default=str(REPO_FIXTURE),
+                        help=f"directory with the original-format files + expected.pt (default {REPO_FIXTURE})")
     parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
+    if not (Path(args.fixture) / "expected.pt").is_file():
+        parser.error(f"--fixture {args.fixture}: no expected.pt there")
     res = run_parity(args.fixture)
     print(f"image embeds   max|diff| = {res['image_embeds_max_abs_diff']:.3e}  (tol {TOL_EMBEDS:g})")
     print(f"train loss     |diff|    = {res['train_loss_abs_diff']:.3e}  (tol {TOL_LOSS:g}; loss {res['train_loss']:.6f})")
@@ -91,7 +98,7 @@ def main(argv=None) -> int:
           f"expected {res['greedy_expected']}")
     print("PARITY OK" if res["ok"] else "PARITY FAILED")
     if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=2))
+        atomic_write_json(args.json, res)
     return 0 if res["ok"] else 1
 
 

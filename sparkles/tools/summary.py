@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from ..common.io import atomic_write_json, read_json
+
 DATASETS = ("BISON", "NLVR2", "SparklesEval")
 
 
@@ -19,7 +21,7 @@ def _latest_metrics(root: Path, dataset: str, model_name: Optional[str]) -> Opti
     results = root / "evaluation" / dataset / "results"
     found = []
     for path in results.rglob("*_metrics.json") if results.is_dir() else []:
-        data = json.loads(path.read_text())
+        data = read_json(path, what="metrics file")
         if model_name is None or data.get("model_name") == model_name:
             found.append((path.stat().st_mtime, path, data))
     if not found:
@@ -86,7 +88,7 @@ def main(argv=None) -> int:
     summary = build_summary(root, model_name=args.model_name, train_seconds=args.train_seconds,
                             eval_seconds=args.eval_seconds, extra=json.loads(args.extra) if args.extra else None)
     out = Path(args.out) if args.out else root / "summary.json"
-    out.write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write_json(out, summary)
     print(format_table(summary))
     print(f"summary written to {out}")
     return 0

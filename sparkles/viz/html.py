@@ -40,14 +40,14 @@ import hashlib
 import math
 import os
 import re
-import tempfile
 import urllib.parse
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path, PurePath
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from sparkles.conversation.template import IMAGE_MARKER as SLOT
+from ..common.io import atomic_write
+from ..conversation.template import IMAGE_MARKER as SLOT
 
 CAPTION_PREVIEW_CHARS = 100
 DEFAULT_PAGE_SIZE = 500
@@ -377,18 +377,6 @@ def page_paths(path: str | os.PathLike, n_items: int, page_size: int = DEFAULT_P
     return [path] + [path.with_name(f"{path.stem}_page{k}{path.suffix or '.html'}") for k in range(2, n_pages + 1)]
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _nav(paths: list[Path], current: int, page_size: int, n_items: int) -> list[dict[str, Any]]:
     if len(paths) == 1:
         return []
@@ -408,7 +396,7 @@ def write_dialogue_page(items: Sequence[Mapping[str, Any]], path: str | os.PathL
         page_title = title or Path(path).stem
         html = render_dialogue_page(chunk, url_fn, title=page_title, start_index=k * page_size,
                                     pages=_nav(paths, k, page_size, len(items)), judge_rows=judges, **kwargs)
-        _atomic_write(p, html)
+        atomic_write(p, html)
     return paths
 
 
@@ -427,5 +415,5 @@ def write_choice_results_page(items: Sequence[Mapping[str, Any]], path: str | os
         html = render_choice_results_page(chunk, accuracy, image_url_fn=url_fn, title=title or Path(path).stem,
                                           start_index=k * page_size, pages=_nav(paths, k, page_size, len(items)),
                                           total=len(items), correct=correct, **kwargs)
-        _atomic_write(p, html)
+        atomic_write(p, html)
     return paths

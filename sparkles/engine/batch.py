@@ -1,0 +1,59 @@
+"""Answering many independent single-turn prompts at once: left-padded into one batch, one vision pass.
+
+With greedy decoding the answers equal those of one-by-one generation through :class:`~.chat.ChatSession`
+(tested), which is what batched evaluation relies on.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ..conversation.render import Message, SampleTooLong, collate
+from ..conversation.template import USER, count_slots, replace_glyphs
+from .chat import Chat, ChatError
+from .decoding import StopChecker, beam_search, clean_answer, decode_tokens
+
+
+@torch.no_grad()
+def generate_batch(chat: Chat, prompts: Sequence[tuple[str, Sequence]], **options) -> list[str]:
+    """Answer independent single-turn prompts together. Each item is ``(user_text, images)``.
+
+    Prompts are left-padded into one batch; all their images are encoded in one vision pass. With greedy
+    decoding the answers equal those of one-by-one generation.
+    """
+    gen = chat.generation.updated(**options)
+    renderer, model, tok = chat.renderer, chat.model, chat.tokenizer
+    rendered, all_images, all_messages = [], [], []
+    for i, (text, images) in enumerate(prompts):
+        text = replace_glyphs(text)
+        if count_slots(text) != len(images):
+            raise ChatError(f"prompt {i}: {count_slots(text)} image slot(s) but {len(images)} image(s)")
+        try:
+            r = renderer.render([Message(USER, text)], chat.layout, max_length=gen.max_length - gen.max_new_tokens)
+        except SampleTooLong as exc:
+            raise ChatError(f"prompt {i} does not fit in the context: {exc}") from None
+        rendered.append(r)
+        all_images.extend(images)
+        all_messages.extend(r.image_messages)
+    if not rendered:
+        return []
+    image_embeds = chat.encode_images(all_images, all_messages) if all_images else None
+    batch = collate(rendered, pad_id=renderer.pad_id, padding_side="left")
+    embeds = model.embed_inputs(batch["input_ids"].to(model.device), batch["image_slot_mask"].to(model.device),
+                                image_embeds)
+    mask = batch["attention_mask"].to(model.device)
+    if gen.num_beams > 1:
+        rows = beam_search(model.llama_model, inputs_embeds=embeds, attention_mask=mask, gen=gen, tokenizer=tok)
+    else:
+        rows = [[] for _ in rendered]
+        finished = [False] * len(rendered)
+        checker = StopChecker(tok, gen.stop_strings, eos_id=tok.eos_token_id if gen.stop_on_eos else None)
+        for step_tokens in decode_tokens(model.llama_model, inputs_embeds=embeds, attention_mask=mask, gen=gen,
+                                         tokenizer=tok):
+            for b, t in enumerate(step_tokens.tolist()):
+                if not finished[b]:
+                    rows[b].append(t)
+                    finished[b] = checker.should_stop(rows[b])
+    return [clean_answer(tok, row, gen.stop_strings) for row in rows]

@@ -1,0 +1,98 @@
+"""SparklesEval judges, found by name: a registered judge, or any chat model behind the project's GPT client.
+
+``--judge_models NAME ...`` asks each named judge. A name registered in ``sparkles.common.registry.JUDGES`` (by a
+module of the config's ``run.imports`` or of ``--imports``) is built by its factory, ``factory(root)``; every
+other name is a chat model (``gpt-4``, ``gpt-3.5-turbo``, a model an OpenAI-compatible server serves) judging
+through :class:`GPTJudge`. A judge has a ``model`` name (the key of its entries in result items), a ``kind``,
+``settings()`` and ``judge(dialogue) -> JudgeOutcome``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from ..common.registry import JUDGES
+from .benchmarks.sparkleseval import JUDGE_SYSTEM, JudgeParseError, build_judge_prompt, parse_judge_reply
+
+log = logging.getLogger(__name__)
+
+
+class JudgeSetupError(RuntimeError):
+    """A judge that cannot work here (e.g. one that needs data this Sparkles root does not hold)."""
+
+
+@dataclass
+class JudgeOutcome:
+    """One judgement: the §12.5 entry (scores, prompt, response) or a recorded failure."""
+
+    entry: dict
+    ok: bool
+    calls: int = 0  # replies obtained (paid or cached)
+    paid_calls: int = 0
+
+
+class GPTJudge:
+    """A chat model judging through :class:`sparkles.gpt.GPTClient`, re-asking while replies do not parse.
+
+    Attempt ``k`` carries its own cache tag, so a re-run replays the same sequence of replies from the cache
+    (even at temperature 0, where re-sending one request would just return the cached failure again).
+    """
+
+    kind = "gpt"
+
+    def __init__(self, client, model: str, *, temperature: float = 0.0, max_tokens: int = 1024,
+                 max_attempts: int = 3) -> None:
+        if max_attempts < 1:
+            raise ValueError("the judge needs at least one attempt")
+        self.client = client
+        self.model = model
+        self.temperature = temperature
+        self.max_tokens = max_tokens
+        self.max_attempts = max_attempts
+
+    def settings(self) -> dict:
+        return {"kind": self.kind, "model": self.model, "temperature": self.temperature,
+                "max_tokens": self.max_tokens, "max_attempts": self.max_attempts}
+
+    def request(self, prompt: str, attempt: int) -> dict:
+        """Arguments of ``GPTClient.chat`` for one attempt (1-based)."""
+        return {"prompt": [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": prompt}],
+                "model": self.model, "temperature": self.temperature, "max_tokens": self.max_tokens,
+                "cache_tag": f"sparkleseval-judge:attempt{attempt}"}
+
+    def judge(self, dialogue: Sequence[Mapping[str, Any]]) -> JudgeOutcome:
+        """Judge one dialogue. A ``GPTCallError`` (API failure) propagates: nothing is recorded then."""
+        prompt = build_judge_prompt(dialogue)
+        reply, error, calls, paid = "", "", 0, 0
+        for attempt in range(1, self.max_attempts + 1):
+            result = self.client.chat(**self.request(prompt, attempt))
+            calls += 1
+            paid += not result.cached
+            reply = result.text
+            try:
+                scores = parse_judge_reply(reply)
+            except JudgeParseError as exc:
+                error = str(exc)
+                log.info("judge %s: reply %d does not parse (%s)", self.model, attempt, error)
+                continue
+            return JudgeOutcome({**scores, "prompt": prompt, "response": reply}, True, calls, paid)
+        return JudgeOutcome({"prompt": prompt, "response": reply, "attempts": self.max_attempts,
+                             "error": f"no parseable reply in {self.max_attempts} attempt(s): {error}"},
+                            False, calls, paid)
+
+
+def make_judges(names: Sequence[str], *, root: Path, client, temperature: float, max_tokens: int,
+                max_attempts: int) -> list:
+    """One judge per distinct name, in order: a registered judge built for ``root``, else a :class:`GPTJudge`
+    on ``client`` (built lazily by the caller: no API key is needed while nothing is left to judge)."""
+    judges = []
+    for name in dict.fromkeys(names):
+        if name in JUDGES:
+            judges.append(JUDGES.get(name)(root))
+        else:
+            judges.append(GPTJudge(client, name, temperature=temperature, max_tokens=max_tokens,
+                                   max_attempts=max_attempts))
+    return judges
