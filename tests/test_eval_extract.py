@@ -1,4 +1,4 @@
-"""Answer extraction for BISON / NLVR2 (UPSTREAM_FACTS §11.4) and the accuracy summary."""
+"""Answer extraction for BISON / NLVR2 (the original implementation's rule, one difference fixed) and the accuracy summary."""
 
 import pytest
 

@@ -4,7 +4,7 @@ Every step draws one dataset with probability ∝ ``sample_ratio`` (``random.cho
 as upstream, or by ``seed`` alone, so that every rank draws the same one: ``run.mixture_per_rank``) and takes
 that dataset's next batch, so every batch comes from a single dataset. Each sub-loader is infinite: a map-style dataset is walked by a DistributedSampler-like index stream (a fresh seeded
 permutation per pass, padded to a multiple of the world size, rank ``r`` taking every ``world``-th index,
-incomplete batches dropped); a shard dataset streams through :class:`~sparkles.data.wds.ShardStream`.
+incomplete batches dropped); a shard dataset streams through :class:`~sparkles.data.shards.ShardStream`.
 
 The state is small and exact: the choice RNG and, per dataset, the number of batches the training loop has
 consumed. Restoring it replays the very same batches, whatever the number of loader workers (batches a
@@ -93,7 +93,7 @@ class SubLoader:
             common["collate_fn"] = self.dataset.collate
             loader = DataLoader(self.dataset, batch_sampler=_BatchSampler(self.index_stream, self.position), **common)
         else:
-            from .wds import ShardStream
+            from .shards import ShardStream
 
             stream = ShardStream(self.dataset, batch_size=self.batch_size, rank=self.rank, world=self.world,
                                  seed=self.seed, start=self.position)

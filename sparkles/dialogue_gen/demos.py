@@ -39,7 +39,7 @@ def _words(text: str) -> int:
 
 def select_vg_demos(cc_records: list[dict], first_turn_images: int, *, group_fn: GroupFn | None = None,
                     min_answer_words: int = 100, cache_path: str | Path | None = None) -> list[dict]:
-    """CC dialogues usable as the single VG demo for ``first_turn_images`` images (§14.2).
+    """CC dialogues usable as the single VG demo for ``first_turn_images`` images (as the original chose them).
 
     Keeps dialogues whose first user message has exactly that many slots, whose first request is the only
     one with its (root verb, object noun) pair, and whose two answers both have at least

@@ -1,4 +1,4 @@
-"""Export of accepted dialogues: the full §12.1 file and the §12.2 training split files.
+"""Export of accepted dialogues: the full dialogue file and the training split files (the released formats).
 
 ``<Name>.json`` holds every dialogue with its raw GPT exchange. ``<Name>_turn1_<n>img.json`` holds one
 sample per dialogue for the first answer (instruction ``###Human: <Q1>###Assistant: ``, images of Q1);

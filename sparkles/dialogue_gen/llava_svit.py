@@ -1,4 +1,4 @@
-"""LLaVA / SVIT single-image data re-formatted for SparklesChat, without images used elsewhere (§14.4).
+"""LLaVA / SVIT single-image data re-formatted for SparklesChat, without images used elsewhere.
 
 Exclusions: the Visual Genome images used by SparklesDialogueVG and SparklesEval, and the BISON candidate
 images, are mapped to COCO ids through Visual Genome's ``image_data.json`` (``coco_id``); LLaVA items on

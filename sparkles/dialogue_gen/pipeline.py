@@ -10,7 +10,7 @@ Parsing, validation and export read only the raw logs, so they can be re-run (``
 API key, and they cover every call ever made into that output directory.
 
 Output files in the output directory, for ``<Name>`` = ``SparklesDialogueCC`` / ``SparklesDialogueVG``:
-``<Name>_raw.jsonl`` (CC) or ``<Name>_raw_<m>img.jsonl`` (VG) raw logs and their §12.3 ``.json`` twins,
+``<Name>_raw.jsonl`` (CC) or ``<Name>_raw_<m>img.jsonl`` (VG) raw logs and their ``.json`` twins (the original's format),
 ``<Name>.json`` and the ``_turn{1,2}_{n}img.json`` splits, ``<Name>_rejects.json`` (every rejected
 conversation with its reason), ``<Name>_summary.json`` and ``<Name>_cost.json``.
 """

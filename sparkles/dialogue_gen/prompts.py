@@ -1,4 +1,4 @@
-"""The generation prompts (our own wording; the structure follows §14.1/§14.2 of the upstream facts).
+"""The generation prompts (our own wording; the structure follows the original's).
 
 Both prompts show demo dialogues and the candidate images as real JSON, tell GPT that the descriptions are
 for its eyes only, define the four-message structure, fix how many images the first user message takes, and

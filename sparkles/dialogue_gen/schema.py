@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..conversation.template import ASSISTANT, ROLE_NAMES, SEP, USER, TRAIN_LAYOUT
+from ..conversation.template import ASSISTANT, ROLE_NAMES, SEP, TRAIN_LAYOUT, USER
+from ..conversation.template import IMAGE_MARKER as IMAGE_SLOT  # noqa: F401  (re-exported for this package)
 from ..conversation.template import count_slots, strip_slots  # noqa: F401  (re-exported for this package)
 
 # The training layout's strings, from the one template module.
@@ -19,7 +20,7 @@ ROLES = (USER, ASSISTANT, USER, ASSISTANT)
 
 
 def check_dialogue_record(record: Any, where: str) -> None:
-    """Raise ``ValueError`` naming ``where`` (file/record) and the field when a §12.1 record is malformed."""
+    """Raise ``ValueError`` naming ``where`` (file/record) and the field when a dialogue record is malformed."""
     if not isinstance(record, dict) or not isinstance(record.get("dialogue"), list):
         raise ValueError(f"{where}: expected an object with a 'dialogue' list")
     msgs = record["dialogue"]

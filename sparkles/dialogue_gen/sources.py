@@ -1,4 +1,4 @@
-"""Loaders for the inputs of generation (§12.7), with errors that name the file, record and field."""
+"""Loaders for the inputs of generation, with errors that name the file, record and field."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def load_svit_descriptions(path: str | Path) -> dict[str, dict]:
 
 
 def load_dialogues(path: str | Path, what: str) -> list[dict]:
-    """A §12.1 dialogue file (or a demo-seed file); every record is checked."""
+    """A dialogue file in the released format (or a demo-seed file); every record is checked."""
     data = read_json(path, what=what)
     if not isinstance(data, list):
         raise ValueError(f"{what} {path}: expected a JSON list of dialogue records")

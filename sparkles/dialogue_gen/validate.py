@@ -1,4 +1,4 @@
-"""Validation of one generated conversation (§14.3 rules, with upstream's gaps closed).
+"""Validation of one generated conversation (the original's rules, with its gaps closed).
 
 A conversation is accepted when: it has four messages in the order user, assistant, user, assistant with
 non-empty text; each user message lists image ids; the second user message brings exactly one image that
@@ -8,7 +8,7 @@ mention of each id when GPT wrote none; the slot count equals the id count; and 
 where their slots appear. The first turn's image count differing from the one asked for is a warning (as
 upstream), or a rejection with ``strict_first_turn``.
 
-The result is a §12.1 dialogue: user messages carry ``images`` = ``[{image_id, caption}]`` with the
+The result is a released-format dialogue: user messages carry ``images`` = ``[{image_id, caption}]`` with the
 candidate's own id type (CC strings, VG integers).
 """
 

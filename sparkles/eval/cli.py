@@ -1,6 +1,6 @@
 """``evaluate.py``: BISON / NLVR2 accuracy and the GPT-judged SparklesEval, sharded, resumable, mergeable.
 
-Upstream command line (UPSTREAM_FACTS §11.1) plus ``--protocol``, ``--batch-size``, ``--device``,
+The original's command line plus ``--protocol``, ``--batch-size``, ``--device``,
 ``--max-new-tokens``, ``--shard``, ``--model-name`` and judge options. Typical use::
 
     # one process: answer items 0..37 of BISON, then merge whatever the run holds

@@ -1,4 +1,4 @@
-"""Evaluation sets on disk: annotation files and image paths under a Sparkles root (UPSTREAM_FACTS §11–12).
+"""Evaluation sets on disk: annotation files and image paths under a Sparkles root (the original's layout).
 
 Paths written into result files are relative to the Sparkles root (POSIX separators), so result files never
 carry a machine's absolute paths; :meth:`EvalSet.abspath` turns them back into files. What a record means is

@@ -26,7 +26,7 @@ class JudgeSetupError(RuntimeError):
 
 @dataclass
 class JudgeOutcome:
-    """One judgement: the §12.5 entry (scores, prompt, response) or a recorded failure."""
+    """One judgement: the original's judge entry (scores, prompt, response) or a recorded failure."""
 
     entry: dict
     ok: bool

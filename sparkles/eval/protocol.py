@@ -3,7 +3,7 @@
 ``default`` — reproducible: greedy decoding, an unparseable BISON/NLVR2 answer is counted, not re-asked;
 the judge samples at temperature 0.
 
-``upstream`` — the paper's settings (UPSTREAM_FACTS §10.2, §11): sampling at temperature 1.0 with top-p 0.9,
+``upstream`` — the paper's settings: sampling at temperature 1.0 with top-p 0.9,
 up to 1000 new tokens in a 2000-token window, unparseable answers generated again up to ``max_retries``
 times (upstream looped forever), judge at temperature 1.0. Every generation gets its own seed derived from
 the run seed, the item's ``evaluation_id`` and the attempt, so results do not depend on how items are

@@ -11,7 +11,6 @@ cache: their tokens and cost are what the cache saved).
 
 from __future__ import annotations
 
-import json
 import re
 import threading
 from dataclasses import dataclass

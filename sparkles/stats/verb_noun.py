@@ -1,6 +1,6 @@
 """Root verb and direct-object noun of user requests, parsed with a spaCy English pipeline.
 
-Rule (UPSTREAM_FACTS §16, on a dependency parse instead of upstream's benepar constituency parse): image slot
+Rule (the original's, on a dependency parse instead of its benepar constituency parse): image slot
 markers are removed; the **last** sentence is parsed first — the verb is the lemma of the sentence root when
 it is a VERB, the noun the lemma of a ``dobj`` child of that root tagged NOUN; when the verb or the noun is
 missing and the message has several sentences, the first sentence is tried and kept if it finds more.

@@ -24,11 +24,11 @@ DEFAULT_MIX = {"describe": 0.15, "count": 0.2, "attribute": 0.1, "bison": 0.275,
 BISON_ATTRIBUTES = ("colour", "shape", "count", "position")
 # Training pairs (dialogues and drills) differ in position twice as often as in each other attribute: only a
 # position pair's caption positions an item, so the decoder's read-out of places has far fewer examples than that
-# of counts (docs/notes/tiny_world.md, session 9). The evaluation set stays balanced.
+# of counts (docs/research/tinyworld.md). The evaluation set stays balanced.
 TRAIN_BISON_ATTRIBUTES = ("colour", "shape", "count", "position", "position")
 # The text-only drills (``Builder.reasoning_item``) and their default shares. The single-image caption checks are
 # off by default: they teach the place comparison only after ~500 steps of their own, more than run.sh's time
-# allows (docs/notes/tiny_world.md, session 13).
+# allows (docs/research/tinyworld.md).
 REASONING_KINDS = ("bison", "nlvr2", "caption")
 DEFAULT_REASONING_MIX = {"bison": 1.0, "nlvr2": 1.0, "caption": 0.0}
 # Images in the first user message, per subset (CC: 1–3, VG: 2–3, like the upstream split files).
@@ -379,7 +379,7 @@ class Builder:
         self._reasoning()
         return self.world
 
-    def reasoning_item(self, rng: random.Random, sampler: SceneSampler, kind: str, write_answer=None) -> dict:
+    def reasoning_item(self, rng: random.Random, sampler: SceneSampler, kind: str) -> dict:
         """One text-only drill for a fresh scene pair (never rendered): the question with its image slots removed
         and the world's answer, with ``kind``, ``options`` and ``label``.
 
@@ -388,12 +388,10 @@ class Builder:
         facts in an answer cannot be predicted (the written drills mark them as carrying no loss,
         ``tasks.fact_spans``), but the step from them to the verdict can: a fresh 4-layer decoder
         learns it from these items in a few hundred steps, and one that has learnt it first reads the images far
-        better in the dialogue stage than one that must learn both at once (docs/notes/tiny_world.md, session 8).
+        better in the dialogue stage than one that must learn both at once (docs/research/tinyworld.md).
         The caption checks are there because a position pair always has one "yes" and one "no" at the positioned
         item: from pairs alone the decoder learns to write the second image's verdict as the opposite of the
-        first's instead of comparing the stated place with the caption's (session 12).
-        ``write_answer(task, scenes)`` replaces the world's answer (the decision probe's other reasoning forms);
-        it may raise ``InvalidTask`` to have another pair drawn.
+        first's instead of comparing the stated place with the caption's.
         """
         names = {"1": "IMAGE#1", "2": "IMAGE#2"}
         options = {"bison": ("IMAGE#1", "IMAGE#2"), "nlvr2": ("TRUE", "FALSE"), "caption": ("TRUE", "FALSE")}
@@ -410,7 +408,7 @@ class Builder:
                         Task(kind, ("1", "2"), target=rng.choice(("1", "2")), text=text))
             try:
                 scenes = {"1": s1, "2": s2}
-                reply = write_answer(task, scenes) if write_answer else answer(task, scenes, names)
+                reply = answer(task, scenes, names)
             except InvalidTask:
                 continue
             return dict(kind=kind, prompt=question(task, names, {"1", "2"}).replace(SLOT, ""), answer=reply,

@@ -2,7 +2,7 @@
 
 The GPT judge of upstream rates each answer on three criteria from 1 to 10. On the synthetic world the truth is
 known, so this judge computes the three criteria instead of asking a model, and returns the upstream judge entry
-shape (§12.5) with a response in the upstream judge layout, so the same score parser and merge code read it:
+shape with a response in the upstream judge layout, so the same score parser and merge code read it:
 
 - C1 image understanding = share of the answer's checkable object facts (count of a colour/shape, position,
   size, per mentioned image; a caption item checked "yes" or "no" against an image) that are true of that

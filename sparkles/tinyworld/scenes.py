@@ -8,7 +8,7 @@ JSON form of a scene (``Scene.to_record``) is what ``world/scenes.json`` stores.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Iterable
 
 # Clearly distinct, saturated hues: they must stay separable after JPEG and a resize to 64×64.
@@ -205,7 +205,3 @@ class SceneSampler:
 
     def allowed(self, scene: Scene) -> bool:
         return scene.signature() not in self.forbidden
-
-
-def with_objects(scene: Scene, objects: Iterable[Obj]) -> Scene:
-    return replace(scene, objects=tuple(objects))

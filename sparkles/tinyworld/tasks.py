@@ -275,7 +275,7 @@ def fact_spans(answer_text: str) -> list[tuple[int, int]]:
     count and place (``one at the top`` in ``a red circle: one at the top, yes``) and each NLVR2 count (``no red
     circles`` in ``IMAGE#1 shows no red circles.``). A text-only drill marks them as carrying no loss: without the
     images nothing determines them, and training on them teaches the decoder to guess a fact from the caption
-    instead of reading it (docs/notes/tiny_world.md, session 15). What follows from the facts (the yes/no, a
+    instead of reading it (docs/research/tinyworld.md). What follows from the facts (the yes/no, a
     total, a comparison, the verdict) stays supervised."""
     spans = []
     for section in CHECK_SECTION_RE.finditer(answer_text):
@@ -370,7 +370,7 @@ def nlvr2_reasoning(st: Statement, ids: tuple[str, ...], scenes: Mapping[str, Sc
     Like a BISON check, every step states a fact and then judges it against what the statement asks (`The left
     image, IMAGE#1, shows no red circles; the statement needs at least one: no.`), so the verdict is TRUE
     exactly when no step says no: a rule the tiny decoder learns at once, where concluding from a bare count
-    and a statement far back in the prompt took it hundreds of steps (docs/notes/tiny_world.md, session 10).
+    and a statement far back in the prompt took it hundreds of steps (docs/research/tinyworld.md).
     ``both`` judges each image's count, ``contains`` / ``none`` the named side's, ``more`` compares both counts
     and ``total`` their sum with the stated number.
     """
@@ -446,7 +446,7 @@ def answer(task: Task, scenes: Mapping[str, Scene], names: Mapping[str, str]) ->
         # The reasoning checks the caption item by item against each image ("a red circle, yes; ..."): the
         # choice is then the image with no "no", a step the tiny decoder learns in ~100 steps of 32, where
         # comparing two whole descriptions with the caption is not learnt from ~20,000 items
-        # (sparkles.tools.decision_probe; docs/notes/tiny_world.md).
+        # (sparkles.tools.decision_probe; docs/research/tinyworld.md).
         try:
             caption_position_of(task.text)  # raises when more than one object is positioned
             checks = [caption_checks(task.text, sc[key]) for key in ids]
@@ -460,7 +460,7 @@ def answer(task: Task, scenes: Mapping[str, Scene], names: Mapping[str, str]) ->
         return f"{REASONING_OPENER} {' '.join(sections)} {bison.ANSWER_PHRASE} {choice}."
     if k == "caption":
         # One image's section of a BISON answer, asked alone: the verdict follows from each check's stated place
-        # and count, never from the other image's (docs/notes/tiny_world.md, session 13).
+        # and count, never from the other image's (docs/research/tinyworld.md).
         try:
             checks = caption_checks(task.text, sc[task.target])
         except ValueError as exc:

@@ -48,7 +48,7 @@ def scenes_file(root: str | os.PathLike) -> Path:
 
 
 def turn_instruction(q1: str, a1: str | None = None, q2: str | None = None) -> str:
-    """Upstream §12.2 instruction: ``###Human: <Q1>###Assistant: `` (+ ``<A1>###Human: <Q2>###Assistant: ``)."""
+    """The training split files' instruction: ``###Human: <Q1>###Assistant: `` (+ ``<A1>###Human: <Q2>###Assistant: ``)."""
     if q2 is None:
         return f"{HUMAN}{q1}{ASSISTANT}"
     return f"{HUMAN}{q1}{ASSISTANT}{a1}{HUMAN}{q2}{ASSISTANT}"
@@ -227,7 +227,7 @@ def write_caption_set(world: World, root: Path) -> dict[str, int]:
     perception = perception_samples(world)
     atomic_write_json(base / PERCEPTION_FILE, perception)
     # The place questions again, alone: the mixture weights them apart from the counts, which outnumber them 2:1
-    # in perception.json and which the NLVR2 checks need as much (docs/notes/tiny_world.md, session 12).
+    # in perception.json and which the NLVR2 checks need as much (docs/research/tinyworld.md).
     places = [s for s in perception if parse_question(s["uniform_question"]).kind == "where"]
     atomic_write_json(base / PERCEPTION_WHERE_FILE, places)
     return {"data/cc_sbu_align/filter_cap.json": len(annotations),
@@ -249,7 +249,7 @@ def perception_samples(world: World) -> list[dict]:
     Written next to the caption set in the dialogue split-file format (the ``synthetic_perception`` dataset). A
     BISON check or an NLVR2 count is the same look-up (find the tokens of one kind in one image, read the count
     or the cell), but buried in a long answer; a 4-layer decoder learns the look-up only after several hundred
-    steps of questions that ask nothing else (docs/notes/tiny_world.md, session 4). Every training image gets a
+    steps of questions that ask nothing else (docs/research/tinyworld.md). Every training image gets a
     count question about itself alone and one about it together with another image (which image a fact belongs to
     is part of the look-up), and a place question when one of its kinds occurs once. Half of the counted kinds
     are in the image, so "no" is not the usual answer.

@@ -10,8 +10,8 @@ Library API (the evaluation merge step writes ``.html`` next to merged results w
 
 ``render_dialogue_page(items, image_url_fn=None, *, title="SparklesDialogue", model_name=None,
                        summary=None, start_index=0, pages=None) -> str``
-    ``items``: SparklesDialogue records (UPSTREAM_FACTS §12.1) or SparklesEval annotation/result records
-    (§12.4/§12.5, judge entries such as ``"gpt-4": {"A1_C123_scores": [...], ...}`` are shown).
+    ``items``: SparklesDialogue records or SparklesEval annotation/result records
+    (judge entries such as ``"gpt-4": {"A1_C123_scores": [...], ...}`` are shown).
     ``image_url_fn(image_id: str) -> str`` maps an image id to the URL written into the page; default
     ``relative_image_url()`` = ``../images/<image_id>.jpg``. ``summary``: extra ``{label: value}`` rows for
     the page header (per-judge means are added automatically). ``start_index``/``pages``: used by the
@@ -19,7 +19,7 @@ Library API (the evaluation merge step writes ``.html`` next to merged results w
 
 ``render_choice_results_page(items, accuracy=None, *, image_url_fn=None, title="Results",
                              model_name=None, summary=None, start_index=0, pages=None) -> str``
-    ``items``: BISON/NLVR2 result records (§12.6: label, predict, prompt, response, sentence, img_paths,
+    ``items``: BISON/NLVR2 result records (label, predict, prompt, response, sentence, img_paths,
     evaluation_id). ``accuracy`` defaults to ``choice_accuracy(items)`` (all items, not just this page).
     ``image_url_fn(img_path: str) -> str``; default ``relative_path_url()`` = ``../images/<file name>``.
 
@@ -252,7 +252,7 @@ def _prepare_choice(index: int, item: Any, image_url_fn: Callable[[str], str]) -
 
 
 def judge_summary(items: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per judge model: item count, mean A1/A2 vectors and A1, A2, overall as in UPSTREAM_FACTS §11.5.
+    """Per judge model: item count, mean A1/A2 vectors and A1, A2, overall as the paper computes them.
 
     A turn's score is the mean of its C1–C3 means (the judge's own overall is shown, not used), and overall
     is the mean of the two turns. Display only: the evaluation merge step owns the reported number.

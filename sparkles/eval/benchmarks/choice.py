@@ -1,6 +1,6 @@
 """What BISON and NLVR2 share: a two-option question, reading the chosen option out of an answer, accuracy.
 
-Reading the choice follows the rules of UPSTREAM_FACTS §11.4. The prompts ask the model to end with
+Reading the choice follows the original implementation's rule, with two of its flaws fixed. The prompts ask the model to end with
 "Therefore, the answer (<o1> or <o2>) is <choice>". Only the text after the *last* "therefore" counts. It is
 normalised (the option list in the phrase is dropped, "image #1" is written "image#1", and "not <o1>" means <o2>
 — and, unlike upstream, "not <o2>" means <o1>), then:

@@ -3,8 +3,8 @@ judge's prompt, reading its ratings, and the score.
 
 The model answers turn 1 with the first user message and its images, and turn 2 with one user message that
 reproduces the two-turn template around its own first answer (:func:`turn2_prompt`), with the images of both
-turns (as the original did). The judge prompt follows the upstream structure (UPSTREAM_FACTS §11.5) in our own words: the task, the images as a
-real JSON list of ``{"image_id", "caption"}``, the dialogue in four headed sections ("###User Q1:",
+turns (as the original did). The judge prompt follows the original's structure in our own words: the task, the
+images as a real JSON list of ``{"image_id", "caption"}``, the dialogue in four headed sections ("###User Q1:",
 "###Assistant A1:", "###User Q2:", "###Assistant A2:", image slot markers removed, ``IMAGE#id`` kept), the
 three criteria C1–C3 rated 1–10 for A1 and A2 separately, and a strict output layout::
 
@@ -20,7 +20,7 @@ A parsed reply becomes ``A1_C123_scores`` / ``A2_C123_scores`` = ``[overall, C1,
 missing any of the eight numbers, or with a number outside 1–10, raises :class:`JudgeParseError`. The judges
 themselves are in :mod:`sparkles.eval.judges`.
 
-The score (UPSTREAM_FACTS §11.5), per judge: the mean over the dialogues it rated of the ``A1_C123_scores`` and
+The score (the paper's formula), per judge: the mean over the dialogues it rated of the ``A1_C123_scores`` and
 ``A2_C123_scores`` vectors; a turn's score is the mean of its C1, C2, C3 means (the judge's own overall rating,
 element 0, is reported but not used); the headline is the mean of the two turns. Because every counted dialogue
 has both vectors, this equals the mean over dialogues of (mean C1–C3 of A1 + mean C1–C3 of A2) / 2.
