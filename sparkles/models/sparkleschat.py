@@ -135,8 +135,8 @@ def build_towers(cfg: SparklesChatConfig) -> tuple[nn.Module, nn.Module, nn.Modu
     """The image side of the model, freshly initialised: ``(visual_encoder, ln_vision, Qformer, query_tokens)``.
 
     Shared by :class:`SparklesChat` and tower pretraining (so both hold the same modules under the same names).
-    The query tokens have no initialisation of their own module: BLIP-2's N(0, 0.02), or the registered
-    ``towers_init`` recipe, which draws them and may redraw the other towers' weights.
+    The query tokens are drawn from N(0, 0.02), as BLIP-2 draws them, unless ``towers_init`` names a registered
+    recipe, which draws them and may redraw the other towers' weights.
     """
     visual_encoder = VisionTower(build_eva_vit(
         image_size=cfg.image_size, patch_size=cfg.vit_patch_size, width=cfg.vit_width, depth=cfg.vit_depth,
