@@ -17,7 +17,7 @@ import sys
 from typing import Optional, Sequence
 
 from sparkles.serve.demo_app import build_demo, launch_kwargs  # noqa: F401  (build_demo is part of the API)
-from sparkles.serve.loading import LoadError, add_model_arguments, load_model, make_chat
+from sparkles.serve.loading import LoadError, add_model_arguments, chat_mode_of, load_model, make_chat
 
 DEFAULT_SAVE_ROOT = "outputs/demo_conversations"
 
@@ -39,11 +39,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         model, cfg = load_model(args.cfg_path, options=args.options, sparkles_root=args.sparkles_root,
-                                gpu_ids=args.gpu_id)
+                                gpu_ids=args.gpu_id, protocol_file=args.protocol_file)
     except LoadError as exc:
         print(f"demo.py: {exc}", file=sys.stderr)
         return 2
-    chat = make_chat(model)
+    chat = make_chat(model, chat_mode=chat_mode_of(cfg))
     name = f"{cfg.model.arch}:{cfg.model.model_type}"
     demo = build_demo(chat, save_root=args.save_root, model_name=name)
     demo.queue(max_size=64)

@@ -15,6 +15,8 @@
 # Without GPUs every shard is a CPU process with its share of the cores (OMP_NUM_THREADS).
 # Extra arguments after "--" go to every evaluate.py call, e.g.
 #   bash evaluate.sh /data/Sparkles eval_configs/sparkles_eval.yaml "BISON NLVR2 SparklesEval" 8 -- --protocol upstream
+#   bash evaluate.sh /data/Sparkles eval_configs/sparkles_eval.yaml BISON 8 -- --protocol upstream \
+#       --protocol-file protocol_upstream.yaml      (the original's texts: python -m sparkles.tools.import_protocol)
 #   bash evaluate.sh outputs/tiny eval_configs/sparkles_tiny.yaml SparklesEval 2 -- --judge_models reference
 # Environment: PYTHON (default python), EVAL_LOG_DIR (default <ROOT>/evaluation/logs).
 set -uo pipefail

@@ -25,3 +25,19 @@ def tiny_model(tmp_path_factory):
     from sparkles.testing.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny"), seed=0, init_std=0.3).eval()
+
+
+@pytest.fixture(scope="module")
+def eval_world(tmp_path_factory):
+    """BISON / NLVR2 / SparklesEval files and a tiny model config under a fresh root (tests/eval_world.py)."""
+    from eval_world import build_world
+
+    return build_world(tmp_path_factory.mktemp("sparkles_root"))
+
+
+@pytest.fixture
+def api_env(monkeypatch):
+    """A dummy API key and no distributed, Azure or root variables: judges reach only a local server."""
+    from eval_world import set_api_env
+
+    return set_api_env(monkeypatch)

@@ -107,7 +107,7 @@ def test_position_embedding_is_resampled_for_another_image_size(parity_dir):
 
     from sparkles.models.sparkleschat import SparklesChat
 
-    cfg = replace(model.cfg, image_size=28, ckpt="", q_former_model="")
+    cfg = replace(model.cfg, image_size=28, ckpt="", q_former_model="", allow_random_towers=True)  # the ViT only
     bigger = SparklesChat.from_config(cfg, load_tokenizer=False, verbose=False)
     assert bigger.visual_encoder.vit.pos_embed.shape[1] == 1 + 4  # 2x2 patches + CLS
     src = read_state_dict(parity_dir / "eva_vit_g.pth")["pos_embed"]

@@ -7,7 +7,6 @@ checks need. Every run gets its own --model-name (its own run directory) and its
 
 import json
 import os
-import random
 import re
 import shutil
 import subprocess
@@ -16,111 +15,23 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 
 import evaluate
+from eval_world import N, expected_overall, judge_reply
 from sparkles.eval.cli import run as eval_run
-from sparkles.testing.tiny import TINY_SIZES, build_tiny_model
 from sparkles.testing.openai_server import OpenAICompatServer, Reply
 
 REPO = Path(__file__).resolve().parents[1]
-N = 6
 MODEL_NAME = "tiny_test_ckpt_checkpoint_last"  # <ckpt parent of parent>_<ckpt parent>_<ckpt stem>
 
 
-def _image(path: Path, seed: int) -> None:
-    rng = random.Random(seed)
-    im = Image.new("RGB", (40, 40), tuple(rng.randrange(256) for _ in range(3)))
-    for _ in range(40):
-        im.putpixel((rng.randrange(40), rng.randrange(40)), tuple(rng.randrange(256) for _ in range(3)))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    im.save(path)
-
-
-def _write(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=1))
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sparkles_root")
-    ev = root / "evaluation"
-    bison = []
-    for k in range(N):
-        a, b = 1000 + 2 * k, 1001 + 2 * k
-        _image(ev / "BISON/images" / f"COCO_{a}.jpg", a)
-        _image(ev / "BISON/images" / f"COCO_{b}.jpg", b)
-        bison.append({"evaluation_id": k, "caption": f"picture {k} with red circles",
-                      "true_image_id": a if k % 2 == 0 else b,
-                      "image_candidates": [{"image_id": a, "image_filename": f"COCO_{a}.jpg"},
-                                           {"image_id": b, "image_filename": f"COCO_{b}.jpg"}]})
-    _write(ev / "BISON/annotations/sparkles_evaluation_bison_annotations.json", bison)
-    nlvr2 = []
-    for k in range(N):
-        _image(ev / "NLVR2/images" / f"dev-{k}-0-img0.png", 50 + k)
-        _image(ev / "NLVR2/images" / f"dev-{k}-0-img1.png", 80 + k)
-        nlvr2.append({"evaluation_id": 40 + k, "identifier": f"dev-{k}-0-{k % 3}", "sentence": f"There are {k} dogs.",
-                      "label": "True" if k % 3 else "False"})
-    _write(ev / "NLVR2/annotations/sparkles_evaluation_nlvr2_annotations.json", nlvr2)
-    sparkles = []
-    for k in range(N):
-        a, b, c = 300 + 3 * k, 301 + 3 * k, 302 + 3 * k
-        for i in (a, b, c):
-            _image(ev / "SparklesEval/images" / f"{i}.jpg", i)
-        sparkles.append({"evaluation_id": 10 + k, "dialogue": [
-            {"role": "user", "content": f"Compare IMAGE#{a}<Img><ImageHere></Img> with IMAGE#{b}<Img><ImageHere></Img> "
-                                        f"(dialogue-{k}).",
-             "images": [{"image_id": a, "caption": f"caption {a}"}, {"image_id": b, "caption": f"caption {b}"}]},
-            {"role": "assistant", "content": f"Reference answer one of dialogue-{k}."},
-            {"role": "user", "content": f"Now add IMAGE#{c}<Img><ImageHere></Img> to IMAGE#{a}.",
-             "images": [{"image_id": c, "caption": f"caption {c}"}]},
-            {"role": "assistant", "content": f"Reference answer two of dialogue-{k}."}]})
-    _write(ev / "SparklesEval/annotations/sparkles_evaluation_sparkleseval_annotations.json", sparkles)
-
-    mdir = root / "models/tiny_test"
-    model = build_tiny_model(mdir, seed=0, init_std=0.3)
-    (mdir / "ckpt").mkdir(parents=True)
-    torch.save({"model": model.state_dict()}, mdir / "ckpt/checkpoint_last.pth")
-    lines = ["model:", "  arch: sparkleschat", "  model_type: ''", "  llama_model: models/tiny_test/tokenizer",
-             "  ckpt: models/tiny_test/ckpt/checkpoint_last.pth", "  system_text: ''"]
-    lines += [f"  {k}: {json.dumps(v)}" for k, v in {**TINY_SIZES, "freeze_vit": True, "freeze_qformer": True,
-                                                       "freeze_llm": True}.items()]
-    cfg = root / "tiny_eval.yaml"
-    cfg.write_text("\n".join(lines) + "\n")
-    return {"root": root, "cfg": cfg}
-
-
-@pytest.fixture
-def api_env(monkeypatch):
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-dummy-test-key")
-    for var in ("OPENAI_API_BASE", "OPENAI_ORGANIZATION", "RANK", "WORLD_SIZE", "LOCAL_RANK", "SPARKLES_ROOT"):
-        monkeypatch.delenv(var, raising=False)
-    return monkeypatch
-
-
-def judge_reply(request: dict) -> str:
-    """A well-formed judge reply whose ratings depend on the dialogue number k: A1 (k+1, 5, 6), A2 (7, 8, k+2)."""
-    k = int(re.search(r"dialogue-(\d+)", request["messages"][-1]["content"]).group(1))
-
-    def block(name, c):
-        body = "".join(f'- (C{i + 1}) Explanation: "ok" Rating: [[{v}]]\n' for i, v in enumerate(c))
-        return f"* Evaluating {name}\n{body}Therefore, the overall rating of {name} is [[{round(sum(c) / 3)}]]\n"
-    return block("A1", [k + 1, 5, 6]) + block("A2", [7, 8, k + 2])
-
-
-def expected_overall(ks):
-    per = [((k + 1 + 5 + 6) / 3 + (7 + 8 + k + 2) / 3) / 2 for k in ks]
-    return sum(per) / len(per)
-
-
-def common(world, dataset, name, *extra):
-    return ["--sparkles_root", str(world["root"]), "--cfg-path", str(world["cfg"]), "--dataset", dataset,
+def common(eval_world, dataset, name, *extra):
+    return ["--sparkles_root", str(eval_world["root"]), "--cfg-path", str(eval_world["cfg"]), "--dataset", dataset,
             "--model-name", name, "--max-new-tokens", "8", "--no-progress", *extra]
 
 
-def results_dir(world, dataset):
-    return world["root"] / "evaluation" / dataset / "results"
+def results_dir(eval_world, dataset):
+    return eval_world["root"] / "evaluation" / dataset / "results"
 
 
 def load(path):
@@ -128,13 +39,13 @@ def load(path):
 
 
 # ------------------------------------------------------------------------------------------------ BISON / NLVR2
-def test_bison_end_to_end(world, api_env):
-    ann = world["root"] / "evaluation/BISON/annotations/sparkles_evaluation_bison_annotations.json"
+def test_bison_end_to_end(eval_world, api_env):
+    ann = eval_world["root"] / "evaluation/BISON/annotations/sparkles_evaluation_bison_annotations.json"
     before = ann.read_bytes()
-    args = ["--sparkles_root", str(world["root"]), "--cfg-path", str(world["cfg"]), "--dataset", "BISON",
+    args = ["--sparkles_root", str(eval_world["root"]), "--cfg-path", str(eval_world["cfg"]), "--dataset", "BISON",
             "--inference", "--merge-results", "--max-new-tokens", "8", "--no-progress"]
     assert evaluate.main(args) == 0
-    out = results_dir(world, "BISON")
+    out = results_dir(eval_world, "BISON")
     metrics = load(out / f"BISON_{MODEL_NAME}_metrics.json")  # default naming from the checkpoint path
     result = out / metrics["files"]["results"]
     assert result.name == f"BISON_{MODEL_NAME}_acc{metrics['accuracy']:.3f}.json"
@@ -147,7 +58,7 @@ def test_bison_end_to_end(world, api_env):
                                    f"evaluation/BISON/images/COCO_{1001 + 2 * k}.jpg"]
         assert it["sentence"] in it["prompt"] and it["prompt"].count("<ImageHere>") == 2
         assert it["generations"] == 1  # default protocol: no re-generation
-    assert str(world["root"]) not in result.read_text()  # no machine paths in result files
+    assert str(eval_world["root"]) not in result.read_text()  # no machine paths in result files
     assert metrics["total"] == N and metrics["unparseable"] == sum(it["predict"] is None for it in items)
     assert metrics["complete"] and metrics["settings"]["protocol"]["do_sample"] is False
     assert (out / result.name.replace(".json", ".html")).is_file()
@@ -159,25 +70,25 @@ def test_bison_end_to_end(world, api_env):
 
 
 @pytest.fixture(scope="module")
-def bison_one_by_one(world):
+def bison_one_by_one(eval_world):
     """BISON answered one item at a time: the reference for batching and resume checks."""
-    return load(eval_run(common(world, "BISON", "b1", "--inference", "--merge-results", "--batch-size", "1"))
+    return load(eval_run(common(eval_world, "BISON", "b1", "--inference", "--merge-results", "--batch-size", "1"))
                 .result_path)
 
 
-def test_batched_equals_unbatched(world, api_env, bison_one_by_one):
-    batched = eval_run(common(world, "BISON", "b4", "--inference", "--merge-results", "--batch-size", "4"))
+def test_batched_equals_unbatched(eval_world, api_env, bison_one_by_one):
+    batched = eval_run(common(eval_world, "BISON", "b4", "--inference", "--merge-results", "--batch-size", "4"))
     assert [it["response"] for it in load(batched.result_path)] == [it["response"] for it in bison_one_by_one]
     # (SparklesEval below checks batched answers, which differ from item to item, against one-by-one ones)
 
 
-def test_nlvr2_upstream_protocol_is_seeded_per_item(world, api_env):
+def test_nlvr2_upstream_protocol_is_seeded_per_item(eval_world, api_env):
     extra = ["--protocol", "upstream", "--max-retries", "1", "--max-new-tokens", "5", "--data-to", "4"]
-    whole = eval_run(common(world, "NLVR2", "up_whole", "--inference", "--merge-results", *extra))
+    whole = eval_run(common(eval_world, "NLVR2", "up_whole", "--inference", "--merge-results", *extra))
     assert whole.model_name == "up_whole"
     for i in range(2):  # the same items in two shards must give the same sampled answers
-        eval_run(common(world, "NLVR2", "up_shards", "--inference", "--shard", f"{i}/2", *extra))
-    sharded = eval_run(common(world, "NLVR2", "up_shards", "--merge-results", *extra))
+        eval_run(common(eval_world, "NLVR2", "up_shards", "--inference", "--shard", f"{i}/2", *extra))
+    sharded = eval_run(common(eval_world, "NLVR2", "up_shards", "--merge-results", *extra))
     a, b = load(whole.result_path), load(sharded.result_path)
     assert [it["response"] for it in a] == [it["response"] for it in b]
     for k, it in enumerate(a):
@@ -191,51 +102,51 @@ def test_nlvr2_upstream_protocol_is_seeded_per_item(world, api_env):
     assert whole.merged["settings"]["protocol"]["do_sample"] is True
 
 
-def test_generation_crash_resumes_without_redoing_items(world, api_env, bison_one_by_one, caplog):
-    img = world["root"] / "evaluation/BISON/images/COCO_1006.jpg"  # first image of item 3
+def test_generation_crash_resumes_without_redoing_items(eval_world, api_env, bison_one_by_one, caplog):
+    img = eval_world["root"] / "evaluation/BISON/images/COCO_1006.jpg"  # first image of item 3
     saved = img.read_bytes()
     img.write_bytes(b"not an image")
     try:
-        assert evaluate.main(common(world, "BISON", "crash", "--inference")) == 1
+        assert evaluate.main(common(eval_world, "BISON", "crash", "--inference")) == 1
     finally:
         img.write_bytes(saved)
     assert re.search(r"record 3 \(evaluation_id 3\), img_paths: cannot read image .*COCO_1006.jpg", caplog.text)
-    run_dir = results_dir(world, "BISON") / "BISON_crash"
+    run_dir = results_dir(eval_world, "BISON") / "BISON_crash"
     shard = load(run_dir / f"BISON_crash_0to{N}.json")
     assert [it["evaluation_id"] for it in shard] == [0, 1, 2]
     assert load(run_dir / "manifest.json")["shards"][0]["status"] == "failed"
-    report = eval_run(common(world, "BISON", "crash", "--inference", "--merge-results"))
+    report = eval_run(common(eval_world, "BISON", "crash", "--inference", "--merge-results"))
     assert report.stats["reused"] == 3 and report.stats["generated"] == 3
     assert load(report.result_path) == bison_one_by_one
 
 
-def test_shards_merge_gaps_and_duplicates(world, api_env):
-    assert eval_run(common(world, "NLVR2", "sh", "--inference", "--shard", "0/2")).shard == (0, 3)
-    assert evaluate.main(common(world, "NLVR2", "sh", "--merge-results")) == 1  # items 3..5 missing
-    partial = eval_run(common(world, "NLVR2", "sh", "--merge-results", "--allow-partial"))
+def test_shards_merge_gaps_and_duplicates(eval_world, api_env):
+    assert eval_run(common(eval_world, "NLVR2", "sh", "--inference", "--shard", "0/2")).shard == (0, 3)
+    assert evaluate.main(common(eval_world, "NLVR2", "sh", "--merge-results")) == 1  # items 3..5 missing
+    partial = eval_run(common(eval_world, "NLVR2", "sh", "--merge-results", "--allow-partial"))
     assert partial.merged["missing"] == 3 and partial.merged["missing_ranges"] == [[3, 6]]
     assert not partial.merged["complete"] and partial.merged["total"] == 3
-    eval_run(common(world, "NLVR2", "sh", "--inference", "--shard", "1/2"))
+    eval_run(common(eval_world, "NLVR2", "sh", "--inference", "--shard", "1/2"))
     # an overlapping range copies finished items from its sibling shards instead of generating them
-    overlap = eval_run(common(world, "NLVR2", "sh", "--inference", "--data-from", "2", "--data-to", "4"))
+    overlap = eval_run(common(eval_world, "NLVR2", "sh", "--inference", "--data-from", "2", "--data-to", "4"))
     assert overlap.stats["generated"] == 0 and overlap.stats["reused"] == 2
-    merged = eval_run(common(world, "NLVR2", "sh", "--merge-results"))
+    merged = eval_run(common(eval_world, "NLVR2", "sh", "--merge-results"))
     assert merged.merged["complete"] and merged.merged["duplicates"] == 2 and merged.merged["total"] == N
-    run_dir = results_dir(world, "NLVR2") / "NLVR2_sh"
+    run_dir = results_dir(eval_world, "NLVR2") / "NLVR2_sh"
     assert sorted(p.name for p in run_dir.glob("NLVR2_sh_*.json")) == \
         ["NLVR2_sh_0to3.json", "NLVR2_sh_2to4.json", "NLVR2_sh_3to6.json"]  # nothing deleted
 
 
-def test_torchrun_environment_picks_the_shard(world, api_env):
+def test_torchrun_environment_picks_the_shard(eval_world, api_env):
     api_env.setenv("RANK", "1")
     api_env.setenv("WORLD_SIZE", "2")
-    report = eval_run(common(world, "BISON", "tr", "--inference"))
+    report = eval_run(common(eval_world, "BISON", "tr", "--inference"))
     assert report.shard == (3, 6)
 
 
-def test_changed_settings_are_refused(world, api_env):
-    assert evaluate.main(common(world, "BISON", "cfgchk", "--inference", "--data-to", "1")) == 0
-    args = common(world, "BISON", "cfgchk", "--inference", "--data-to", "1")
+def test_changed_settings_are_refused(eval_world, api_env):
+    assert evaluate.main(common(eval_world, "BISON", "cfgchk", "--inference", "--data-to", "1")) == 0
+    args = common(eval_world, "BISON", "cfgchk", "--inference", "--data-to", "1")
     args[args.index("--max-new-tokens") + 1] = "9"
     assert evaluate.main(args) == 1
     with pytest.raises(Exception, match="max_new_tokens"):
@@ -243,10 +154,10 @@ def test_changed_settings_are_refused(world, api_env):
 
 
 # ------------------------------------------------------------------------------------------------ SparklesEval
-def test_sparkleseval_end_to_end_with_http_judge(world, api_env, tmp_path):
+def test_sparkleseval_end_to_end_with_http_judge(eval_world, api_env, tmp_path):
     with OpenAICompatServer(judge_reply) as srv:
         api_env.setenv("OPENAI_BASE_URL", srv.base_url)
-        args = common(world, "SparklesEval", "se", "--inference", "--merge-results", "--batch-size", "3",
+        args = common(eval_world, "SparklesEval", "se", "--inference", "--merge-results", "--batch-size", "3",
                       "--gpt-cache", str(tmp_path / "cache.sqlite"))
         report = eval_run(args)
         assert srv.request_count == N
@@ -264,7 +175,7 @@ def test_sparkleseval_end_to_end_with_http_judge(world, api_env, tmp_path):
     summary = report.merged["judges"]["gpt-4"]
     assert summary["overall"] == pytest.approx(expected_overall(range(N)))
     assert report.merged["headline"]["overall"] == pytest.approx(expected_overall(range(N)))
-    metrics = load(results_dir(world, "SparklesEval") / "SparklesEval_se_metrics.json")
+    metrics = load(results_dir(eval_world, "SparklesEval") / "SparklesEval_se_metrics.json")
     assert metrics["judges"]["gpt-4"]["rated"] == N
     assert "sk-dummy" not in report.result_path.read_text()
 
@@ -276,10 +187,10 @@ def test_sparkleseval_end_to_end_with_http_judge(world, api_env, tmp_path):
     from sparkles.models.sparkleschat import SparklesChat
     from sparkles.processors.image import build_processor
 
-    cfg = load_config(world["cfg"])
-    model = SparklesChat.from_config(cfg.model, root=world["root"]).eval()
+    cfg = load_config(eval_world["cfg"])
+    model = SparklesChat.from_config(cfg.model, root=eval_world["root"]).eval()
     chat = Chat(model, build_processor({"name": "blip2_image_eval", "image_size": cfg.model.image_size}))
-    img_dir = world["root"] / "evaluation/SparklesEval/images"
+    img_dir = eval_world["root"] / "evaluation/SparklesEval/images"
     for it in items[2:4]:  # generated in batches of 3 above (one batch held items 2 and 3); here one at a time
         q1, a1, q2, a2 = it["dialogue"]
         files = lambda msg: [img_dir / f"{im['image_id']}.jpg" for im in msg["images"]]  # noqa: E731
@@ -289,7 +200,7 @@ def test_sparkleseval_end_to_end_with_http_judge(world, api_env, tmp_path):
     assert len({it["dialogue"][1]["content"] for it in items}) > 1  # answers depend on the input
 
 
-def test_judge_api_failure_and_unparseable_replies_resume(world, api_env, tmp_path):
+def test_judge_api_failure_and_unparseable_replies_resume(eval_world, api_env, tmp_path):
     state = {"fail": True}
 
     def flaky(request):
@@ -300,14 +211,14 @@ def test_judge_api_failure_and_unparseable_replies_resume(world, api_env, tmp_pa
             return "I liked both answers."  # does not parse
         return judge_reply(request)
 
-    args = common(world, "SparklesEval", "se_crash", "--inference", "--merge-results", "--judge-attempts", "2",
+    args = common(eval_world, "SparklesEval", "se_crash", "--inference", "--merge-results", "--judge-attempts", "2",
                   "--judge-concurrency", "2", "--batch-size", "6", "--gpt-cache", str(tmp_path / "cache.sqlite"))
     with OpenAICompatServer(flaky) as srv:
         api_env.setenv("OPENAI_BASE_URL", srv.base_url)
         assert evaluate.main(args) == 3  # incomplete: re-run to continue
         # 4 good + 1 failed call + 2 attempts for the unparseable one
         assert srv.request_count == 4 + 1 + 2
-        run_dir = results_dir(world, "SparklesEval") / "SparklesEval_se_crash"
+        run_dir = results_dir(eval_world, "SparklesEval") / "SparklesEval_se_crash"
         shard = load(run_dir / f"SparklesEval_se_crash_0to{N}.json")
         assert load(run_dir / "manifest.json")["shards"][0]["status"] == "incomplete"
         assert sum("gpt-4" in it for it in shard) == N - 1
@@ -328,26 +239,26 @@ def test_judge_api_failure_and_unparseable_replies_resume(world, api_env, tmp_pa
     assert report.merged["judges"]["gpt-4"]["overall"] == pytest.approx(expected_overall(range(N)))
 
 
-def test_reference_dialogues_are_judged_into_results(world, api_env, tmp_path):
-    ann = world["root"] / "evaluation/SparklesEval/annotations/sparkles_evaluation_sparkleseval_annotations.json"
+def test_reference_dialogues_are_judged_into_results(eval_world, api_env, tmp_path):
+    ann = eval_world["root"] / "evaluation/SparklesEval/annotations/sparkles_evaluation_sparkleseval_annotations.json"
     before = ann.read_bytes()
     with OpenAICompatServer(judge_reply) as srv:
         api_env.setenv("OPENAI_BASE_URL", srv.base_url)
-        report = eval_run(["--sparkles_root", str(world["root"]), "--dataset", "SparklesEval", "--inference",
+        report = eval_run(["--sparkles_root", str(eval_world["root"]), "--dataset", "SparklesEval", "--inference",
                            "--merge-results", "--no-progress", "--gpt-cache", str(tmp_path / "c.sqlite")])
         assert srv.request_count == N
     assert report.model_name == "gpt-4"
-    assert report.result_path == results_dir(world, "SparklesEval") / "SparklesEval_gpt-4.json"
+    assert report.result_path == results_dir(eval_world, "SparklesEval") / "SparklesEval_gpt-4.json"
     items = load(report.result_path)
     assert items[0]["dialogue"][1]["content"] == "Reference answer one of dialogue-0."
     assert ann.read_bytes() == before  # the annotation file is an input: never rewritten
-    assert evaluate.main(["--sparkles_root", str(world["root"]), "--dataset", "BISON", "--inference"]) == 1
+    assert evaluate.main(["--sparkles_root", str(eval_world["root"]), "--dataset", "BISON", "--inference"]) == 1
 
 
-def test_reference_judge_on_the_synthetic_world(world, api_env, tmp_path, caplog):
+def test_reference_judge_on_the_synthetic_world(eval_world, api_env, tmp_path, caplog):
     # the world's judge is registered by the world's module (--imports or run.imports); on data without scenes
     # it refuses instead of inventing scores
-    assert evaluate.main(["--sparkles_root", str(world["root"]), "--dataset", "SparklesEval", "--inference",
+    assert evaluate.main(["--sparkles_root", str(eval_world["root"]), "--dataset", "SparklesEval", "--inference",
                           "--imports", "sparkles.tinyworld", "--judge_models", "reference", "--model-name",
                           "refjudge", "--no-progress"]) == 1
     assert "synthetic world" in caplog.text
@@ -360,9 +271,9 @@ def test_reference_judge_on_the_synthetic_world(world, api_env, tmp_path, caplog
                     "--imports", "sparkles.tinyworld", "--judge_models", "reference", "--no-progress"])
     ref_score = ref.merged["judges"]["reference"]
     assert ref_score["rated"] == 4 and ref_score["overall"] >= 8  # the reference answers are right
-    # the untrained tiny model (weights from the test world, given as absolute paths) scores far lower
+    # the untrained tiny model (weights from the test eval_world, given as absolute paths) scores far lower
     cfg = tmp_path / "tiny_abs.yaml"
-    cfg.write_text(world["cfg"].read_text().replace("models/tiny_test", str(world["root"] / "models/tiny_test")))
+    cfg.write_text(eval_world["cfg"].read_text().replace("models/tiny_test", str(eval_world["root"] / "models/tiny_test")))
     tiny = eval_run(["--sparkles_root", str(root), "--cfg-path", str(cfg), "--dataset", "SparklesEval",
                      "--inference", "--merge-results", "--imports", "sparkles.tinyworld", "--judge_models",
                      "reference", "--max-new-tokens", "8",
@@ -374,27 +285,27 @@ def test_reference_judge_on_the_synthetic_world(world, api_env, tmp_path, caplog
 
 # ------------------------------------------------------------------------------------------------ evaluate.sh
 @pytest.mark.slow
-def test_evaluate_sh_shards_on_cpu_and_merges(world, tmp_path):
+def test_evaluate_sh_shards_on_cpu_and_merges(eval_world, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "CUDA_VISIBLE_DEVICES")}
     env.update(PYTHON=sys.executable, EVAL_LOG_DIR=str(tmp_path / "logs"), PATH=env.get("PATH", ""))
     if shutil.which("nvidia-smi"):
         pytest.skip("exercises the CPU path")
-    proc = subprocess.run(["bash", str(REPO / "evaluate.sh"), str(world["root"]), str(world["cfg"]), "BISON", "2",
+    proc = subprocess.run(["bash", str(REPO / "evaluate.sh"), str(eval_world["root"]), str(eval_world["cfg"]), "BISON", "2",
                            "--", "--model-name", "sh", "--max-new-tokens", "6"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "wall time" in proc.stdout
-    manifest = load(results_dir(world, "BISON") / "BISON_sh" / "manifest.json")
+    manifest = load(results_dir(eval_world, "BISON") / "BISON_sh" / "manifest.json")
     assert [(s["from"], s["to"], s["status"]) for s in manifest["shards"]] == [(0, 3, "done"), (3, 6, "done")]
-    assert list(results_dir(world, "BISON").glob("BISON_sh_acc*.json"))
+    assert list(results_dir(eval_world, "BISON").glob("BISON_sh_acc*.json"))
 
 
 # ------------------------------------------------------------------------------------------------ GPU
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_batched_equals_unbatched(world, api_env):
-    one = eval_run(common(world, "NLVR2", "cuda1", "--inference", "--merge-results", "--device", "cuda",
+def test_cuda_batched_equals_unbatched(eval_world, api_env):
+    one = eval_run(common(eval_world, "NLVR2", "cuda1", "--inference", "--merge-results", "--device", "cuda",
                           "--batch-size", "1"))
-    many = eval_run(common(world, "NLVR2", "cuda3", "--inference", "--merge-results", "--device", "cuda",
+    many = eval_run(common(eval_world, "NLVR2", "cuda3", "--inference", "--merge-results", "--device", "cuda",
                            "--batch-size", "3"))
     assert [it["response"] for it in load(one.result_path)] == [it["response"] for it in load(many.result_path)]

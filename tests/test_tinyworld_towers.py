@@ -178,15 +178,16 @@ def test_image_text_configs_refuse_tag_datasets_and_vice_versa():
 
 
 def test_the_dialogue_stage_trains_on_a_fresh_world_without_the_earlier_stages(tmp_path):
-    """train_configs/sparkleschat_tiny.yaml with `model.q_former_model= model.ckpt=`: random frozen towers and a
-    fresh decoder, no files of the earlier stages."""
+    """train_configs/sparkleschat_tiny.yaml with `model.q_former_model= model.ckpt= model.allow_random_towers=true`
+    (the command of its comment): random frozen towers and a fresh decoder, no files of the earlier stages."""
     import sparkles.tinyworld as tinyworld
     import train
 
     root = tmp_path / "world"
     assert tinyworld.main(["--out", str(root), "--seed", "3", "--preset", "ci", "--quiet"]) == 0
     summary = train.main(["--cfg-path", str(REPO / "train_configs/sparkleschat_tiny.yaml"), "--sparkles_root",
-                          str(root), "--options", "model.q_former_model=", "model.ckpt=", "run.iters_per_epoch=2",
-                          "run.warmup_steps=1", "run.batch_size_train=2", "run.output_dir=models/fresh"])
+                          str(root), "--options", "model.q_former_model=", "model.ckpt=",
+                          "model.allow_random_towers=true", "run.iters_per_epoch=2", "run.warmup_steps=1",
+                          "run.batch_size_train=2", "run.output_dir=models/fresh"])
     assert summary["epochs"][0]["global_step"] == 2 and Path(summary["checkpoint"]).is_file()
     assert not (root / "models" / "sparkleschat_tiny_towers").exists()

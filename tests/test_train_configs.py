@@ -66,7 +66,7 @@ def test_paper_recipe_values():
     assert (run.init_lr, run.min_lr, run.warmup_lr, run.warmup_steps) == (3e-5, 1e-5, 1e-6, 400)
     assert (run.max_epoch, run.iters_per_epoch, run.batch_size_train, run.seed, run.amp) == (5, 400, 1, 42, True)
     assert (run.weight_decay, run.beta2, run.accum_grad_iters) == (0.05, 0.999, 1)
-    assert cfg.model.ckpt == "weights/minigpt4_7b_stage1.pth"
+    assert cfg.model.ckpt == "models/pretrained/minigpt4_7b_stage1.pth"
     assert cfg.model.freeze_vit and cfg.model.freeze_qformer and cfg.model.freeze_llm
     assert all(d.vis_processor.train.name == "blip2_image_train" for d in cfg.datasets.values())
 

@@ -101,7 +101,7 @@ def test_bfloat16_autocast_trains_on_cpu_and_float16_falls_back(world):
 
 
 def test_frozen_towers_train_only_the_projection_and_the_feature_cache_matches(world):
-    model = {"freeze_vit": True, "freeze_qformer": True, "freeze_llm": True}
+    model = {"freeze_vit": True, "freeze_qformer": True, "freeze_llm": True, "allow_random_towers": True}
     run = {"max_epoch": 1, "iters_per_epoch": 4}
     plain = train.main(["--cfg-path", str(config(world, "proj", model=model, run={**run, "output_dir": "proj"}))])
     cached = train.main(["--cfg-path", str(config(world, "cache", model=model, run={

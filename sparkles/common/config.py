@@ -54,6 +54,9 @@ class RunConfig:
     # Default Sparkles root for this config (relative to the working directory); --sparkles_root and
     # $SPARKLES_ROOT take precedence. Lets the tiny configs work without any flag.
     sparkles_root: Optional[str] = None
+    # How the demo and the API place images: "sparkles" (the user marks each with ✨/⭐) or "minigpt4" (the
+    # original single-image chat: the one image goes before the first question). Evaluation prompts carry slots.
+    chat_mode: str = "sparkles"
     task: str = "image_text_pretrain"
     runner: str = "runner_base"
     # --- learning rate: linear_warmup_cosine_lr | linear_warmup_step_lr | constant_lr (sparkles.runners.lr_sched)

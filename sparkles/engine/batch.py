@@ -10,15 +10,23 @@ from typing import Sequence
 
 import torch
 
-from ..conversation.render import Message, SampleTooLong, collate
+from ..conversation.render import Message, collate
 from ..conversation.template import USER, count_slots, replace_glyphs
 from .chat import Chat, ChatError
 from .decoding import StopChecker, beam_search, clean_answer, decode_tokens
 
 
 @torch.no_grad()
-def generate_batch(chat: Chat, prompts: Sequence[tuple[str, Sequence]], **options) -> list[str]:
-    """Answer independent single-turn prompts together. Each item is ``(user_text, images)``.
+def as_messages(prompt: str | Sequence[Message]) -> list[Message]:
+    """A user text, or a whole conversation ending with a user message, as messages (✨/⭐ become slots)."""
+    if isinstance(prompt, str):
+        return [Message(USER, replace_glyphs(prompt))]
+    return [Message(m.role, replace_glyphs(m.content)) if m.role == USER else m for m in prompt]
+
+
+def generate_batch(chat: Chat, prompts: Sequence[tuple[str | Sequence[Message], Sequence]], **options) -> list[str]:
+    """Answer independent prompts together. Each item is ``(user_text or messages, images)``: the images fill the
+    slots of the conversation in order (those of turns dropped to fit go unused).
 
     Prompts are left-padded into one batch; all their images are encoded in one vision pass. With greedy
     decoding the answers equal those of one-by-one generation.
@@ -26,16 +34,20 @@ def generate_batch(chat: Chat, prompts: Sequence[tuple[str, Sequence]], **option
     gen = chat.generation.updated(**options)
     renderer, model, tok = chat.renderer, chat.model, chat.tokenizer
     rendered, all_images, all_messages = [], [], []
-    for i, (text, images) in enumerate(prompts):
-        text = replace_glyphs(text)
-        if count_slots(text) != len(images):
-            raise ChatError(f"prompt {i}: {count_slots(text)} image slot(s) but {len(images)} image(s)")
+    for i, (prompt, images) in enumerate(prompts):
+        messages = as_messages(prompt)
+        slots = sum(count_slots(m.content) for m in messages)
+        if slots != len(images):
+            raise ChatError(f"prompt {i}: {slots} image slot(s) but {len(images)} image(s)")
         try:
-            r = renderer.render([Message(USER, text)], chat.layout, max_length=gen.max_length - gen.max_new_tokens)
-        except SampleTooLong as exc:
-            raise ChatError(f"prompt {i} does not fit in the context: {exc}") from None
+            context = chat.context(messages, gen)
+        except ChatError as exc:
+            raise ChatError(f"prompt {i}: {exc}") from None
+        if context.cut:
+            raise ChatError(f"prompt {i}: {context.warning} Cut contexts are answered one at a time (ChatSession).")
+        r = context.rendered
         rendered.append(r)
-        all_images.extend(images)
+        all_images.extend(images[j] for j in r.image_indices)
         all_messages.extend(r.image_messages)
     if not rendered:
         return []

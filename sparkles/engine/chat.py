@@ -22,8 +22,9 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
-from ..conversation.render import Message, Renderer, SampleTooLong
-from ..conversation.template import ASSISTANT, END_SYM, INFER_LAYOUT, USER, Layout, count_slots, replace_glyphs
+from ..conversation.render import Message, Rendered, Renderer, SampleTooLong
+from ..conversation.template import (ASSISTANT, END_SYM, IMAGE_MARKER, INFER_LAYOUT, USER, Layout, count_slots,
+                                     replace_glyphs)
 from .decoding import GenerationConfig, beam_search, clean_answer, decode_tokens
 from .kv_cache import new_kv_cache
 
@@ -34,6 +35,20 @@ class ChatError(ValueError):
     """A request the engine cannot serve (e.g. more image slots than images)."""
 
 
+@dataclass
+class Context:
+    """A conversation rendered for the decoder: what it sees, and what was left out to make it fit."""
+
+    rendered: Rendered
+    cut: int = 0  # positions cut from the left (overflow="truncate_left")
+    warning: Optional[str] = None
+
+    @property
+    def text(self) -> str:
+        """The decoder's input as text, image slots written as markers (before any left cut)."""
+        return self.rendered.text
+
+
 def _layout_for(model, layout: Optional[Layout]) -> Layout:
     if layout is not None:
         return layout
@@ -41,11 +56,22 @@ def _layout_for(model, layout: Optional[Layout]) -> Layout:
     return INFER_LAYOUT if system is None else INFER_LAYOUT.with_system(system)
 
 
+CHAT_MODES = ("sparkles", "minigpt4")
+
+
 class Chat:
-    """Shared, stateless parts: model, tokenizer, renderer, image transform, default settings."""
+    """Shared, stateless parts: model, tokenizer, renderer, image transform, default settings.
+
+    ``chat_mode``: ``sparkles`` — the user places every image with a slot (✨/⭐); ``minigpt4`` — the original
+    single-image chat of MiniGPT-4: the one image goes into a slot placed before the first user message.
+    """
 
     def __init__(self, model, image_processor=None, *, tokenizer=None, layout: Optional[Layout] = None,
-                 generation: Optional[GenerationConfig] = None, reuse_cache: bool = True) -> None:
+                 generation: Optional[GenerationConfig] = None, reuse_cache: bool = True,
+                 chat_mode: str = "sparkles") -> None:
+        if chat_mode not in CHAT_MODES:
+            raise ChatError(f"chat_mode must be one of {', '.join(CHAT_MODES)}, got {chat_mode!r}")
+        self.chat_mode = chat_mode
         self.model = model
         self.tokenizer = tokenizer if tokenizer is not None else model.tokenizer
         if self.tokenizer is None:
@@ -59,6 +85,31 @@ class Chat:
 
     def session(self) -> "ChatSession":
         return ChatSession(self)
+
+    def context(self, messages: Sequence[Message], gen: GenerationConfig) -> Context:
+        """Render ``messages`` (ending with a user message) within ``gen.max_length - gen.max_new_tokens``
+        positions, by ``gen.overflow``: whole earlier turns dropped, or the start cut off as the original did.
+        A conversation whose last turn alone does not fit under ``drop_turns`` is a :class:`ChatError`."""
+        budget = gen.max_length - gen.max_new_tokens
+        if budget <= 0:
+            raise ChatError(f"max_length={gen.max_length} leaves no room for the context "
+                            f"(max_new_tokens={gen.max_new_tokens})")
+        if gen.overflow == "truncate_left":
+            rendered = self.renderer.render(messages, self.layout)
+            cut = max(0, len(rendered) - budget)
+            warning = None if not cut else (
+                f"The context needs {len(rendered)} positions but max_length={gen.max_length} leaves {budget} "
+                f"besides the answer; its first {cut} positions were cut off (left truncation, as the original).")
+            return Context(rendered, cut, warning)
+        try:
+            rendered = self.renderer.render(messages, self.layout, max_length=budget)
+        except SampleTooLong as exc:
+            raise ChatError(f"the last message does not fit in the context ({exc}, the context's share of "
+                            f"max_length={gen.max_length} besides max_new_tokens={gen.max_new_tokens})") from None
+        warning = None if not rendered.dropped_turns else (
+            f"The conversation is longer than the model's context; the oldest {rendered.dropped_turns} turn(s) "
+            "and their images were left out.")
+        return Context(rendered, 0, warning)
 
     @property
     def reads_messages(self) -> bool:
@@ -110,6 +161,7 @@ class ChatSession:
         self._vision: dict[int, torch.Tensor] = {}
         self._read_with: dict[int, str] = {}
         self.last_warning: Optional[str] = None
+        self.last_context: Optional[Context] = None  # what the decoder saw for the last answer
         self._state: Optional[_CacheState] = None
         self.stats = {"prefill_tokens": 0, "reused_tokens": 0}
 
@@ -154,7 +206,17 @@ class ChatSession:
         text = replace_glyphs(text)
         if self.messages and self.messages[-1].role == USER:
             raise ChatError("the previous question has not been answered yet")
+        if self.chat.chat_mode == "minigpt4" and not self.messages and self.image_embeds and not count_slots(text):
+            if len(self.image_embeds) > 1:
+                raise ChatError("the MiniGPT-4 chat shows one image; start a new conversation for another")
+            text = IMAGE_MARKER + " " + text  # the original joined the image message and the question with a space
         self.messages.append(Message(USER, text))
+
+    def add_exchange(self, question: str, answer: str) -> None:
+        """Add an earlier turn as it happened: a user message and the assistant's answer (e.g. a stored dialogue
+        replayed, or a client that sends the whole history)."""
+        self.ask(question)
+        self.messages.append(Message(ASSISTANT, answer))
 
     def reset(self) -> None:
         self.messages.clear()
@@ -163,6 +225,7 @@ class ChatSession:
         self._read_with.clear()
         self._state = None
         self.last_warning = None
+        self.last_context = None
 
     @property
     def num_slots(self) -> int:
@@ -187,27 +250,21 @@ class ChatSession:
         if slots != len(self.image_embeds):
             raise ChatError(f"the conversation has {slots} image slot(s) but {len(self.image_embeds)} image(s) "
                             "were added; every image needs exactly one ✨/⭐ (or <Img><ImageHere></Img>)")
-        budget = gen.max_length - gen.max_new_tokens
-        if budget <= 0:
-            raise ChatError(f"max_length={gen.max_length} leaves no room for the context "
-                            f"(max_new_tokens={gen.max_new_tokens})")
-        try:
-            rendered = self.chat.renderer.render(self.messages, self.chat.layout, max_length=budget)
-        except SampleTooLong as exc:
-            raise ChatError(f"the last message does not fit in the context: {exc}") from None
-        self.last_warning = None
-        if rendered.dropped_turns:
-            self.last_warning = (f"The conversation is longer than the model's context; the oldest "
-                                 f"{rendered.dropped_turns} turn(s) and their images were left out.")
-            log.warning(self.last_warning)
+        context = self.chat.context(self.messages, gen)
+        rendered, cut = context.rendered, context.cut
+        self.last_context = context
+        self.last_warning = context.warning
+        if context.warning:
+            log.warning(context.warning)
         model, tok = self.chat.model, self.chat.tokenizer
         self._encode_pending(rendered)
         images = torch.stack([self.image_embeds[i] for i in rendered.image_indices]) if rendered.image_indices \
             else None
 
-        if gen.num_beams > 1:  # transformers' beam search: full prefill, no cache kept
+        if gen.num_beams > 1 or cut:  # beam search / a cut context: full prefill, no cache kept
             self._state = None
-            embeds = self._embed(rendered, images, 0)
+            embeds = self._embed(rendered, images, 0)[:, cut:]
+        if gen.num_beams > 1:  # transformers' beam search
             mask = torch.ones(1, embeds.shape[1], dtype=torch.long, device=embeds.device)
             new = beam_search(model.llama_model, inputs_embeds=embeds, attention_mask=mask, gen=gen, tokenizer=tok)[0]
             text = clean_answer(tok, new, gen.stop_strings)
@@ -215,7 +272,7 @@ class ChatSession:
             yield text
             return
 
-        keys = rendered.keys
+        keys = rendered.keys[cut:]
         reuse = 0
         if self._state is not None and not rendered.dropped_turns and self.chat.reuse_cache:
             old = self._state.keys
@@ -231,7 +288,8 @@ class ChatSession:
             cache, reuse = new_kv_cache(), 0
         self.stats["prefill_tokens"] += len(keys) - reuse
         self.stats["reused_tokens"] += reuse
-        embeds = self._embed(rendered, images, reuse)
+        if not cut:
+            embeds = self._embed(rendered, images, reuse)
         mask = torch.ones(1, embeds.shape[1], dtype=torch.long, device=embeds.device)
         fed: list[list[int]] = [[]]
         generated: list[int] = []

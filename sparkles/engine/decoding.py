@@ -21,6 +21,9 @@ from ..models.hf_compat import cache_kwarg, logits_keep_kwarg
 from .kv_cache import new_kv_cache
 
 
+OVERFLOW_POLICIES = ("drop_turns", "truncate_left")
+
+
 @dataclass
 class GenerationConfig:
     """Decoding settings. The defaults are the deterministic evaluation protocol (greedy)."""
@@ -37,12 +40,18 @@ class GenerationConfig:
     seed: Optional[int] = None
     stop_strings: Sequence[str] = field(default_factory=lambda: ("###",))
     stop_on_eos: bool = True
+    # A context longer than max_length - max_new_tokens: "drop_turns" leaves out whole earlier turns (and their
+    # images); "truncate_left" keeps its last positions whatever they cut through (the original's way).
+    overflow: str = "drop_turns"
 
     def updated(self, **overrides) -> "GenerationConfig":
         unknown = set(overrides) - set(self.__dataclass_fields__)
         if unknown:
             raise TypeError(f"unknown generation option(s): {', '.join(sorted(unknown))}")
-        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+        out = replace(self, **{k: v for k, v in overrides.items() if v is not None})
+        if out.overflow not in OVERFLOW_POLICIES:
+            raise ValueError(f"overflow must be one of {', '.join(OVERFLOW_POLICIES)}, got {out.overflow!r}")
+        return out
 
 
 def _forward_last(llm, *, inputs_embeds, attention_mask, position_ids, cache) -> torch.Tensor:

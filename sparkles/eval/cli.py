@@ -11,6 +11,13 @@ The original's command line plus ``--protocol``, ``--batch-size``, ``--device``,
     # judge the GPT-4 reference dialogues of SparklesEval (no model)
     python evaluate.py --sparkles_root ROOT --dataset SparklesEval --inference --merge-results
 
+    # the paper's protocol with the original's texts (imported by python -m sparkles.tools.import_protocol)
+    python evaluate.py ... --protocol upstream --protocol-file protocol_upstream.yaml --inference --merge-results
+
+    # score a finished (e.g. released) result file again, or have other judges rate its dialogues
+    python evaluate.py --results-file SparklesEval_models_pretrained_sparkleschat_7b.json --merge-results \
+        --judge_models gpt-4o
+
 Under ``torchrun`` each rank takes its part of the range (``RANK`` / ``WORLD_SIZE``) and, with
 ``--merge-results``, rank 0 merges after all ranks finished.
 """
@@ -28,11 +35,12 @@ from typing import Any, Optional, Sequence
 
 from ..common.config import ConfigError, import_modules, load_config, resolve_config_root, to_container
 from ..common.paths import EVAL_DATASETS, MissingPathError, resolve_root
+from ..conversation.protocol_file import ProtocolFileError, load_protocol_file
 from .benchmarks import CHOICE_BENCHMARKS
 from .benchmarks.sparkleseval import DialogueFormatError
 from .data import AnnotationError, EvalSet
 from .judges import JudgeSetupError, make_judges
-from .protocol import PROTOCOLS, make_protocol
+from .protocol import PROTOCOLS, comparability_warning, make_protocol
 from .store import ManifestError, RunDir, ShardFile, eid_key
 
 log = logging.getLogger("sparkles.eval")
@@ -68,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model config (eval_configs/*.yaml); omit to judge SparklesEval's GPT-4 reference dialogues")
     p.add_argument("--sparkles_root", "--sparkles-root", dest="sparkles_root", default=None,
                    help="Sparkles root (default: $SPARKLES_ROOT, then run.sparkles_root of the config)")
-    p.add_argument("--dataset", default="NLVR2", choices=EVAL_DATASETS)
+    p.add_argument("--dataset", default=None, choices=EVAL_DATASETS,
+                   help="default NLVR2 (with --results-file: what the file holds)")
     p.add_argument("--data-from", type=int, default=0, help="first annotation index of the slice")
     p.add_argument("--data-to", type=int, default=None, help="end of the slice (exclusive; default: all)")
     p.add_argument("--shard", default=None, metavar="I/N",
@@ -77,7 +86,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--merge-results", action="store_true", help="merge the run's shards and compute the metric")
     p.add_argument("--allow-partial", action="store_true", help="merge even if some requested items are missing")
     p.add_argument("--protocol", default="default", choices=PROTOCOLS,
-                   help="default: greedy, deterministic; upstream: the paper's sampling and re-asking")
+                   help="default: greedy, deterministic; upstream: the paper's sampling, re-asking, answer reading "
+                        "and left truncation")
+    p.add_argument("--protocol-file", default=None, metavar="F",
+                   help="YAML with the protocol's texts (system text, BISON/NLVR2 prompts, judge prompt and system "
+                        "message, extraction rule); default: the project's own wording. "
+                        "python -m sparkles.tools.import_protocol writes the original's")
+    p.add_argument("--results-file", default=None, metavar="F",
+                   help="with --merge-results: score this finished result file again (BISON/NLVR2: read its "
+                        "answers with the protocol's rule; SparklesEval: its judge scores, plus --judge_models "
+                        "judging anew). F is never modified")
+    p.add_argument("--output-dir", default=None,
+                   help="where --results-file writes (default: the file's folder)")
     p.add_argument("--num-beams", type=int, default=1)
     p.add_argument("--temperature", type=float, default=None,
                    help="sampling temperature (upstream protocol; default 1.0). The default protocol is greedy.")
@@ -141,6 +161,23 @@ def model_name_from_ckpt(ckpt: Path, num_beams: int = 1) -> str:
     return name + (f"_beam{num_beams}" if num_beams > 1 else "")
 
 
+def protocol_from_args(args):
+    """The protocol of ``--protocol`` and its overrides, with the texts of ``--protocol-file``; warns (once, loudly)
+    when an upstream run lacks the original's texts."""
+    texts = load_protocol_file(args.protocol_file)
+    protocol = make_protocol(args.protocol, num_beams=args.num_beams, temperature=args.temperature,
+                             max_new_tokens=args.max_new_tokens, max_length=args.max_length,
+                             max_retries=args.max_retries, judge_temperature=args.judge_temperature,
+                             judge_attempts=args.judge_attempts, texts=texts)
+    if args.temperature is not None and not protocol.do_sample:
+        log.warning("--temperature is ignored: the default protocol decodes greedily (use --protocol upstream)")
+    warning = comparability_warning(protocol)
+    if warning:
+        bar = "!" * 100
+        log.warning("\n%s\n%s\n%s", bar, warning, bar)
+    return protocol
+
+
 def _device(args) -> str:
     if args.gpu_id is not None:
         return f"cuda:{args.gpu_id}"
@@ -172,12 +209,9 @@ class _Context:
 
             self.cfg = load_config(args.cfg_path, args.options)
             self.root = resolve_config_root(self.cfg, args.sparkles_root)
-        self.protocol = make_protocol(args.protocol, num_beams=args.num_beams, temperature=args.temperature,
-                                      max_new_tokens=args.max_new_tokens, max_length=args.max_length,
-                                      max_retries=args.max_retries, judge_temperature=args.judge_temperature,
-                                      judge_attempts=args.judge_attempts)
-        if args.temperature is not None and not self.protocol.do_sample:
-            log.warning("--temperature is ignored: the default protocol decodes greedily (use --protocol upstream)")
+        self.protocol = protocol_from_args(args)
+        if self.cfg is not None and self.protocol.texts.system_text is not None:
+            self.cfg.model.system_text = self.protocol.texts.system_text
         self.evalset = EvalSet(self.root, args.dataset)
         self.model_name = args.model_name or self._model_name()
         self.run = RunDir(self.evalset.results_dir, args.dataset, self.model_name)
@@ -234,16 +268,20 @@ class _Context:
         return build
 
     def judges(self) -> list:
-        return make_judges(self.args.judge_models or ["gpt-4"], root=self.root, client=_LazyClient(self.gpt_client),
-                           temperature=self.protocol.judge_temperature, max_tokens=self.args.judge_max_tokens,
-                           max_attempts=self.protocol.judge_attempts)
+        return _judges(self.args, self.protocol, self.root,
+                       self.evalset.layout.eval_results("SparklesEval") / "gpt_judge_cache.sqlite")
 
-    def gpt_client(self):
+
+def _judges(args, protocol, root: Optional[Path], default_cache: Path, names=("gpt-4",)) -> list:
+    def client():
         from ..gpt import GPTClient
 
-        path = Path(self.args.gpt_cache) if self.args.gpt_cache else \
-            self.evalset.layout.eval_results("SparklesEval") / "gpt_judge_cache.sqlite"
-        return GPTClient.from_env(cache=path, concurrency=max(1, self.args.judge_concurrency))
+        path = Path(args.gpt_cache) if args.gpt_cache else default_cache
+        return GPTClient.from_env(cache=path, concurrency=max(1, args.judge_concurrency))
+
+    return make_judges(args.judge_models or list(names), root=root, client=_LazyClient(client),
+                       temperature=protocol.judge_temperature, max_tokens=args.judge_max_tokens,
+                       max_attempts=protocol.judge_attempts, texts=protocol.texts)
 
 
 class _LazyClient:
@@ -346,6 +384,8 @@ def _print_shard_summary(ctx: _Context, start: int, stop: int, stats) -> None:
     parts = [f"{stats.items} items", f"{stats.reused} already done", f"{stats.generated} generated"]
     if ctx.evalset.dataset in CHOICE_BENCHMARKS:
         parts.append(f"{stats.unparseable} unparseable")
+    if stats.failed:
+        parts.append(f"{stats.failed} could not be answered")
     for name, count in stats.judged.items():
         parts.append(f"{count} judged by {name} ({stats.judge_failed.get(name, 0)} unparseable)")
     if stats.judge_calls:
@@ -377,6 +417,9 @@ def _barrier_then_is_rank0() -> bool:
 def run(argv: Optional[Sequence[str]] = None) -> EvalReport:
     """Parse ``argv`` and do the work; raises on errors (``main`` reports them)."""
     args = build_parser().parse_args(argv)
+    if args.results_file is not None:
+        return run_rescore(args)
+    args.dataset = args.dataset or "NLVR2"
     if not (args.inference or args.merge_results):
         raise EvalError("nothing to do: pass --inference (answer and judge a slice) and/or --merge-results")
     if args.batch_size < 1:
@@ -393,6 +436,39 @@ def run(argv: Optional[Sequence[str]] = None) -> EvalReport:
     return report
 
 
+def run_rescore(args) -> EvalReport:
+    """``--results-file F --merge-results``: score F again, judge its dialogues anew (:mod:`.rescore`)."""
+    from .rescore import read_results_file, rescore
+    from .runner import ShardStats, run_judging
+
+    if args.inference or not args.merge_results:
+        raise EvalError("--results-file re-scores a finished result file: pass --merge-results (and not --inference)")
+    import_modules(args.imports, source="--imports")
+    results = read_results_file(args.results_file, args.dataset, args.model_name)
+    protocol = protocol_from_args(args)
+    out_dir = Path(args.output_dir) if args.output_dir else results.path.parent
+    report = EvalReport(results.dataset, results.model_name, out_dir)
+    judges = []
+    if args.judge_models:
+        if results.dataset != "SparklesEval":
+            raise EvalError("--judge_models applies to SparklesEval result files only")
+        root = Path(args.sparkles_root) if args.sparkles_root else None
+        judges = _judges(args, protocol, root, out_dir / "gpt_judge_cache.sqlite")
+    stats = ShardStats()
+
+    def judge_runner(shard, eids, chosen):
+        run_judging(shard, eids, chosen, stats, concurrency=args.judge_concurrency, progress=not args.no_progress,
+                    rejudge_failed=args.rejudge_failed)
+
+    result = rescore(results, out_dir=out_dir, rule=protocol.extraction, judges=judges, judge_runner=judge_runner)
+    report.merged, report.result_path, report.stats = result.metrics, result.result_path, stats.to_dict()
+    if stats.api_errors:
+        report.exit_code = EXIT_INCOMPLETE
+        report.messages.append(f"{len(stats.api_errors)} judgement(s) could not be obtained because of API errors; "
+                               "run the same command again to continue (finished work is kept)")
+    return report
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "httpx2", "httpcore", "openai"):  # one line per HTTP request otherwise
@@ -400,9 +476,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from ..gpt.errors import MissingAPIKeyError
     from .generator import InputError
     from .merge import MergeError
+    from .rescore import ResultsFileError
 
     expected = (EvalError, ConfigError, MissingPathError, MissingAPIKeyError, AnnotationError, InputError,
-                DialogueFormatError, JudgeSetupError, MergeError, ManifestError)
+                DialogueFormatError, JudgeSetupError, MergeError, ManifestError, ProtocolFileError, ResultsFileError)
     try:
         report = run(argv)
     except expected as exc:

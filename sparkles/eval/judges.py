@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ..common.registry import JUDGES
+from ..conversation.protocol_file import ProtocolTexts
 from .benchmarks.sparkleseval import JUDGE_SYSTEM, JudgeParseError, build_judge_prompt, parse_judge_reply
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ class GPTJudge:
     kind = "gpt"
 
     def __init__(self, client, model: str, *, temperature: float = 0.0, max_tokens: int = 1024,
-                 max_attempts: int = 3) -> None:
+                 max_attempts: int = 3, texts: ProtocolTexts = ProtocolTexts()) -> None:
         if max_attempts < 1:
             raise ValueError("the judge needs at least one attempt")
         self.client = client
@@ -52,20 +53,31 @@ class GPTJudge:
         self.temperature = temperature
         self.max_tokens = max_tokens
         self.max_attempts = max_attempts
+        self.system = texts.judge_system if texts.judge_system is not None else JUDGE_SYSTEM
+        self.template = texts.judge_template
+        self.images_format = texts.judge_images_format
+        self.texts = texts
 
     def settings(self) -> dict:
-        return {"kind": self.kind, "model": self.model, "temperature": self.temperature,
-                "max_tokens": self.max_tokens, "max_attempts": self.max_attempts}
+        out = {"kind": self.kind, "model": self.model, "temperature": self.temperature,
+               "max_tokens": self.max_tokens, "max_attempts": self.max_attempts}
+        if any(v is not None for v in (self.texts.judge_system, self.template, self.images_format)):
+            out.update(system=self.system, template_fingerprint=self.texts.fingerprint(),
+                       images_format=self.images_format or "json")
+        return out
+
+    def prompt(self, dialogue: Sequence[Mapping[str, Any]]) -> str:
+        return build_judge_prompt(dialogue, self.template, self.images_format)
 
     def request(self, prompt: str, attempt: int) -> dict:
         """Arguments of ``GPTClient.chat`` for one attempt (1-based)."""
-        return {"prompt": [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": prompt}],
+        return {"prompt": [{"role": "system", "content": self.system}, {"role": "user", "content": prompt}],
                 "model": self.model, "temperature": self.temperature, "max_tokens": self.max_tokens,
                 "cache_tag": f"sparkleseval-judge:attempt{attempt}"}
 
     def judge(self, dialogue: Sequence[Mapping[str, Any]]) -> JudgeOutcome:
         """Judge one dialogue. A ``GPTCallError`` (API failure) propagates: nothing is recorded then."""
-        prompt = build_judge_prompt(dialogue)
+        prompt = self.prompt(dialogue)
         reply, error, calls, paid = "", "", 0, 0
         for attempt in range(1, self.max_attempts + 1):
             result = self.client.chat(**self.request(prompt, attempt))
@@ -85,14 +97,15 @@ class GPTJudge:
 
 
 def make_judges(names: Sequence[str], *, root: Path, client, temperature: float, max_tokens: int,
-                max_attempts: int) -> list:
+                max_attempts: int, texts: ProtocolTexts = ProtocolTexts()) -> list:
     """One judge per distinct name, in order: a registered judge built for ``root``, else a :class:`GPTJudge`
-    on ``client`` (built lazily by the caller: no API key is needed while nothing is left to judge)."""
+    on ``client`` (built lazily by the caller: no API key is needed while nothing is left to judge) asking with
+    the protocol's judge texts."""
     judges = []
     for name in dict.fromkeys(names):
         if name in JUDGES:
             judges.append(JUDGES.get(name)(root))
         else:
             judges.append(GPTJudge(client, name, temperature=temperature, max_tokens=max_tokens,
-                                   max_attempts=max_attempts))
+                                   max_attempts=max_attempts, texts=texts))
     return judges

@@ -13,7 +13,8 @@ The manifest lists the shards; their files are read (never deleted), items are j
 Outputs, next to the run directory in ``<root>/evaluation/<dataset>/results/``:
 ``<dataset>_<model>.json`` (SparklesEval) or ``<dataset>_<model>_acc<x.xxx>.json`` (BISON/NLVR2) in the
 upstream schema, the same name with ``.html`` (:mod:`sparkles.viz.html`), and
-``<dataset>_<model>_metrics.json``.
+``<dataset>_<model>_metrics.json``. :func:`score_and_write` is that last step on its own (re-scoring a result
+file goes through it too, :mod:`.rescore`).
 """
 
 from __future__ import annotations
@@ -130,9 +131,25 @@ def merge_run(run: RunDir, evalset: EvalSet, *, judges: Optional[Sequence[str]] 
     """Merge, score and write the outputs (see the module docstring)."""
     items, report = collect(run, evalset, allow_partial=allow_partial)
     manifest = run.read_manifest()
-    metrics: dict[str, Any] = {"dataset": evalset.dataset, "model_name": run.model_name, "items": len(items)}
-    out_dir = run.results_dir
-    if evalset.dataset == "SparklesEval":
+    extra = {**report, "settings": manifest.get("settings"), "judge_settings": manifest.get("judges")}
+    return score_and_write(items, dataset=evalset.dataset, out_dir=run.results_dir, base=run.base,
+                           model_name=run.model_name, judges=judges, extra=extra, write_html=write_html,
+                           image_url_fn=evalset.image_url, protected=(evalset.annotation_path,),
+                           protected_dirs=(evalset.annotation_path.parent,))
+
+
+def score_and_write(items: list, *, dataset: str, out_dir: Path, base: str, model_name: str,
+                    judges: Optional[Sequence[str]] = None, extra: Optional[dict] = None, write_html: bool = True,
+                    image_url_fn=None, protected: Sequence[Path] = (),
+                    protected_dirs: Sequence[Path] = ()) -> MergeResult:
+    """Score finished items and write ``<base>.json`` / ``<base>_acc<x.xxx>.json``, its page and the metrics.
+
+    SparklesEval: one score per judge (``judges``, default every judge found, ``gpt-4`` first), the first being
+    the headline. BISON/NLVR2: accuracy of the items' ``predict``. ``protected`` / ``protected_dirs``: files and
+    folders never written into (the annotations, a result file being re-scored).
+    """
+    metrics: dict[str, Any] = {"dataset": dataset, "model_name": model_name, "items": len(items)}
+    if dataset == "SparklesEval":
         found = sorted({k for it in items for k, v in it.items()
                         if isinstance(v, dict) and ("error" in v or SCORE_KEYS[0] in v)})
         names = list(dict.fromkeys(judges)) if judges else sorted(found, key=lambda n: (n != "gpt-4", n))
@@ -141,50 +158,68 @@ def merge_run(run: RunDir, evalset: EvalSet, *, judges: Optional[Sequence[str]] 
             first = metrics["judges"][names[0]]
             metrics["headline"] = {"judge": names[0], "overall": first["overall"], "A1": first["A1"],
                                    "A2": first["A2"], "rated": first["rated"]}
-        result_path = out_dir / f"{run.base}.json"
+        result_path = out_dir / f"{base}.json"
         for name, s in metrics["judges"].items():
             if s["overall"] is None:
                 log.warning("judge %s: no rated dialogues (%d failed, %d unjudged)", name, s["failed"], s["unjudged"])
                 continue
-            print(f"[{evalset.dataset}] {run.model_name} judged by {name}: "
+            print(f"[{dataset}] {model_name} judged by {name}: "
                   f"A1 vector {_fmt(s['A1_vector'])}, A2 vector {_fmt(s['A2_vector'])}; "
                   f"A1 {s['A1']:.2f}, A2 {s['A2']:.2f}, overall {s['overall']:.2f} "
-                  f"({s['rated']} rated, {s['failed']} unparseable, {s['unjudged']} unjudged)")
+                  f"({s['rated']} rated, {s['failed']} unparseable, {s['unjudged']} unjudged, "
+                  f"{s['unanswered']} unanswered)")
     else:
-        summary = CHOICE_BENCHMARKS[evalset.dataset].score(items)
+        summary = CHOICE_BENCHMARKS[dataset].score(items)
         metrics.update(summary)
         acc = summary["accuracy"] or 0.0
-        result_path = out_dir / f"{run.base}_acc{acc:.3f}.json"
-        print(f"[{evalset.dataset}] {run.model_name}: accuracy {acc:.3f} ({summary['correct']}/{summary['total']}; "
-              f"{summary['unparseable']} unparseable, {summary['generations']} generations)")
-    metrics.update(report)
-    metrics.update(settings=manifest.get("settings"), judge_settings=manifest.get("judges"))
-    metrics_path = out_dir / f"{run.base}_metrics.json"
+        result_path = out_dir / f"{base}_acc{acc:.3f}.json"
+        print(f"[{dataset}] {model_name}: accuracy {acc:.3f} ({summary['correct']}/{summary['total']}; "
+              f"{summary['unparseable']} unparseable, {summary['failed']} failed, {summary['generations']} "
+              "generations)")
+    _report_failures(items, metrics, dataset)
+    metrics.update(extra or {})
+    metrics_path = out_dir / f"{base}_metrics.json"
     metrics["files"] = {"results": result_path.name}
-    _check_not_input(result_path, evalset)
+    for path in (result_path, metrics_path, result_path.with_suffix(".html")):
+        _check_not_input(path, protected, protected_dirs)
     atomic_write_json(result_path, items)
-    html_paths = _write_html(items, result_path, evalset, run.model_name, metrics) if write_html else []
+    html_paths = _write_html(items, result_path, dataset, model_name, metrics, image_url_fn) if write_html else []
     if html_paths:
         metrics["files"]["html"] = [p.name for p in html_paths]
     atomic_write_json(metrics_path, metrics)
-    print(f"[{evalset.dataset}] wrote {result_path}" + (f" and {html_paths[0].name}" if html_paths else ""))
+    print(f"[{dataset}] wrote {result_path}" + (f" and {html_paths[0].name}" if html_paths else ""))
     return MergeResult(items, metrics, result_path, metrics_path, html_paths)
+
+
+def _report_failures(items: Sequence[dict], metrics: dict, dataset: str) -> None:
+    """Count (and print) the items that could not be answered and those whose context was shortened."""
+    failed = [it for it in items if it.get("error")]
+    warned = [it for it in items if it.get("warnings")]
+    metrics.update(failed_items=len(failed), failed_item_ids=[it.get("evaluation_id") for it in failed],
+                   shortened_items=len(warned), shortened_item_ids=[it.get("evaluation_id") for it in warned])
+    if failed:
+        shown = "; ".join(f"{it.get('evaluation_id')}: {it['error']}" for it in failed[:3])
+        print(f"[{dataset}] {len(failed)} item(s) could not be answered and count as failed ({shown}"
+              + (" ..." if len(failed) > 3 else "") + ")")
+    if warned:
+        print(f"[{dataset}] {len(warned)} item(s) were answered from a shortened context (their 'warnings' say how)")
 
 
 def _fmt(vector) -> str:
     return "[" + ", ".join(f"{v:.2f}" for v in vector) + "]"
 
 
-def _check_not_input(path: Path, evalset: EvalSet) -> None:
-    if path.resolve() == evalset.annotation_path.resolve() or evalset.annotation_path.parent in path.parents:
-        raise MergeError(f"refusing to write results into the annotations directory: {path}")
+def _check_not_input(path: Path, protected: Sequence[Path], protected_dirs: Sequence[Path]) -> None:
+    target = path.resolve()
+    if any(target == p.resolve() for p in protected) or any(d.resolve() in target.parents for d in protected_dirs):
+        raise MergeError(f"refusing to write results over an input or into its directory: {path}")
 
 
-def _write_html(items, result_path: Path, evalset: EvalSet, model_name: str, metrics: dict) -> list[Path]:
+def _write_html(items, result_path: Path, dataset: str, model_name: str, metrics: dict, image_url_fn) -> list[Path]:
     html_path = result_path.with_suffix(".html")
     try:
-        if evalset.dataset == "SparklesEval":
-            return viz.write_dialogue_page(items, html_path, image_url_fn=evalset.image_url,
+        if dataset == "SparklesEval":
+            return viz.write_dialogue_page(items, html_path, image_url_fn=image_url_fn,
                                            title=result_path.stem, model_name=model_name)
         return viz.write_choice_results_page(items, html_path, metrics.get("accuracy"), title=result_path.stem,
                                              model_name=model_name)

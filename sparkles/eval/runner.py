@@ -35,6 +35,7 @@ class ShardStats:
     generated: int = 0        # items whose answers were generated now
     generations: int = 0      # model answers produced now (retries included)
     unparseable: int = 0      # BISON/NLVR2 items left without a readable choice now
+    failed: int = 0           # items that could not be answered now (recorded with their error)
     judged: dict = field(default_factory=dict)       # judge → judgements recorded now
     judge_failed: dict = field(default_factory=dict)  # judge → replies that never parsed (recorded)
     judge_calls: int = 0      # replies obtained (cached or paid)
@@ -81,9 +82,14 @@ def adopt_from_siblings(run: RunDir, shard: ShardFile, wanted: set, *, merge_jud
 # -------------------------------------------------------------------------------------------- BISON / NLVR2
 def run_choice_shard(evalset: EvalSet, indices: Sequence[int], shard: ShardFile, generator_factory: Callable,
                      protocol: Protocol, seed: int, stats: ShardStats, progress: bool = True) -> None:
-    """Answer every question of ``indices`` that the shard does not hold yet."""
+    """Answer every question of ``indices`` that the shard does not hold yet.
+
+    Each item records the question (``prompt``), the decoder's input (``model_input``) and any ``warnings``; an
+    item that cannot be answered (its context does not fit) is recorded with its ``error`` and counts as wrong.
+    """
     benchmark = CHOICE_BENCHMARKS[evalset.dataset]
-    questions = [benchmark.question(evalset, i) for i in indices]
+    template = getattr(protocol.texts, benchmark.TEMPLATE_KEY)
+    questions = [benchmark.question(evalset, i, template) for i in indices]
     pending = [(i, q) for i, q in zip(indices, questions) if q.evaluation_id not in shard]
     stats.items, stats.reused = len(questions), len(questions) - len(pending)
     if not pending:
@@ -93,20 +99,27 @@ def run_choice_shard(evalset: EvalSet, indices: Sequence[int], shard: ShardFile,
     for batch in _chunks(pending, generator.batch_size):
         reqs = [Request(q.prompt, [evalset.abspath(p) for p in q.img_paths],
                         item_seed(seed, q.evaluation_id, 0), _where(evalset, i, "img_paths")) for i, q in batch]
-        responses = generator.generate(reqs, protocol.generation())
-        for (i, q), req, response in zip(batch, reqs, responses):
+        answers = generator.generate(reqs, protocol.generation())
+        for (i, q), req, answer in zip(batch, reqs, answers):
             generations = 1
-            predict = benchmark.extract(response)
-            while predict is None and generations <= protocol.max_retries:
+            predict = None if answer.error else benchmark.extract(answer.text, protocol.extraction)
+            while predict is None and not answer.error and generations <= protocol.max_retries:
                 retry = Request(req.prompt, req.images, item_seed(seed, q.evaluation_id, generations), req.where)
-                response = generator.generate([retry], protocol.generation())[0]
+                answer = generator.generate([retry], protocol.generation())[0]
                 generations += 1
-                predict = benchmark.extract(response)
+                predict = None if answer.error else benchmark.extract(answer.text, protocol.extraction)
             stats.generations += generations
-            stats.unparseable += predict is None
-            shard.put({"label": q.label, "prompt": q.prompt, "img_paths": q.img_paths, "predict": predict,
-                       "response": response, "sentence": q.sentence, "evaluation_id": q.evaluation_id,
-                       "generations": generations})
+            item = {"label": q.label, "prompt": q.prompt, "img_paths": q.img_paths, "predict": predict,
+                    "response": answer.text, "sentence": q.sentence, "evaluation_id": q.evaluation_id,
+                    "generations": generations, "model_input": answer.model_input}
+            if answer.warnings:
+                item["warnings"] = answer.warnings
+            if answer.error:
+                item["error"] = answer.error
+                stats.failed += 1
+            else:
+                stats.unparseable += predict is None
+            shard.put(item)
             stats.generated += 1
             if bar is not None:
                 bar.update(1)
@@ -129,9 +142,12 @@ def run_sparkleseval_generation(evalset: EvalSet, indices: Sequence[int], shard:
                                 stats: ShardStats, progress: bool = True) -> None:
     """Two-turn answers for every dialogue of ``indices`` not in the shard yet.
 
-    Turn 1 asks the first user message with its images; turn 2 asks
-    :func:`~.benchmarks.sparkleseval.turn2_prompt` with the images of both turns. ``generator_factory=None`` keeps
-    the reference answers (judging the GPT-4 dialogues themselves).
+    Turn 1 asks the first user message with its images. Turn 2 asks the second with the images of both turns:
+    after the first turn as it happened (the model's own A1), or, under ``protocol.turn2 == "inline"``, as the
+    one user message :func:`~.benchmarks.sparkleseval.turn2_prompt` (the original's way). The item records both
+    questions (``prompt``) and decoder inputs (``model_input``); a dialogue that cannot be answered is recorded
+    with its ``error`` and is not judged. ``generator_factory=None`` keeps the reference answers (judging the
+    GPT-4 dialogues themselves).
     """
     dialogues = {i: check_dialogue(evalset.items[i], _where(evalset, i, "dialogue")) for i in indices}
     pending = [i for i in indices if evalset.items[i]["evaluation_id"] not in shard]
@@ -152,21 +168,42 @@ def run_sparkleseval_generation(evalset: EvalSet, indices: Sequence[int], shard:
             q1 = dialogues[i][0]
             eid = evalset.items[i]["evaluation_id"]
             turn1.append(Request(q1["content"], _image_files(evalset, q1), item_seed(seed, eid, 0, "turn1"),
-                                 _where(evalset, i, "dialogue[0].images")))
+                                 _where(evalset, i, "dialogue[0]")))
         answers1 = generator.generate(turn1, protocol.generation())
-        turn2 = []
+        turn2, asked2 = [], []
         for i, a1 in zip(batch, answers1):
+            if a1.error:
+                continue
             q1, q2 = dialogues[i][0], dialogues[i][2]
             eid = evalset.items[i]["evaluation_id"]
-            prompt = turn2_prompt(q1["content"], a1, q2["content"])
-            turn2.append(Request(prompt, _image_files(evalset, q1) + _image_files(evalset, q2),
-                                 item_seed(seed, eid, 0, "turn2"), _where(evalset, i, "dialogue[2].images")))
-        answers2 = generator.generate(turn2, protocol.generation())
-        stats.generations += 2 * len(batch)
-        for i, a1, a2 in zip(batch, answers1, answers2):
+            images = _image_files(evalset, q1) + _image_files(evalset, q2)
+            where, seed2 = _where(evalset, i, "dialogue[2]"), item_seed(seed, eid, 0, "turn2")
+            if protocol.turn2 == "inline":
+                req = Request(turn2_prompt(q1["content"], a1.text, q2["content"]), images, seed2, where)
+            else:
+                req = Request(q2["content"], images, seed2, where, history=(q1["content"], a1.text))
+            turn2.append(req)
+            asked2.append(i)
+        answers2 = dict(zip(asked2, generator.generate(turn2, protocol.generation())))
+        prompts2 = dict(zip(asked2, (r.prompt for r in turn2)))
+        stats.generations += len(batch) + len(asked2)
+        for i, a1 in zip(batch, answers1):
+            a2 = answers2.get(i)
             dialogue = copy.deepcopy(dialogues[i])
-            dialogue[1]["content"], dialogue[3]["content"] = a1, a2
-            shard.put({"evaluation_id": evalset.items[i]["evaluation_id"], "dialogue": dialogue})
+            item = {"evaluation_id": evalset.items[i]["evaluation_id"], "dialogue": dialogue}
+            answers = [a for a in (a1, a2) if a is not None]
+            failed = next((a for a in answers if a.error), None)
+            if failed is None:
+                dialogue[1]["content"], dialogue[3]["content"] = a1.text, a2.text
+            item["prompt"] = [dialogues[i][0]["content"]] + ([prompts2[i]] if i in prompts2 else [])
+            item["model_input"] = [a.model_input for a in answers]
+            warnings = [w for a in answers for w in a.warnings]
+            if warnings:
+                item["warnings"] = warnings
+            if failed is not None:
+                item["error"] = failed.error
+                stats.failed += 1
+            shard.put(item)
             stats.generated += 1
             if bar is not None:
                 bar.update(1)
@@ -180,11 +217,13 @@ def run_judging(shard: ShardFile, eids: Sequence[Any], judges: Sequence[Any], st
 
     A reply that never parses is recorded as a failure entry (``error``, ``prompt``, ``response``) and is not
     asked again on re-runs unless ``rejudge_failed``. An API failure records nothing: the next run retries.
+    Dialogues the model could not answer (an item ``error``) are not judged.
     """
     redo = ("missing", "failed") if rejudge_failed else ("missing",)
     for judge in judges:
         name = judge.model
-        todo = [e for e in eids if judge_entry_status(shard.get(e).get(name)) in redo]
+        todo = [e for e in eids
+                if judge_entry_status(shard.get(e).get(name)) in redo and not shard.get(e).get("error")]
         stats.judged.setdefault(name, 0)
         stats.judge_failed.setdefault(name, 0)
         if not todo:

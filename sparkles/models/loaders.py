@@ -34,11 +34,13 @@ class CheckpointError(RuntimeError):
 
 @dataclass
 class LoadReport:
-    """What one file contributed: loaded keys, keys ignored on purpose (with the reason)."""
+    """What one file contributed: loaded keys, keys ignored on purpose (with the reason), and the model's
+    tensors they set (``filled``, names as in ``model.state_dict()``: what tells a tower the file provides)."""
 
     file: str
     loaded: list[str] = field(default_factory=list)
     ignored: dict[str, str] = field(default_factory=dict)  # key -> reason
+    filled: set[str] = field(default_factory=set)
 
     def summary(self) -> str:
         reasons: dict[str, int] = {}
@@ -74,9 +76,9 @@ def _assign(target: dict[str, torch.Tensor], key: str, value: torch.Tensor, path
 
 
 def _load_mapped(module: nn.Module, source: dict[str, torch.Tensor], mapping: Callable[[str], str | None | tuple],
-                 path: Path, report: LoadReport, *, required: Iterable[str] | None = None) -> set[str]:
-    """Copy ``source`` into ``module`` through ``mapping`` (src key → module key, None = not ours,
-    or ("ignore", reason)). Returns the module keys that were filled."""
+                 path: Path, report: LoadReport, *, prefix: str, required: Iterable[str] | None = None) -> set[str]:
+    """Copy ``source`` into ``module`` (the model's ``prefix`` part) through ``mapping`` (src key → module key,
+    None = not ours, or ("ignore", reason)). Returns the module keys that were filled."""
     target = module.state_dict()
     filled: dict[str, torch.Tensor] = {}
     for src_key, value in source.items():
@@ -95,6 +97,7 @@ def _load_mapped(module: nn.Module, source: dict[str, torch.Tensor], mapping: Ca
         shown = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
         raise CheckpointError(f"{path}: {len(missing)} required key(s) missing: {shown}")
     module.load_state_dict(filled, strict=False)
+    report.filled.update(prefix + k for k in filled)
     return set(filled)
 
 
@@ -109,7 +112,7 @@ def _eva_mapping(depth: int, prefix: str = "") -> Callable[[str], str | None | t
         m = block.match(k)
         if m and int(m.group(1)) >= depth:
             return ("ignore", f"block beyond vit_depth={depth}")
-        if k.startswith(("head.", "fc_norm.", "norm.", "lm_head.")) or k in ("rel_pos_bias.relative_position_bias_table",):
+        if k.startswith(("head.", "fc_norm.", "norm.", "lm_head.")) or k == "rel_pos_bias.relative_position_bias_table":
             return ("ignore", "classification head / final norm not used by BLIP-2")
         if k.endswith("relative_position_index") or k.endswith("attn.k_bias"):
             return ("ignore", "fixed buffer")
@@ -137,7 +140,7 @@ def load_eva_vit(model: nn.Module, path: str | os.PathLike) -> LoadReport:
     vit = model.visual_encoder.vit
     _resample_pos_embed(sd, "pos_embed", vit)
     report = LoadReport(str(path))
-    _load_mapped(vit, sd, _eva_mapping(len(vit.blocks)), path, report)
+    _load_mapped(vit, sd, _eva_mapping(len(vit.blocks)), path, report, prefix="visual_encoder.vit.")
     return report
 
 
@@ -201,18 +204,20 @@ def load_blip2(model: nn.Module, path: str | os.PathLike) -> LoadReport:
     with torch.no_grad():
         model.query_tokens.copy_(q)
     report.loaded.append("query_tokens")
+    report.filled.add("query_tokens")
     _load_mapped(model.ln_vision, sd, lambda k: k[len("ln_vision."):] if k.startswith("ln_vision.") else None,
-                 path, report)
+                 path, report, prefix="ln_vision.")
     text = getattr(model, "qformer_text", None)
-    _load_mapped(model.Qformer, sd, lambda k: qformer_key(k, text_input=text is not None), path, report)
+    _load_mapped(model.Qformer, sd, lambda k: qformer_key(k, text_input=text is not None), path, report,
+                 prefix="Qformer.")
     if text is not None:
-        _load_mapped(text, sd, qformer_text_key, path, report)
+        _load_mapped(text, sd, qformer_text_key, path, report, prefix="qformer_text.")
     vis = {k: v for k, v in sd.items() if k.startswith("visual_encoder.")}
     if vis:
         vit = model.visual_encoder.vit
         vis = {k[len("visual_encoder."):]: v for k, v in vis.items()}
         _resample_pos_embed(vis, "pos_embed", vit)
-        _load_mapped(vit, vis, _eva_mapping(len(vit.blocks)), path, report)
+        _load_mapped(vit, vis, _eva_mapping(len(vit.blocks)), path, report, prefix="visual_encoder.vit.")
     known = set(report.loaded) | set(report.ignored) | set(vis and [f"visual_encoder.{k}" for k in vis])
     stray = sorted(k for k in sd if k not in known and not k.startswith("visual_encoder."))
     if stray:
@@ -259,7 +264,7 @@ def save_blip2(model: nn.Module, path: str | os.PathLike) -> Path:
     return atomic_write(path, lambda f: torch.save({"model": sd}, f))
 
 
-# --------------------------------------------------------------------------------------------- projection / full checkpoints
+# ------------------------------------------------------------------------------------ projection / full checkpoints
 _BUFFER_SUFFIXES = ("position_ids", "rotary_emb.inv_freq", "attn.bias", "attn.masked_bias", "k_bias")
 
 
@@ -287,13 +292,15 @@ def load_sparkles_checkpoint(model: nn.Module, path: str | os.PathLike) -> LoadR
         raise CheckpointError(f"{path}: required key 'llama_proj.weight' missing")
     missing = model.load_state_dict(to_load, strict=False)
     del missing  # partial by design: towers come from their own files
+    report.filled.update(to_load)
     return report
 
 
 # --------------------------------------------------------------------------------------------- decoder
-def load_llama(path: str | os.PathLike | None, *, dtype: torch.dtype = torch.float32, low_resource: bool = False,
-               device_8bit: int = 0) -> nn.Module:
-    """A LLaMA-family decoder from a Hugging Face directory (config.json + weights)."""
+def load_llama(path: str | os.PathLike | None, *, dtype: torch.dtype = torch.float32,
+               device_map_8bit: dict | None = None) -> nn.Module:
+    """A LLaMA-family decoder from a Hugging Face directory (config.json + weights); with ``device_map_8bit``
+    (the device plan's, e.g. ``{"": 3}``) in 8-bit through bitsandbytes, placed by that map."""
     from transformers import AutoModelForCausalLM
 
     if path is None:
@@ -306,10 +313,10 @@ def load_llama(path: str | os.PathLike | None, *, dtype: torch.dtype = torch.flo
         raise CheckpointError(f"{path}: no weight files (*.safetensors or pytorch_model*.bin); for a decoder "
                               "trained from scratch set model.llm_from_scratch=True")
     kwargs: dict = {"dtype": dtype}
-    if low_resource:
+    if device_map_8bit is not None:
         from transformers import BitsAndBytesConfig
 
-        kwargs = {"quantization_config": BitsAndBytesConfig(load_in_8bit=True), "device_map": {"": device_8bit},
+        kwargs = {"quantization_config": BitsAndBytesConfig(load_in_8bit=True), "device_map": device_map_8bit,
                   "dtype": torch.float16}
     return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
 

@@ -13,21 +13,24 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Collection, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from omegaconf import MISSING, OmegaConf
 from torch import nn
 
+from ..common.config import ConfigError
 from ..common.paths import resolve_path
 from ..common.registry import MODEL_PRESETS, MODELS, TOWERS_INITS
 from ..common.tensors import IGNORE_INDEX, resolve_dtype
 from . import loaders
 from .hf_compat import logits_keep_kwarg
+from .placement import DECODER_DEVICE_MAP, PARTS, device_plan
 from .qformer import QFormerTextEmbeddings, build_qformer, run_qformer, tokenize_instructions
 from .tokenizer import load_tokenizer as read_tokenizer
 from .vision import VisionTower, build_eva_vit, ln_vision
+from .weights import is_url, weight_path
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +45,7 @@ class SparklesChatConfig:
     arch: str = "sparkleschat"
     model_type: str = "pretrain_vicuna"
     # --- vision tower (EVA-ViT-g) ---
-    vit_weights: str = ""  # eva_vit_g.pth; "" = random init
+    vit_weights: str = ""  # eva_vit_g.pth (a path or an https URL); "" = none (see allow_random_towers)
     image_size: int = 224
     vit_patch_size: int = 14
     vit_width: int = 1408
@@ -54,7 +57,7 @@ class SparklesChatConfig:
     vit_precision: str = "fp16"  # applied on CUDA only; CPU runs float32
     freeze_vit: bool = True
     # --- Q-Former ---
-    q_former_model: str = ""  # blip2_pretrained_flant5xxl.pth; "" = random init
+    q_former_model: str = ""  # blip2_pretrained_flant5xxl.pth (a path or an https URL); "" = none
     num_query_token: int = 32
     qformer_hidden: int = 768
     qformer_layers: int = 12
@@ -67,6 +70,9 @@ class SparklesChatConfig:
     # Q-Former and the query tokens), which pretrained weights overwrite; a name = a recipe for towers trained from
     # scratch, registered in sparkles.common.registry.TOWERS_INITS by a module of run.imports.
     towers_init: str = ""
+    # A frozen tower (freeze_vit / freeze_qformer) that no weight file fills (vit_weights, q_former_model, or a ckpt
+    # holding it) would stay random for the whole run: refused unless this is true (tests and toy runs).
+    allow_random_towers: bool = False
     # InstructBLIP's Q-Former (off in the paper, whose BLIP-2 towers see only the image): each image's queries
     # also read the user message that shows it, through word and position embeddings over the decoder's
     # tokenizer (at most qformer_max_text tokens), so what they extract can depend on the question.
@@ -93,9 +99,11 @@ class SparklesChatConfig:
     llm_max_positions: int = 2048
     freeze_llm: bool = True
     low_resource: bool = False  # 8-bit decoder through bitsandbytes (CUDA only)
-    device_8bit: int = 0
+    # The GPU of the 8-bit decoder when the device asked for names none (plain "cuda"; else 0); one that disagrees
+    # with the GPU asked for is an error (sparkles.models.placement): the whole model sits on one GPU.
+    device_8bit: Optional[int] = None
     dtype: str = "auto"  # decoder dtype: auto | float32 | bfloat16 | float16
-    # --- weights of the projection (MiniGPT-4 / SparklesChat .pth) or of a whole trained model ---
+    # --- weights of the projection (MiniGPT-4 / SparklesChat .pth) or of a whole trained model (path or URL) ---
     ckpt: str = ""
     # --- conversation layout (see sparkles.conversation.template) ---
     system_text: Optional[str] = None  # None = the template's default system text
@@ -153,6 +161,47 @@ def build_towers(cfg: SparklesChatConfig) -> tuple[nn.Module, nn.Module, nn.Modu
     else:
         nn.init.normal_(query_tokens, std=QUERY_TOKEN_STD)
     return visual_encoder, ln_vision(cfg.vit_width), qformer, query_tokens
+
+
+# Frozen towers that only a weight file can fill: (what, its parameters' name prefixes, the config key of its own
+# file, the freeze flag, the other keys whose files may hold it).
+_FILE_TOWERS = (
+    ("the vision tower", ("visual_encoder.",), "vit_weights", "freeze_vit", ("q_former_model", "ckpt")),
+    ("the Q-Former and its query tokens", ("Qformer.", "query_tokens", "qformer_text."), "q_former_model",
+     "freeze_qformer", ("ckpt",)),
+)
+
+
+def check_frozen_towers(cfg: SparklesChatConfig, model: Optional[nn.Module] = None,
+                        filled: Collection[str] = ()) -> None:
+    """Refuse a frozen tower that would stay random: its own weight file (``vit_weights`` / ``q_former_model``) is
+    empty and no other file provides it, unless ``allow_random_towers`` (a :class:`ConfigError`).
+
+    Without ``model`` (before anything loads) a tower is refused when none of the other files that could hold it
+    is configured; with ``model`` and the tensor names the weight files ``filled`` (:class:`LoadReport.filled`),
+    when one of its parameters is in no file (a BLIP-2 file without ``visual_encoder.*``, a checkpoint of a run
+    whose towers were frozen). A ``towers_init`` recipe does not count: it draws the towers, it does not train them.
+    """
+    if cfg.allow_random_towers:
+        return
+    for what, prefixes, key, freeze, others in _FILE_TOWERS:
+        if not getattr(cfg, freeze) or getattr(cfg, key):
+            continue
+        given = [f"model.{k}" for k in others if getattr(cfg, k)]
+        why = None
+        if model is None:
+            if not given:
+                why = f"no {' or '.join(f'model.{k}' for k in others)} is set that could hold it"
+        else:
+            names = [n for n, _ in model.named_parameters() if n.startswith(prefixes)]
+            missing = [n for n in names if n not in filled]
+            if missing and len(missing) == len(names):
+                why = f"{' and '.join(given) or 'no file'} {'holds' if len(given) < 2 else 'hold'} none of its weights"
+            elif missing:
+                why = f"{len(missing)} of its {len(names)} parameters are in no weight file, e.g. {missing[0]}"
+        if why:
+            raise ConfigError(f"model.{key} is empty and {freeze} is true: {what} would stay random ({why}); "
+                             f"set the path, or model.allow_random_towers: true for tests/toy runs")
 
 
 class ImageOrdinalEmbedding(nn.Module):
@@ -378,63 +427,82 @@ class SparklesChat(nn.Module):
         """Build from a model config (dict, OmegaConf or dataclass), loading every configured weight file."""
         if not isinstance(cfg, SparklesChatConfig):
             cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SparklesChatConfig), cfg))
-        device = torch.device(device)
-        if cfg.low_resource and device.type != "cuda":
-            raise ValueError("model.low_resource=True loads the decoder in 8-bit with bitsandbytes, which needs a "
-                             "CUDA device; set model.low_resource=False to run on CPU")
+        plan = device_plan(cfg, device)
+        check_frozen_towers(cfg)  # before the decoder loads: a tower no configured file could fill
 
         def path_of(value: str, what: str) -> Path:
+            if is_url(value):
+                raise ConfigError(f"{what}: {value} is a URL; only the weight files (model.vit_weights, "
+                                 "model.q_former_model, model.ckpt) may be URLs")
             return resolve_path(value, root, what=what)
+
+        def weights_of(key: str) -> Path:
+            return weight_path(getattr(cfg, key), root, what=f"model.{key}")
 
         llm_dir = path_of(cfg.llama_model, "model.llama_model (decoder directory)") if cfg.llama_model else None
         tokenizer = None
         if load_tokenizer:
             tok_dir = path_of(cfg.tokenizer_path, "model.tokenizer_path") if cfg.tokenizer_path else llm_dir
             tokenizer = read_tokenizer(tok_dir)
-        llm_dtype = resolve_dtype(cfg.dtype, device)
+        llm_dtype = resolve_dtype(cfg.dtype, plan["llama_model"])
         if cfg.llm_from_scratch:
             llama = loaders.build_llama_from_sizes(cfg, vocab_size=len(tokenizer) if tokenizer is not None else None,
                                                    llm_dir=llm_dir)
         else:
-            llama = loaders.load_llama(llm_dir, dtype=llm_dtype, low_resource=cfg.low_resource,
-                                       device_8bit=cfg.device_8bit)
+            llama = loaders.load_llama(llm_dir, dtype=llm_dtype, device_map_8bit=plan[DECODER_DEVICE_MAP])
         model = cls(cfg, llama)
         reports = []
         if cfg.vit_weights:
-            reports.append(loaders.load_eva_vit(model, path_of(cfg.vit_weights, "model.vit_weights")))
+            reports.append(loaders.load_eva_vit(model, weights_of("vit_weights")))
         if cfg.q_former_model:
-            reports.append(loaders.load_blip2(model, path_of(cfg.q_former_model, "model.q_former_model")))
+            reports.append(loaders.load_blip2(model, weights_of("q_former_model")))
         if cfg.ckpt:
-            reports.append(loaders.load_sparkles_checkpoint(model, path_of(cfg.ckpt, "model.ckpt")))
+            reports.append(loaders.load_sparkles_checkpoint(model, weights_of("ckpt")))
+        check_frozen_towers(cfg, model, set().union(*(r.filled for r in reports)))
         if verbose:
             for report in reports:
                 log.info("%s", report.summary())
         model.tokenizer = tokenizer
         model.load_reports = reports
-        return model.place(device).eval()  # inference by default; the runner switches to train()
+        return model.apply_plan(plan).eval()  # inference by default; the runner switches to train()
 
     def place(self, device: str | torch.device) -> "SparklesChat":
-        """Move to ``device``; on CUDA cast the ViT to ``vit_precision`` and the decoder to ``dtype``."""
-        device = torch.device(device)
-        if self.cfg.low_resource:  # 8-bit decoder already sits on its device; move the rest
+        """Move to ``device``; on CUDA cast the ViT to ``vit_precision`` and the decoder to ``dtype``. An 8-bit
+        decoder (``low_resource``) stays where it was loaded; every other part moves."""
+        if self.cfg.low_resource:
             return self.place_all_but_decoder(device)
-        self.to(device)
-        if device.type == "cuda":
-            if self.cfg.vit_precision in ("fp16", "bf16"):
-                vit_dtype = torch.float16 if self.cfg.vit_precision == "fp16" else torch.bfloat16
-                for mod in self.visual_encoder.modules():
-                    if isinstance(mod, (nn.Linear, nn.Conv2d)):
-                        mod.to(vit_dtype)
-            self.llama_model.to(resolve_dtype(self.cfg.dtype, device))
+        return self.apply_plan(device_plan(self.cfg, device))
+
+    def apply_plan(self, plan: dict) -> "SparklesChat":
+        """Put every part where ``plan`` (:func:`sparkles.models.placement.device_plan`) says; on CUDA cast the ViT
+        to ``vit_precision`` and a decoder that was not loaded in 8-bit to ``dtype``."""
+        eight_bit = plan[DECODER_DEVICE_MAP] is not None
+        self._move_parts(plan, keep_decoder=eight_bit)  # an 8-bit decoder: bitsandbytes put it there while loading
+        if plan["visual_encoder"].type == "cuda" and self.cfg.vit_precision in ("fp16", "bf16"):
+            vit_dtype = torch.float16 if self.cfg.vit_precision == "fp16" else torch.bfloat16
+            for mod in self.visual_encoder.modules():
+                if isinstance(mod, (nn.Linear, nn.Conv2d)):
+                    mod.to(vit_dtype)
+        if not eight_bit and plan["llama_model"].type == "cuda":
+            self.llama_model.to(resolve_dtype(self.cfg.dtype, plan["llama_model"]))
         return self
 
     def place_all_but_decoder(self, device: str | torch.device) -> "SparklesChat":
         """Move every part except ``llama_model`` to ``device`` (an 8-bit or device-mapped decoder stays where it
         was put): the child modules and the model's own parameters (``query_tokens``)."""
-        for name, module in self.named_children():
-            if name != "llama_model":
-                module.to(device)
-        for name, param in list(self._parameters.items()):
-            setattr(self, name, nn.Parameter(param.detach().to(device), requires_grad=param.requires_grad))
-        return self
+        device = torch.device(device)
+        return self._move_parts({part: device for part in PARTS}, keep_decoder=True)
 
+    def _move_parts(self, devices: dict, *, keep_decoder: bool) -> "SparklesChat":
+        """Move each child module and own parameter to ``devices[name]`` (all but ``llama_model`` if
+        ``keep_decoder``); a part ``devices`` does not name is an error, so no new part is left behind."""
+        unplanned = [n for n in [*self._modules, *self._parameters] if n not in devices]
+        if unplanned:
+            raise KeyError(f"the device plan places no {', '.join(unplanned)} (sparkles.models.placement.PARTS)")
+        for name, module in self.named_children():
+            if not (keep_decoder and name == "llama_model"):
+                module.to(devices[name])
+        for name, param in list(self._parameters.items()):
+            if param.device != devices[name]:
+                setattr(self, name, nn.Parameter(param.detach().to(devices[name]), requires_grad=param.requires_grad))
+        return self

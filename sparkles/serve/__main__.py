@@ -14,7 +14,7 @@ import logging
 import sys
 from typing import Optional, Sequence
 
-from .loading import LoadError, add_model_arguments, load_model, make_chat
+from .loading import LoadError, add_model_arguments, chat_mode_of, load_model, make_chat
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -37,8 +37,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        model, _ = load_model(args.cfg_path, options=args.options, sparkles_root=args.sparkles_root,
-                              gpu_ids=args.gpu_id)
+        model, cfg = load_model(args.cfg_path, options=args.options, sparkles_root=args.sparkles_root,
+                              gpu_ids=args.gpu_id, protocol_file=args.protocol_file)
     except LoadError as exc:
         print(f"sparkles.serve: {exc}", file=sys.stderr)
         return 2
@@ -46,8 +46,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     from .api import DEFAULT_MAX_IMAGES, create_app
 
-    app = create_app(make_chat(model), model_name=args.model_name, allowed_image_dirs=args.allowed_image_dir,
-                     max_images=args.max_images or DEFAULT_MAX_IMAGES)
+    app = create_app(make_chat(model, chat_mode=chat_mode_of(cfg)), model_name=args.model_name,
+                     allowed_image_dirs=args.allowed_image_dir, max_images=args.max_images or DEFAULT_MAX_IMAGES)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 

@@ -49,6 +49,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                              "then run.sparkles_root)")
     parser.add_argument("--options", nargs="+", default=None, metavar="KEY=VALUE",
                         help="override config values, e.g. model.ckpt=path/to/checkpoint.pth")
+    parser.add_argument("--protocol-file", default=None, metavar="F",
+                        help="protocol file whose system_text the chat uses (python -m sparkles.tools.import_protocol "
+                             "writes the original's); default: the config's")
 
 
 def context_length(model) -> int:
@@ -64,8 +67,9 @@ def context_limit(chat) -> int:
     return min(chat.generation.max_length, n) if n else chat.generation.max_length
 
 
-def make_chat(model, *, generation=None):
-    """A chat engine for ``model`` with the eval image transform at the model's image size."""
+def make_chat(model, *, generation=None, chat_mode: Optional[str] = None):
+    """A chat engine for ``model`` with the eval image transform at the model's image size; ``chat_mode`` as
+    :class:`~sparkles.engine.chat.Chat` takes it (a config's ``run.chat_mode``)."""
     from ..engine.chat import Chat
     from ..engine.decoding import GenerationConfig
     from ..processors.image import build_processor
@@ -75,7 +79,13 @@ def make_chat(model, *, generation=None):
     n = context_length(model)
     if n and generation.max_length > n:
         generation = generation.updated(max_length=n)
-    return Chat(model, processor, generation=generation)
+    return Chat(model, processor, generation=generation, chat_mode=chat_mode or "sparkles")
+
+
+def chat_mode_of(cfg) -> Optional[str]:
+    """The config's ``run.chat_mode`` (None when it has none)."""
+    run = cfg.get("run") if cfg is not None else None
+    return run.get("chat_mode") if run is not None else None
 
 
 def resolve_devices(gpu_ids: Optional[Sequence[int]]):
@@ -139,11 +149,15 @@ def split_decoder(model, gpu_ids: Sequence[int], *, max_memory: Optional[dict] =
 
 
 def load_model(cfg_path: Optional[str] = None, *, options: Optional[Sequence[str]] = None,
-               sparkles_root: Optional[str] = None, gpu_ids: Optional[Sequence[int]] = None):
-    """Config → SparklesChat (weights loaded, in eval mode) on the requested device(s). Returns ``(model, cfg)``."""
+               sparkles_root: Optional[str] = None, gpu_ids: Optional[Sequence[int]] = None,
+               protocol_file: Optional[str] = None):
+    """Config → SparklesChat (weights loaded, in eval mode) on the requested device(s). Returns ``(model, cfg)``.
+
+    A ``protocol_file`` with a ``system_text`` replaces the config's system text."""
     import sparkles.models  # noqa: F401  (registers the sparkleschat arch)
     from ..common.config import ConfigError, load_config, resolve_config_root
     from ..common.paths import MissingPathError
+    from ..conversation.protocol_file import ProtocolFileError, load_protocol_file
     from ..models.loaders import CheckpointError
     from ..models.sparkleschat import SparklesChat
 
@@ -154,7 +168,13 @@ def load_model(cfg_path: Optional[str] = None, *, options: Optional[Sequence[str
         raise LoadError(f"config file not found: {cfg_path}.{hint}")
     device = resolve_devices(gpu_ids)
     try:
+        texts = load_protocol_file(protocol_file)
+    except ProtocolFileError as exc:
+        raise LoadError(str(exc)) from exc
+    try:
         cfg = load_config(cfg_path, options)
+        if texts.system_text is not None:
+            cfg.model.system_text = texts.system_text
         root = resolve_config_root(cfg, sparkles_root)
         multi = bool(gpu_ids) and len(gpu_ids) > 1
         # Several GPUs: build on the CPU, then dispatch; one device: build there directly.

@@ -46,7 +46,8 @@ def build_tiny_model(work_dir: str | os.PathLike, *, seed: int = 0, texts: Optio
     tok_dir = Path(work_dir) / "tokenizer"
     if not (tok_dir / "tokenizer.json").is_file():
         write_tiny_tokenizer(tok_dir, texts)
-    fields = {**TINY_SIZES, **overrides}
+    # random frozen towers are this model's purpose (model.allow_random_towers), unless the caller says otherwise
+    fields = {"allow_random_towers": True, **TINY_SIZES, **overrides}
     cfg = SparklesChatConfig(llama_model=str(tok_dir), **fields)
     torch.manual_seed(seed)
     model = SparklesChat.from_config(cfg, device="cpu", verbose=False)

@@ -12,16 +12,21 @@ Library API (the evaluation merge step writes ``.html`` next to merged results w
                        summary=None, start_index=0, pages=None) -> str``
     ``items``: SparklesDialogue records or SparklesEval annotation/result records
     (judge entries such as ``"gpt-4": {"A1_C123_scores": [...], ...}`` are shown).
-    ``image_url_fn(image_id: str) -> str`` maps an image id to the URL written into the page; default
-    ``relative_image_url()`` = ``../images/<image_id>.jpg``. ``summary``: extra ``{label: value}`` rows for
-    the page header (per-judge means are added automatically). ``start_index``/``pages``: used by the
-    writer for pagination.
+    ``image_url_fn(image_id: str) -> str | None`` maps an image id to the URL written into the page (None: no
+    image known, the id is shown as text); default ``relative_image_url()`` = ``../images/<image_id>.jpg``.
+    ``summary``: extra ``{label: value}`` rows for the page header (per-judge means are added automatically).
+    ``start_index``/``pages``: used by the writer for pagination.
 
 ``render_choice_results_page(items, accuracy=None, *, image_url_fn=None, title="Results",
                              model_name=None, summary=None, start_index=0, pages=None) -> str``
     ``items``: BISON/NLVR2 result records (label, predict, prompt, response, sentence, img_paths,
     evaluation_id). ``accuracy`` defaults to ``choice_accuracy(items)`` (all items, not just this page).
-    ``image_url_fn(img_path: str) -> str``; default ``relative_path_url()`` = ``../images/<file name>``.
+    ``image_url_fn(img_path: str) -> str | None`` (None: the recorded path is shown as text instead of an
+    image); default ``relative_path_url()`` = ``../images/<file name>``.
+
+Both pages show what else an item carries: failed items (an ``error``, or a ``status`` other than ok/done) get a
+visible failure line, failed judgements (a judge entry with ``error`` instead of scores) are listed under their
+judge, and any further keys (``generations``, ``warnings``, ``model_input``, ...) appear as name/value rows.
 
 ``write_dialogue_page(items, path, *, image_url_fn=None, relative_dir="../images", page_size=500, **kw)``
 ``write_choice_results_page(items, path, accuracy=None, *, image_url_fn=None, relative_dir="../images",
@@ -30,13 +35,15 @@ Library API (the evaluation merge step writes ``.html`` next to merged results w
     linked from each other); return the written paths. Writes are atomic (temp file + rename).
 
 ``relative_image_url(relative_dir="../images", ext=".jpg")``, ``relative_path_url(relative_dir="../images")``,
-``choice_accuracy(items) -> float``, ``judge_summary(items) -> dict`` are public helpers.
+``choice_accuracy(items) -> float``, ``judge_summary(items) -> dict``, ``failure_of(item) -> str | None`` are
+public helpers.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import math
 import os
 import re
@@ -50,12 +57,19 @@ from ..common.io import atomic_write
 from ..conversation.template import IMAGE_MARKER as SLOT
 
 CAPTION_PREVIEW_CHARS = 100
+EXTRA_PREVIEW_CHARS = 200
 DEFAULT_PAGE_SIZE = 500
 JUDGE_KEYS = ("A1_C123_scores", "A2_C123_scores")
+# The fields each page lays out itself; any other key of an item is shown as a name/value row. "raw" (the GPT
+# exchange behind a SparklesDialogue record) is left out: it is several times longer than the dialogue.
+DIALOGUE_FIELDS = frozenset({"evaluation_id", "dialogue", "raw"})
+CHOICE_FIELDS = frozenset({"label", "prompt", "img_paths", "predict", "response", "sentence", "evaluation_id"})
+FAILURE_FIELDS = ("status", "error")
+_OK_STATUSES = ("ok", "done", "success")
 
 __all__ = [
     "render_dialogue_page", "render_choice_results_page", "write_dialogue_page", "write_choice_results_page",
-    "relative_image_url", "relative_path_url", "choice_accuracy", "judge_summary", "page_paths",
+    "relative_image_url", "relative_path_url", "choice_accuracy", "judge_summary", "page_paths", "failure_of",
 ]
 
 
@@ -90,7 +104,9 @@ def relative_path_url(relative_dir: str = "../images") -> Callable[[str], str]:
 # --------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Segment:
-    kind: str  # "text" | "slot" (inline thumbnail) | "orphan" (marker without an image) | "mention"
+    # "text" | "slot" (inline thumbnail) | "orphan" (marker without an image) | "missing" (an image whose file is
+    # unknown) | "mention"
+    kind: str
     text: str
     url: str | None = None
     image_id: str | None = None
@@ -109,8 +125,10 @@ def split_text(text: str, slot_images: Sequence[tuple[str, str]], mention_urls: 
     """Split ``text`` into plain text, slot thumbnails (k-th marker ↔ ``slot_images[k]``) and id mentions.
 
     ``slot_images`` holds ``(image_id, url)`` pairs in order; ``mention_urls`` maps an id to its URL (ids are
-    matched case-insensitively, whole ids only).
+    matched case-insensitively, whole ids only). A None URL makes a slot a "missing" segment and a mention
+    plain text.
     """
+    mention_urls = {k: v for k, v in mention_urls.items() if v}
     mention_re = _mention_pattern(mention_urls)
     lower_urls = {k.lower(): (k, v) for k, v in mention_urls.items()}
     segments: list[Segment] = []
@@ -139,7 +157,8 @@ def split_text(text: str, slot_images: Sequence[tuple[str, str]], mention_urls: 
             break
         if slot_index < len(slot_images):
             image_id, url = slot_images[slot_index]
-            segments.append(Segment("slot", SLOT, url=url, image_id=image_id))
+            # No URL: the image is unknown on this machine; keep the marker as text rather than a broken image.
+            segments.append(Segment("slot" if url else "missing", SLOT, url=url, image_id=image_id))
         else:
             # More markers than images: show the marker itself so the mismatch is visible, not hidden.
             segments.append(Segment("orphan", SLOT))
@@ -157,8 +176,39 @@ def _fmt_score(value: Any) -> str:
 
 
 def _judge_entries(item: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
+    """Every judge entry of an item: with score vectors, or a failed judgement (``error`` with the judge's
+    ``prompt``/``response``, as the evaluation records a reply that never parsed)."""
     return [(k, v) for k, v in item.items()
-            if isinstance(v, Mapping) and any(key in v for key in JUDGE_KEYS)]
+            if isinstance(v, Mapping) and (any(key in v for key in JUDGE_KEYS)
+                                           or ("error" in v and ("response" in v or "prompt" in v)))]
+
+
+def _value_text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, ensure_ascii=False, indent=1, default=str)
+
+
+def failure_of(item: Mapping[str, Any]) -> str | None:
+    """What went wrong with a failed item (an ``error``, or a ``status`` other than ok/done), else None."""
+    status, error = item.get("status"), item.get("error")
+    status_ok = status is None or str(status).strip().lower() in _OK_STATUSES
+    if error in (None, "") and status_ok:
+        return None
+    head = "failed" if status_ok else str(status)
+    return f"{head}: {_value_text(error)}" if error not in (None, "") else head
+
+
+def _extras(item: Mapping[str, Any], known: frozenset) -> list[dict[str, Any]]:
+    judges = {k for k, _ in _judge_entries(item)}
+    out = []
+    for key, value in item.items():
+        if key in known or key in judges or key in FAILURE_FIELDS:
+            continue
+        full = _value_text(value)
+        short, truncated = _short(full, EXTRA_PREVIEW_CHARS)
+        out.append({"name": str(key), "full": full, "short": short, "truncated": truncated})
+    return out
 
 
 def _short(text: str, limit: int = CAPTION_PREVIEW_CHARS) -> tuple[str, bool]:
@@ -167,14 +217,20 @@ def _short(text: str, limit: int = CAPTION_PREVIEW_CHARS) -> tuple[str, bool]:
     return text[:limit] + "...", True
 
 
-def _prepare_dialogue(index: int, item: Any, image_url_fn: Callable[[str], str]) -> dict[str, Any]:
-    if not isinstance(item, Mapping) or not isinstance(item.get("dialogue"), list):
+def _prepare_dialogue(index: int, item: Any, image_url_fn: Callable[[str], str | None]) -> dict[str, Any]:
+    if not isinstance(item, Mapping):
+        raise ValueError(f"record {index}: expected an object with a 'dialogue' list")
+    failure = failure_of(item)
+    dialogue = item.get("dialogue")
+    if dialogue is None and failure is not None:
+        dialogue = []  # a failed item may hold no dialogue at all; its failure line says why
+    if not isinstance(dialogue, list):
         raise ValueError(f"record {index}: expected an object with a 'dialogue' list")
     images: list[dict[str, Any]] = []
-    seen: dict[str, str] = {}
+    seen: dict[str, str | None] = {}
     messages = []
     # First pass: every image of the dialogue, so a turn-2 mention of a turn-1 image still links.
-    for j, msg in enumerate(item["dialogue"]):
+    for j, msg in enumerate(dialogue):
         if not isinstance(msg, Mapping):
             raise ValueError(f"record {index}: message {j} is not an object")
         msg_images = msg.get("images") or []
@@ -190,7 +246,7 @@ def _prepare_dialogue(index: int, item: Any, image_url_fn: Callable[[str], str])
             images.append({"id": image_id, "url": url, "caption": caption, "short": short,
                            "truncated": truncated, "message": j})
             seen.setdefault(image_id, url)
-    for j, msg in enumerate(item["dialogue"]):
+    for j, msg in enumerate(dialogue):
         for field in ("role", "content"):
             if field not in msg:
                 raise ValueError(f"record {index}: message {j} has no '{field}'")
@@ -209,10 +265,11 @@ def _prepare_dialogue(index: int, item: Any, image_url_fn: Callable[[str], str])
                 turns.append({"turn": turn, "scores": [(lab, _fmt_score(s)) for lab, s in zip(labels, scores)]})
         response = "" if entry.get("response") is None else str(entry.get("response"))
         short, truncated = _short(response)
+        error = entry.get("error")
         judges.append({"name": str(name), "turns": turns, "response": response, "short": short,
-                       "truncated": truncated})
+                       "truncated": truncated, "error": None if error in (None, "") else _value_text(error)})
     return {"index": index, "evaluation_id": item.get("evaluation_id"), "images": images,
-            "messages": messages, "judges": judges}
+            "messages": messages, "judges": judges, "failure": failure, "extras": _extras(item, DIALOGUE_FIELDS)}
 
 
 def _is_correct(item: Mapping[str, Any]) -> bool:
@@ -227,7 +284,7 @@ def choice_accuracy(items: Sequence[Mapping[str, Any]]) -> float:
     return sum(_is_correct(it) for it in items) / len(items) if items else 0.0
 
 
-def _prepare_choice(index: int, item: Any, image_url_fn: Callable[[str], str]) -> dict[str, Any]:
+def _prepare_choice(index: int, item: Any, image_url_fn: Callable[[str], str | None]) -> dict[str, Any]:
     if not isinstance(item, Mapping):
         raise ValueError(f"record {index}: expected an object")
     paths = item.get("img_paths") or []
@@ -246,28 +303,31 @@ def _prepare_choice(index: int, item: Any, image_url_fn: Callable[[str], str]) -
         "predict": "(none)" if item.get("predict") is None else text("predict"),
         "prompt": split_text(text("prompt"), slot_images, mention_urls),
         "response": split_text(text("response"), [], mention_urls),
-        "images": [{"url": u, "name": PurePath(str(p).replace("\\", "/")).name, "position": k + 1}
+        "images": [{"url": u, "name": PurePath(str(p).replace("\\", "/")).name, "path": str(p), "position": k + 1}
                    for k, (p, u) in enumerate(zip(paths, urls))],
+        "failure": failure_of(item), "extras": _extras(item, CHOICE_FIELDS),
     }
 
 
 def judge_summary(items: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per judge model: item count, mean A1/A2 vectors and A1, A2, overall as the paper computes them.
+    """Per judge model: rated and failed counts, mean A1/A2 vectors and A1, A2, overall as the paper computes them.
 
     A turn's score is the mean of its C1–C3 means (the judge's own overall is shown, not used), and overall
     is the mean of the two turns. Display only: the evaluation merge step owns the reported number.
     """
     vectors: dict[str, dict[str, list[list[float]]]] = {}
+    failed: dict[str, int] = {}
     for item in items:
         for name, entry in _judge_entries(item):
             per = vectors.setdefault(str(name), {k: [] for k in JUDGE_KEYS})
+            failed[str(name)] = failed.get(str(name), 0) + (not any(k in entry for k in JUDGE_KEYS))
             for key in JUDGE_KEYS:
                 scores = entry.get(key)
                 if isinstance(scores, (list, tuple)) and len(scores) == 4:
                     per[key].append([float(s) for s in scores])
     out: dict[str, dict[str, Any]] = {}
     for name, per in vectors.items():
-        row: dict[str, Any] = {"n": max(len(per[k]) for k in JUDGE_KEYS)}
+        row: dict[str, Any] = {"n": max(len(per[k]) for k in JUDGE_KEYS), "failed": failed[name]}
         turn_scores = []
         for key, label in zip(JUDGE_KEYS, ("A1", "A2")):
             rows = per[key]
@@ -328,7 +388,8 @@ def _judge_rows(items: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     for name, row in judge_summary(items).items():
         def vec(key: str) -> str:
             return ", ".join(f"{v:.2f}" for v in row[key]) if key in row else "–"
-        rows.append({"name": name, "n": row["n"], "A1_vector": vec("A1_vector"), "A2_vector": vec("A2_vector"),
+        rows.append({"name": name, "n": row["n"], "failed": row["failed"],
+                     "A1_vector": vec("A1_vector"), "A2_vector": vec("A2_vector"),
                      "A1": f"{row['A1']:.2f}" if "A1" in row else "–",
                      "A2": f"{row['A2']:.2f}" if "A2" in row else "–",
                      "overall": f"{row['overall']:.2f}" if "overall" in row else "–"})

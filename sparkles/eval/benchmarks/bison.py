@@ -11,9 +11,11 @@ from typing import Any, Iterable, Mapping, Optional
 
 from ...conversation.template import IMAGE_MARKER as SLOT
 from ..data import AnnotationError, EvalSet
-from .choice import REASONING_OPENER, ChoiceQuestion, choice_summary, extract_choice
+from ...conversation.protocol_file import fill
+from .choice import EXTRACTORS, REASONING_OPENER, ChoiceQuestion, choice_summary
 
 NAME = "BISON"
+TEMPLATE_KEY = "bison_template"  # the protocol file's key for TEMPLATE
 OPTIONS = ("IMAGE#1", "IMAGE#2")
 ANSWER_PHRASE = "Therefore, the answer (IMAGE#1 or IMAGE#2) is"
 TEMPLATE = (
@@ -25,12 +27,12 @@ TEMPLATE = (
 )
 
 
-def prompt(caption: str) -> str:
+def prompt(caption: str, template: Optional[str] = None) -> str:
     """The question for one caption (images go in candidate order)."""
-    return TEMPLATE.format(caption=caption)
+    return fill(template or TEMPLATE, caption=caption)
 
 
-def question(evalset: EvalSet, index: int) -> ChoiceQuestion:
+def question(evalset: EvalSet, index: int, template: Optional[str] = None) -> ChoiceQuestion:
     """Annotation ``index`` (``caption``, two ``image_candidates``, ``true_image_id``) as a question."""
     item = evalset.items[index]
     caption = evalset.field(index, "caption")
@@ -46,13 +48,13 @@ def question(evalset: EvalSet, index: int) -> ChoiceQuestion:
         raise AnnotationError(f"{evalset.where(index)}: true_image_id {truth} is not a candidate")
     label = OPTIONS[0] if truth == str(cands[0]["image_id"]) else OPTIONS[1]
     paths = [evalset.image_dir / str(c["image_filename"]) for c in cands]
-    return ChoiceQuestion(item["evaluation_id"], prompt(caption), [evalset.relpath(p) for p in paths], label,
-                          caption, OPTIONS)
+    return ChoiceQuestion(item["evaluation_id"], prompt(caption, template), [evalset.relpath(p) for p in paths],
+                          label, caption, OPTIONS)
 
 
-def extract(response: str) -> Optional[str]:
+def extract(response: str, rule: str = "sparkles") -> Optional[str]:
     """The image the answer chose (``"image#1"`` / ``"image#2"``), or None."""
-    return extract_choice(response, OPTIONS)
+    return EXTRACTORS[rule](response, OPTIONS)
 
 
 def score(items: Iterable[Mapping[str, Any]]) -> dict[str, Any]:

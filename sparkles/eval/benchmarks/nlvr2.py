@@ -12,9 +12,11 @@ from typing import Any, Iterable, Mapping, Optional
 
 from ...conversation.template import IMAGE_MARKER as SLOT
 from ..data import AnnotationError, EvalSet
-from .choice import REASONING_OPENER, ChoiceQuestion, choice_summary, extract_choice
+from ...conversation.protocol_file import fill
+from .choice import EXTRACTORS, REASONING_OPENER, ChoiceQuestion, choice_summary
 
 NAME = "NLVR2"
+TEMPLATE_KEY = "nlvr2_template"  # the protocol file's key for TEMPLATE
 OPTIONS = ("TRUE", "FALSE")
 ANSWER_PHRASE = "Therefore, the answer (TRUE or FALSE) is"
 TEMPLATE = (
@@ -26,12 +28,12 @@ TEMPLATE = (
 )
 
 
-def prompt(statement: str) -> str:
+def prompt(statement: str, template: Optional[str] = None) -> str:
     """The question for one statement (left image first)."""
-    return TEMPLATE.format(statement=statement)
+    return fill(template or TEMPLATE, statement=statement)
 
 
-def question(evalset: EvalSet, index: int) -> ChoiceQuestion:
+def question(evalset: EvalSet, index: int, template: Optional[str] = None) -> ChoiceQuestion:
     """Annotation ``index`` (``sentence``, ``identifier``, ``label``) as a question."""
     item = evalset.items[index]
     sentence = evalset.field(index, "sentence")
@@ -41,13 +43,13 @@ def question(evalset: EvalSet, index: int) -> ChoiceQuestion:
         raise AnnotationError(f"{evalset.where(index)}: field 'label' must be True or False, got {label!r}")
     stem = identifier[:-2]  # "dev-850-0-1" → pair "dev-850-0"
     paths = [evalset.image_dir / f"{stem}-img0.png", evalset.image_dir / f"{stem}-img1.png"]
-    return ChoiceQuestion(item["evaluation_id"], prompt(sentence), [evalset.relpath(p) for p in paths], label,
+    return ChoiceQuestion(item["evaluation_id"], prompt(sentence, template), [evalset.relpath(p) for p in paths], label,
                           sentence, OPTIONS)
 
 
-def extract(response: str) -> Optional[str]:
+def extract(response: str, rule: str = "sparkles") -> Optional[str]:
     """The verdict of the answer (``"true"`` / ``"false"``), or None."""
-    return extract_choice(response, OPTIONS)
+    return EXTRACTORS[rule](response, OPTIONS)
 
 
 def score(items: Iterable[Mapping[str, Any]]) -> dict[str, Any]:

@@ -33,6 +33,7 @@ import logging
 import re
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
+from ...conversation.protocol_file import fill
 from ...conversation.template import count_slots, strip_slots
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,12 @@ _LAYOUT_BLOCK = (
     "- (C2) Explanation: \"<explanation>\" Rating: [[<rating>]]\n"
     "- (C3) Explanation: \"<explanation>\" Rating: [[<rating>]]\n"
     "Therefore, the overall rating of {a} is [[<rating>]]"
+)
+# The whole judge prompt, with the placeholders a protocol file's judge_template has too.
+JUDGE_TEMPLATE = (
+    _INTRO + "\n```json\n{images}\n```\n\n" + _DIALOGUE_INTRO + "\n```\n"
+    "###User Q1: {q1}\n\n###Assistant A1: {a1}\n\n###User Q2: {q2}\n\n###Assistant A2: {a2}\n```\n\n"
+    + _TASK + "\n\n" + _LAYOUT_BLOCK.format(a="A1") + "\n" + _LAYOUT_BLOCK.format(a="A2")
 )
 
 
@@ -118,15 +125,18 @@ def dialogue_images(dialogue: Sequence[Mapping[str, Any]]) -> list[dict]:
     return out
 
 
-def build_judge_prompt(dialogue: Sequence[Mapping[str, Any]]) -> str:
-    """The judge prompt for one two-turn dialogue (assistant messages = the answers being judged)."""
-    images = json.dumps(dialogue_images(dialogue), ensure_ascii=False, indent=2)
+def build_judge_prompt(dialogue: Sequence[Mapping[str, Any]], template: Optional[str] = None,
+                       images_format: Optional[str] = None) -> str:
+    """The judge prompt for one two-turn dialogue (assistant messages = the answers being judged).
+
+    ``template`` (default :data:`JUDGE_TEMPLATE`) gets the images, written as a JSON array or, with
+    ``images_format="python_repr"``, as the Python ``repr`` of the list (the original's way), and the four
+    messages without image slot markers (``IMAGE#id`` kept).
+    """
+    listed = dialogue_images(dialogue)
+    images = repr(listed) if images_format == "python_repr" else json.dumps(listed, ensure_ascii=False, indent=2)
     q1, a1, q2, a2 = (strip_slots(str(m["content"])).strip() for m in dialogue)
-    conversation = (f"###User Q1: {q1}\n\n###Assistant A1: {a1}\n\n"
-                    f"###User Q2: {q2}\n\n###Assistant A2: {a2}")
-    layout = _LAYOUT_BLOCK.format(a="A1") + "\n" + _LAYOUT_BLOCK.format(a="A2")
-    return (f"{_INTRO}\n```json\n{images}\n```\n\n{_DIALOGUE_INTRO}\n```\n{conversation}\n```\n\n"
-            f"{_TASK}\n\n{layout}")
+    return fill(template or JUDGE_TEMPLATE, images=images, q1=q1, a1=a1, q2=q2, a2=a2)
 
 
 # ---------------------------------------------------------------------------------------------- parsing
@@ -227,11 +237,18 @@ def _mean(values: Sequence[float]) -> float:
 
 
 def score(items: Iterable[Mapping[str, Any]], judge: str) -> dict[str, Any]:
-    """Per-judge numbers: counts, mean A1/A2 vectors, A1, A2 and overall (None when nothing was rated)."""
+    """Per-judge numbers: counts, mean A1/A2 vectors, A1, A2 and overall (None when nothing was rated).
+
+    Dialogues the model could not answer (an item ``error``) are counted as ``unanswered``, apart from those the
+    judge could not rate (``failed``) or has not rated yet (``unjudged``).
+    """
     items = list(items)
     rows: dict[str, list[list[float]]] = {k: [] for k in SCORE_KEYS}
-    failed, missing = [], []
+    failed, missing, unanswered = [], [], []
     for item in items:
+        if item.get("error"):
+            unanswered.append(item.get("evaluation_id"))
+            continue
         entry = item.get(judge)
         status = judge_entry_status(entry)
         if status == "missing":
@@ -245,6 +262,7 @@ def score(items: Iterable[Mapping[str, Any]], judge: str) -> dict[str, Any]:
     n = len(rows[SCORE_KEYS[0]])
     out: dict[str, Any] = {"judge": judge, "dialogues": len(items), "rated": n, "failed": len(failed),
                            "failed_ids": failed, "unjudged": len(missing), "unjudged_ids": missing,
+                           "unanswered": len(unanswered), "unanswered_ids": unanswered,
                            "A1_vector": None, "A2_vector": None, "A1": None, "A2": None, "overall": None}
     if n == 0:
         return out
