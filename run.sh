@@ -3,8 +3,9 @@
 #
 #   bash run.sh                  CPU default: generate the CPU world, train the tiny SparklesChat on it in three
 #                                stages (towers that read the question; the decoder's verdict warm-up on text-only
-#                                drills; dialogues), evaluate it (the world's reference judge for SparklesEval),
-#                                write everything under outputs/tiny/ and print a summary (summary.json there).
+#                                drills; dialogues), evaluate it (the world's reference judge for SparklesEval; the
+#                                world's I4 split beside a trivial baseline), write everything under outputs/tiny/
+#                                and print a summary (summary.json there).
 #   bash run.sh ROOT [NGPU]      the paper pipeline on GPUs: torchrun train.py with train_configs/sparkleschat.yaml
 #                                on NGPU GPUs (default 8), then evaluate.sh on BISON and NLVR2 (and SparklesEval
 #                                when OPENAI_API_KEY or OPENAI_BASE_URL is set).
@@ -24,7 +25,7 @@ trap 'echo "run.sh: interrupted, stopping children"; for p in "${CHILDREN[@]:-}"
 
 ensure_installed() {
   if [[ "${SKIP_INSTALL:-0}" == 1 ]]; then return; fi
-  if "$PYTHON" -c "import sparkles, torch, timm, transformers, omegaconf" >/dev/null 2>&1; then return; fi
+  if "$PYTHON" -c "import sparkles, torch, timm, transformers, omegaconf, rouge, sklearn" >/dev/null 2>&1; then return; fi
   echo "[run.sh] Sparkles or its requirements are missing: installing into $("$PYTHON" -c 'import sys; print(sys.prefix)')"
   echo "[run.sh]   (bash scripts/install.sh: torch/torchvision if absent, then pip install -e '.[dev]')"
   PYTHON="$PYTHON" bash scripts/install.sh
@@ -79,16 +80,35 @@ run_tiny() {
   train_stage "$stage1_cfg" "$out" "${stage1_opts[@]}"
   train_stage "$stage2_cfg" "$out" "${train_opts[@]}"
   local t2; t2=$(now)
-  local ds
+  local ds name=models_sparkleschat_tiny_checkpoint_last  # evaluate.py's name for the checkpoint trained above
   for ds in BISON NLVR2 SparklesEval; do
     local judge=()
     [[ "$ds" == SparklesEval ]] && judge=(--judge_models reference)
+    rm -rf "$out/evaluation/$ds/results/${ds}_${name}"*  # answers of an earlier training of this folder's model
     "$PYTHON" evaluate.py --cfg-path eval_configs/sparkles_tiny.yaml --sparkles_root "$out" --dataset "$ds" \
       --inference --merge-results --batch-size "$batch" --max-new-tokens 120 --no-progress "${judge[@]}"
   done
+  # I4: the world's DEMON-format split, the model's answers and a trivial baseline's, both scored per category
+  local i4=$out/evaluation/I4
+  if [[ ! -f "$i4/Spot-the-Diff/core/core.json" ]]; then
+    "$PYTHON" -m sparkles.tinyworld --out "$out" --preset "$preset" --i4-only
+  fi
+  local i4_sets; i4_sets=$(cd "$i4" && for f in */core/core.json; do echo "${f%%/*}"; done)
+  rm -rf "$i4/results/sparkleschat_tiny" "$i4/results/baseline"
+  # shellcheck disable=SC2086  # one argument per dataset name
+  "$PYTHON" evaluate_I4.py --cfg-path eval_configs/sparkles_tiny.yaml --sparkles_root "$out" --i4-dir "$i4" \
+    --dataset $i4_sets --result-dir "$i4/results/sparkleschat_tiny" --batch-size "$batch" --max-new-tokens 80 \
+    --no-progress
+  "$PYTHON" -m sparkles.tinyworld --out "$out" --i4-baseline "$i4/results/baseline"
+  local r
+  for r in sparkleschat_tiny baseline; do
+    "$PYTHON" calculate_I4.py --result-dir "$i4/results/$r" --i4-dir "$i4"
+    "$PYTHON" i4_score.py --result-dir "$i4/results/$r"
+  done
   local t3; t3=$(now)
   "$PYTHON" -m sparkles.tools.summary --root "$out" --train-seconds "$(elapsed "$t1" "$t2")" \
-    --eval-seconds "$(elapsed "$t2" "$t3")" \
+    --eval-seconds "$(elapsed "$t2" "$t3")" --i4-results "$i4/results/sparkleschat_tiny" \
+    --i4-baseline "$i4/results/baseline" \
     --extra "{\"world_seconds\": $(elapsed "$t0" "$t1"), \"total_seconds\": $(elapsed "$t0" "$t3"),
               \"preset\": \"$preset\", \"processes\": $PROCS}"
   local demo="python demo.py"

@@ -26,6 +26,12 @@ def test_run_sh_ci_preset_end_to_end(tmp_path):
     assert 0.0 <= summary["bison_acc"] <= 1.0 and 0.0 <= summary["nlvr2_acc"] <= 1.0
     assert 1.0 <= summary["sparkleseval_score"] <= 10.0
     assert summary["processes"] == min(2, os.cpu_count())
+    # I4: the world's split answered and scored per category, beside the trivial baseline
+    for key in ("i4_score", "i4_baseline"):
+        assert summary[key]["mean"] is not None and 0.0 <= summary[key]["mean"] <= 100.0, key
+        assert set(summary[key]["datasets"]) == {"Spot-the-Diff", "MIT-States_PropertyCoherence", "nuscenes",
+                                                 "RecipeQA_ImageCoherence"}, key
+    assert (out / "evaluation/I4/results/sparkleschat_tiny/i4-score.txt").is_file()
     # the three training steps wrote their outputs, and every evaluation has its HTML page
     import torch
 

@@ -99,7 +99,7 @@ def test_force_replaces_a_world_and_removes_its_stale_images(tmp_path):
                  "--workers", "1", "--force", *small]) == 0
     caption_dir = tmp_path / "data" / "cc_sbu_align" / "image"
     on_disk = {p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")
-               if p.suffix in (".jpg", ".png") and p.parent != caption_dir}
+               if p.suffix in (".jpg", ".png") and p.parent != caption_dir and "I4" not in p.parts}
     scenes = load_scenes(tmp_path).values()
     assert on_disk == {r["file"] for r in scenes}
     # The caption set links exactly the training images of the new world.
@@ -303,7 +303,7 @@ def test_scene_records_cover_every_image(world):
     scenes = load_scenes(world)
     assert scenes == _scenes(world)
     on_disk = {p.relative_to(world).as_posix() for p in world.rglob("*")
-               if p.suffix in (".jpg", ".png") and "cc_sbu_align" not in p.parts}
+               if p.suffix in (".jpg", ".png") and "cc_sbu_align" not in p.parts and "I4" not in p.parts}
     assert on_disk == {r["file"] for r in scenes.values()}
     for rec in list(scenes.values())[:50]:
         assert 1 <= len(rec["objects"]) <= 4

@@ -178,16 +178,34 @@ def protocol_from_args(args):
     return protocol
 
 
-def _device(args) -> str:
-    if args.gpu_id is not None:
-        return f"cuda:{args.gpu_id}"
-    if args.device != "auto":
-        return args.device
+def resolve_device(gpu_id: Optional[int], device: str = "auto") -> str:
+    """``--gpu-id N`` → ``cuda:N``; else ``--device``; ``auto`` = this rank's GPU when CUDA is there, else the CPU."""
+    if gpu_id is not None:
+        return f"cuda:{gpu_id}"
+    if device != "auto":
+        return device
     import torch
 
     if torch.cuda.is_available():
         return f"cuda:{int(os.environ.get('LOCAL_RANK', '0') or 0)}"
     return "cpu"
+
+
+def processor_spec(cfg) -> dict:
+    """The eval image transform of a config (``run.eval_vis_processor``, the model's image size by default)."""
+    spec = cfg.run.get("eval_vis_processor") or {}
+    return {"name": spec.get("name") or "blip2_image_eval", "image_size": spec.get("image_size") or cfg.model.image_size}
+
+
+def build_generator(cfg, root: Path, device: str, batch_size: int):
+    """The config's model on ``device`` behind :class:`~.generator.ModelGenerator`."""
+    from ..models.sparkleschat import SparklesChat
+    from ..processors.image import build_processor
+    from .generator import ModelGenerator
+
+    log.info("loading the model on %s", device)
+    model = SparklesChat.from_config(cfg.model, root=root, device=device)
+    return ModelGenerator(model, build_processor(processor_spec(cfg)), batch_size=batch_size)
 
 
 # ------------------------------------------------------------------------------------------------ the run
@@ -243,9 +261,7 @@ class _Context:
                 "eval_vis_processor": self._processor_spec()}
 
     def _processor_spec(self) -> dict:
-        spec = self.cfg.run.get("eval_vis_processor") or {}
-        return {"name": spec.get("name") or "blip2_image_eval",
-                "image_size": spec.get("image_size") or self.cfg.model.image_size}
+        return processor_spec(self.cfg)
 
     def generator_factory(self):
         if self.reference_mode:
@@ -254,15 +270,8 @@ class _Context:
 
         def build():
             if "g" not in cache:
-                from ..models.sparkleschat import SparklesChat
-                from ..processors.image import build_processor
-                from .generator import ModelGenerator
-
-                device = _device(self.args)
-                log.info("loading the model on %s", device)
-                model = SparklesChat.from_config(self.cfg.model, root=self.root, device=device)
-                cache["g"] = ModelGenerator(model, build_processor(self._processor_spec()),
-                                            batch_size=self.args.batch_size)
+                cache["g"] = build_generator(self.cfg, self.root, resolve_device(self.args.gpu_id, self.args.device),
+                                             self.args.batch_size)
             return cache["g"]
 
         return build

@@ -165,17 +165,18 @@ def _now() -> str:
 
 
 class ShardFile:
-    """One shard's result items, keyed by evaluation id, rewritten atomically on every change."""
+    """One shard's result items, keyed by ``key`` (the evaluation id), rewritten atomically on every change."""
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, *, key: str = "evaluation_id") -> None:
         self.path = Path(path)
+        self.key = key
         self.items: dict[Any, dict] = {}
         if self.path.is_file():
             data = read_json(self.path, what="shard file")
             if not isinstance(data, list):
                 raise ValueError(f"shard file {self.path} must hold a JSON list")
             for item in data:
-                self.items[eid_key(item.get("evaluation_id"))] = item
+                self.items[eid_key(item.get(key))] = item
 
     def __contains__(self, evaluation_id: Any) -> bool:
         return eid_key(evaluation_id) in self.items
@@ -184,7 +185,7 @@ class ShardFile:
         return self.items.get(eid_key(evaluation_id))
 
     def put(self, item: dict, *, save: bool = True) -> None:
-        self.items[eid_key(item.get("evaluation_id"))] = item
+        self.items[eid_key(item.get(self.key))] = item
         if save:
             self.save()
 

@@ -1,7 +1,9 @@
 """Command line: ``python -m sparkles.tinyworld --out ROOT --seed S [--preset default|ci] ...``.
 
 Generates the world into ROOT (upstream layout), then trains the tiny tokenizer on its texts into
-``ROOT/models/tiny_llm`` (skipped with ``--no-tokenizer``).
+``ROOT/models/tiny_llm`` (skipped with ``--no-tokenizer``), then writes the world's small I4 split
+(``ROOT/evaluation/I4``, :mod:`.i4`; ``--num-i4 0`` skips it, ``--i4-only`` writes it alone into a world already
+there).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from pathlib import Path
 from ..common.io import atomic_write_json
 from ..models.tokenizer import train_tokenizer
 from .build import MIX_KINDS, PRESETS, REASONING_KINDS, WorldConfig, build_world
+from .i4 import (PER_DATASET as I4_PER_DATASET, build_i4_for_root, build_i4_for_world, write_baseline_predictions,
+                 write_i4)
 from .writers import iter_world_texts, scenes_file, write_world
 
 
@@ -78,6 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-answer-words", dest="max_answer_words", type=int)
     p.add_argument("--vocab-size", dest="vocab_size", type=int, help="tiny tokenizer vocabulary (default 2048)")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="image rendering processes")
+    p.add_argument("--num-i4", dest="num_i4", type=int,
+                   help="instances per dataset of the I4 split (default 20; ci: 6; 0: none)")
+    p.add_argument("--i4-baseline", dest="i4_baseline", default=None, metavar="DIR",
+                   help="only write the trivial baseline's I4 predictions for the world in --out into "
+                        "DIR/<dataset>/pred.json (always the first choice; the commonest answer when open-ended)")
+    p.add_argument("--i4-only", dest="i4_only", action="store_true",
+                   help="write only the I4 split of the world already in --out (replacing a previous one)")
     p.add_argument("--force", action="store_true", help="replace a world already in --out")
     p.add_argument("--no-tokenizer", action="store_true", help="do not train the tiny tokenizer")
     p.add_argument("--quiet", action="store_true")
@@ -98,6 +109,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     root = Path(args.out)
+    num_i4 = I4_PER_DATASET[args.preset] if args.num_i4 is None else args.num_i4
+    if num_i4 < 0:
+        print(f"error: --num-i4 {num_i4} must be >= 0", file=sys.stderr)
+        return 2
+    if args.i4_baseline:
+        for dataset, path in write_baseline_predictions(root / "evaluation" / "I4", args.i4_baseline).items():
+            print(f"[I4 baseline] {dataset}: {path}")
+        return 0
+    if args.i4_only:
+        return _i4_only(root, num_i4, args)
     if scenes_file(root).exists() and not args.force:
         print(f"error: {scenes_file(root)} exists: {root} already holds a world; pass --force to replace it",
               file=sys.stderr)
@@ -116,9 +137,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     t_write = time.perf_counter() - t0 - t_build
     tok_dir = None if args.no_tokenizer else train_world_tokenizer(root, config.vocab_size)
+    # Last, and apart from the world's files: no I4 text reaches the tokenizer or training data, and the files
+    # written above (generation_report.json below included) are what they were before the split existed.
+    i4_summary = write_i4(build_i4_for_world(world, num_i4), root, config.image_size, workers=args.workers)
     t_total = time.perf_counter() - t0
     if not args.quiet:
-        for name, n in summary.items():
+        for name, n in [*summary.items(), *i4_summary.items()]:
             print(f"{n:7d}  {name}")
         if tok_dir:
             print(f"tokenizer: {tok_dir}")
@@ -127,4 +151,19 @@ def main(argv: list[str] | None = None) -> int:
               "tokenizer": "models/tiny_llm" if tok_dir else None}
     # Timings vary run to run, so they stay out of the (byte-deterministic) world files.
     atomic_write_json(root / "world" / "generation_report.json", report)
+    return 0
+
+
+def _i4_only(root: Path, num_i4: int, args: argparse.Namespace) -> int:
+    """``--i4-only``: the I4 split of the world in ``root`` (rebuilt from ``world/scenes.json``), nothing else."""
+    try:
+        split, image_size = build_i4_for_root(root, num_i4)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    summary = write_i4(split, root, image_size, workers=args.workers)
+    if not args.quiet:
+        for name, n in summary.items():
+            print(f"{n:7d}  {name}")
+        print(f"I4 split written to {root / 'evaluation' / 'I4'}")
     return 0

@@ -1,7 +1,8 @@
 """One summary of a train-and-evaluate run: ``summary.json`` plus a table on stdout.
 
 Reads the ``*_metrics.json`` files that ``evaluate.py --merge-results`` writes under
-``<root>/evaluation/<dataset>/results/`` for one model name, and the timings ``run.sh`` measured.
+``<root>/evaluation/<dataset>/results/`` for one model name, the ``i4-score.json`` that ``i4_score.py`` writes
+for the model (``--i4-results``) and for a baseline (``--i4-baseline``), and the timings ``run.sh`` measured.
 """
 
 from __future__ import annotations
@@ -31,8 +32,25 @@ def _latest_metrics(root: Path, dataset: str, model_name: Optional[str]) -> Opti
     return data
 
 
+def i4_summary(result_dir: Path) -> Optional[dict]:
+    """``{"mean", "categories": {name: score}, "datasets": {name: value}}`` (× 100) of one I4 result folder."""
+    path = result_dir / "i4-score.json"
+    if not path.is_file():
+        return None
+    data = read_json(path, what="I4 score file")
+    categories = {name: c.get("score") for name, c in (data.get("categories") or {}).items()
+                  if c.get("score") is not None}
+    datasets = {}
+    for cat in (data.get("categories") or {}).values():
+        for name, value in (cat.get("datasets") or {}).items():
+            datasets[name] = value
+    return {"mean": data.get("mean"), "categories": categories, "datasets": datasets,
+            "categories_scored": data.get("categories_scored"), "protocol": data.get("protocol")}
+
+
 def build_summary(root: Path, *, model_name: Optional[str] = None, train_seconds: Optional[float] = None,
-                  eval_seconds: Optional[float] = None, extra: Optional[dict] = None) -> dict:
+                  eval_seconds: Optional[float] = None, extra: Optional[dict] = None,
+                  i4_results: Optional[Path] = None, i4_baseline: Optional[Path] = None) -> dict:
     summary: dict = {"root": str(root), "model_name": model_name}
     for ds in DATASETS:
         m = _latest_metrics(root, ds, model_name)
@@ -50,6 +68,9 @@ def build_summary(root: Path, *, model_name: Optional[str] = None, train_seconds
             summary[f"{key}_unparseable"] = m.get("unparseable")
             summary[f"{key}_items"] = m.get("total")
         summary.setdefault("metrics_files", {})[ds] = m["_path"]
+    for key, folder in (("i4_score", i4_results), ("i4_baseline", i4_baseline)):
+        if folder is not None:
+            summary[key] = i4_summary(Path(folder))
     summary["train_seconds"] = train_seconds
     summary["eval_seconds"] = eval_seconds
     if extra:
@@ -66,6 +87,8 @@ def format_table(summary: dict) -> str:
         ("NLVR2 accuracy", fmt(summary.get("nlvr2_acc"), ".3f"), "chance 0.500"),
         ("SparklesEval score (/10)", fmt(summary.get("sparkleseval_score"), ".2f"),
          f"judge: {summary.get('sparkleseval_judge') or 'n/a'}"),
+        ("I4 score (mean of categories, x100)", fmt((summary.get("i4_score") or {}).get("mean"), ".1f"),
+         "baseline " + fmt((summary.get("i4_baseline") or {}).get("mean"), ".1f")),
         ("train time (s)", fmt(summary.get("train_seconds"), ".0f"), ""),
         ("eval time (s)", fmt(summary.get("eval_seconds"), ".0f"), ""),
     ]
@@ -83,10 +106,13 @@ def main(argv=None) -> int:
     p.add_argument("--eval-seconds", type=float, default=None)
     p.add_argument("--extra", default=None, help="JSON object of extra fields to record")
     p.add_argument("--out", default=None, help="summary.json path (default <root>/summary.json)")
+    p.add_argument("--i4-results", default=None, help="the model's I4 result folder (with i4-score.json)")
+    p.add_argument("--i4-baseline", default=None, help="a baseline's I4 result folder, reported beside it")
     args = p.parse_args(argv)
     root = Path(args.root)
     summary = build_summary(root, model_name=args.model_name, train_seconds=args.train_seconds,
-                            eval_seconds=args.eval_seconds, extra=json.loads(args.extra) if args.extra else None)
+                            eval_seconds=args.eval_seconds, extra=json.loads(args.extra) if args.extra else None,
+                            i4_results=args.i4_results, i4_baseline=args.i4_baseline)
     out = Path(args.out) if args.out else root / "summary.json"
     atomic_write_json(out, summary)
     print(format_table(summary))

@@ -1,0 +1,122 @@
+#!/usr/bin/env bash
+# Answer I4 (DEMON core) datasets with one model, sharded over the GPUs (or CPU processes), then score them.
+# Finished answers are kept, so running the same command again after an interruption continues where it stopped.
+#
+#   bash evaluate_I4.sh I4_DIR RESULT_DIR [CFG] [DATASETS] [NSHARDS] [-- extra evaluate_I4.py arguments]
+#
+#   I4_DIR      the DEMON core split: I4_DIR/<dataset>/core/core.json
+#   RESULT_DIR  answers and scores: RESULT_DIR/<dataset>/pred.json, eval.json; RESULT_DIR/i4-score.txt
+#   CFG         model config (default: eval_configs/sparkles_eval.yaml)
+#   DATASETS    comma- or space-separated dataset names (default: every folder of I4_DIR with a core/core.json)
+#   NSHARDS     shard processes per dataset (default: number of GPUs, or 1 on CPU)
+#
+# Extra arguments after "--" go to every evaluate_I4.py call (e.g. --protocol upstream, --batch-size 8); the
+# scores use the same --protocol. Environment: PYTHON (default python), SPARKLES_ROOT, EVAL_LOG_DIR (default
+# RESULT_DIR/logs).
+set -uo pipefail
+
+HERE="$(cd "$(dirname "$0")" && pwd)"  # paths given by the user stay relative to the caller's directory
+POS=()
+while [[ $# -gt 0 && "$1" != "--" ]]; do
+  POS+=("$1")
+  shift
+done
+if [[ "${1:-}" == "--" ]]; then shift; fi
+EXTRA=("$@")
+if [[ ${#POS[@]} -lt 2 || ${#POS[@]} -gt 5 ]]; then
+  echo "usage: bash evaluate_I4.sh I4_DIR RESULT_DIR [CFG] [DATASETS] [NSHARDS] [-- evaluate_I4.py args]" >&2
+  exit 2
+fi
+I4_DIR="${POS[0]}"
+RESULT_DIR="${POS[1]}"
+CFG="${POS[2]:-$HERE/eval_configs/sparkles_eval.yaml}"
+DATASETS="${POS[3]:-}"
+NSHARDS="${POS[4]:-}"
+PYTHON="${PYTHON:-python}"
+
+if [[ -z "$DATASETS" ]]; then
+  DATASETS=$(for f in "$I4_DIR"/*/core/core.json; do [[ -f "$f" ]] && basename "$(dirname "$(dirname "$f")")"; done)
+fi
+if [[ -z "$DATASETS" ]]; then
+  echo "evaluate_I4.sh: no <dataset>/core/core.json under $I4_DIR" >&2
+  exit 2
+fi
+PROTOCOL_ARGS=()
+for ((i = 0; i < ${#EXTRA[@]}; i++)); do
+  case "${EXTRA[i]}" in
+    --protocol) PROTOCOL_ARGS=(--protocol "${EXTRA[i + 1]:-}") ;;
+    --protocol=*) PROTOCOL_ARGS=("${EXTRA[i]}") ;;
+  esac
+done
+
+GPUS=()
+if [[ -n "${CUDA_VISIBLE_DEVICES:-}" ]]; then
+  IFS=',' read -r -a GPUS <<< "$CUDA_VISIBLE_DEVICES"
+elif command -v nvidia-smi >/dev/null 2>&1; then
+  mapfile -t GPUS < <(nvidia-smi --query-gpu=index --format=csv,noheader 2>/dev/null | tr -d ' ')
+fi
+NGPU=${#GPUS[@]}
+NSHARDS=${NSHARDS:-$(( NGPU > 0 ? NGPU : 1 ))}
+if ! [[ "$NSHARDS" =~ ^[1-9][0-9]*$ ]]; then
+  echo "NSHARDS must be a positive integer, got '$NSHARDS'" >&2
+  exit 2
+fi
+CORES=$(nproc 2>/dev/null || echo 2)
+THREADS=$(( CORES / NSHARDS > 0 ? CORES / NSHARDS : 1 ))
+LOG_DIR="${EVAL_LOG_DIR:-$RESULT_DIR/logs}"
+mkdir -p "$LOG_DIR"
+
+CHILDREN=()
+stop_children() {
+  trap - INT TERM
+  echo "evaluate_I4.sh: stopping ${#CHILDREN[@]} shard process(es)" >&2
+  for pid in "${CHILDREN[@]}"; do kill -TERM "$pid" 2>/dev/null; done
+  wait
+  exit 130
+}
+trap stop_children INT TERM
+
+STATUS=0
+SCORED=()
+for DATASET in ${DATASETS//,/ }; do
+  CHILDREN=()
+  for (( i = 0; i < NSHARDS; i++ )); do
+    LOG="$LOG_DIR/${DATASET}_shard${i}of${NSHARDS}.log"
+    if [[ $NGPU -gt 0 ]]; then
+      CUDA_VISIBLE_DEVICES="${GPUS[$(( i % NGPU ))]}" "$PYTHON" "$HERE/evaluate_I4.py" --cfg-path "$CFG" \
+        --i4-dir "$I4_DIR" --dataset "$DATASET" --result-dir "$RESULT_DIR" --shard "$i/$NSHARDS" --device cuda:0 \
+        --no-progress "${EXTRA[@]}" > "$LOG" 2>&1 &
+    else
+      OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS CUDA_VISIBLE_DEVICES="" "$PYTHON" "$HERE/evaluate_I4.py" \
+        --cfg-path "$CFG" --i4-dir "$I4_DIR" --dataset "$DATASET" --result-dir "$RESULT_DIR" --shard "$i/$NSHARDS" \
+        --device cpu --no-progress "${EXTRA[@]}" > "$LOG" 2>&1 &
+    fi
+    CHILDREN+=($!)
+  done
+  FAILED=0
+  for (( i = 0; i < ${#CHILDREN[@]}; i++ )); do
+    if ! wait "${CHILDREN[$i]}"; then
+      FAILED=1
+      echo "[$DATASET] shard $i/$NSHARDS failed; last lines of $LOG_DIR/${DATASET}_shard${i}of${NSHARDS}.log:" >&2
+      tail -n 15 "$LOG_DIR/${DATASET}_shard${i}of${NSHARDS}.log" >&2
+    fi
+  done
+  CHILDREN=()
+  if [[ $FAILED -ne 0 ]]; then
+    STATUS=1
+    continue
+  fi
+  # every part is answered: this pass loads no model, it gathers the parts into pred.json and says so
+  if ! CUDA_VISIBLE_DEVICES="" "$PYTHON" "$HERE/evaluate_I4.py" --cfg-path "$CFG" --i4-dir "$I4_DIR" \
+       --dataset "$DATASET" --result-dir "$RESULT_DIR" --device cpu --no-progress "${EXTRA[@]}"; then
+    STATUS=1
+    continue
+  fi
+  SCORED+=("$DATASET")
+done
+if [[ ${#SCORED[@]} -gt 0 ]]; then
+  "$PYTHON" "$HERE/calculate_I4.py" --result-dir "$RESULT_DIR" --i4-dir "$I4_DIR" --dataset "${SCORED[@]}" \
+    ${PROTOCOL_ARGS[@]+"${PROTOCOL_ARGS[@]}"} || STATUS=1
+  "$PYTHON" "$HERE/i4_score.py" --result-dir "$RESULT_DIR" ${PROTOCOL_ARGS[@]+"${PROTOCOL_ARGS[@]}"} || STATUS=1
+fi
+exit $STATUS
