@@ -5,7 +5,10 @@
     python demo.py --cfg-path ... --gpu-id 0,1       # split the decoder over two GPUs
 
 The page listens on 127.0.0.1 only; ``--host 0.0.0.0`` opens it to the network and ``--share`` asks Gradio
-for a public link. Every conversation (text, images, settings, votes) is saved under ``--save-root``.
+for a public link, which needs a login (``--auth USER:PASSWORD``, repeatable) unless ``--share-without-auth``
+says the page may be public. Every conversation (text, images, settings, votes) is saved under ``--save-root``;
+saved conversations and Gradio's copies of the uploads are deleted ``--keep-days`` days (default 30) after
+their last change, checked at start and every hour (``--keep-days 0`` keeps everything).
 The app itself lives in :mod:`sparkles.serve.demo_app`; :func:`build_demo` is re-exported here.
 """
 
@@ -16,10 +19,20 @@ import logging
 import sys
 from typing import Optional, Sequence
 
-from sparkles.serve.demo_app import build_demo, launch_kwargs  # noqa: F401  (build_demo is part of the API)
-from sparkles.serve.loading import LoadError, add_model_arguments, chat_mode_of, load_model, make_chat
+from sparkles.serve.demo_app import build_demo  # noqa: F401  (part of this module's API)
+from sparkles.serve.demo_app import DEFAULT_KEEP_DAYS, keep_pruning, launch_kwargs
+from sparkles.serve.loading import (LoadError, add_model_arguments, chat_mode_of, generation_of, load_model,
+                                    make_chat)
 
 DEFAULT_SAVE_ROOT = "outputs/demo_conversations"
+
+
+def parse_login(value: str) -> tuple[str, str]:
+    """``USER:PASSWORD`` → ``(user, password)`` (the password may itself contain ``:``)."""
+    user, sep, password = value.partition(":")
+    if not sep or not user or not password:
+        raise argparse.ArgumentTypeError("--auth expects USER:PASSWORD with both parts non-empty")
+    return user, password
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -30,8 +43,23 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default: 127.0.0.1, this machine only)")
     parser.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
-    parser.add_argument("--share", action="store_true", help="also create a public gradio.live link (off by default)")
-    return parser.parse_args(argv)
+    parser.add_argument("--share", action="store_true",
+                        help="also create a public gradio.live link (off by default; needs --auth)")
+    parser.add_argument("--auth", type=parse_login, action="append", default=None, metavar="USER:PASSWORD",
+                        help="require this login to open the page or use its API (repeat for more users); the "
+                             "password is visible to other users of this machine in its process list")
+    parser.add_argument("--share-without-auth", action="store_true",
+                        help="allow --share without --auth: anyone with the link can use the model")
+    parser.add_argument("--keep-days", type=float, default=DEFAULT_KEEP_DAYS, metavar="N",
+                        help="delete saved conversations and uploaded files N days after their last change "
+                             f"(default: {DEFAULT_KEEP_DAYS:g}; 0 keeps everything)")
+    args = parser.parse_args(argv)
+    if args.share and not args.auth and not args.share_without_auth:
+        parser.error("--share makes the page public: give a login with --auth USER:PASSWORD, or pass "
+                     "--share-without-auth to share it without one")
+    if args.keep_days < 0:
+        parser.error(f"--keep-days must be 0 (keep everything) or more, got {args.keep_days:g}")
+    return args
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -43,11 +71,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except LoadError as exc:
         print(f"demo.py: {exc}", file=sys.stderr)
         return 2
-    chat = make_chat(model, chat_mode=chat_mode_of(cfg))
+    chat = make_chat(model, chat_mode=chat_mode_of(cfg), generation=generation_of(cfg))
     name = f"{cfg.model.arch}:{cfg.model.model_type}"
-    demo = build_demo(chat, save_root=args.save_root, model_name=name)
+    if not args.auth and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"demo.py: warning: listening on {args.host} without --auth: anyone who can reach this port can chat "
+              "with the model (add --auth USER:PASSWORD to require a login)", file=sys.stderr)
+    stop_pruning = keep_pruning(args.save_root, args.keep_days)
+    demo = build_demo(chat, save_root=args.save_root, model_name=name, keep_days=args.keep_days)
     demo.queue(max_size=64)
-    demo.launch(**launch_kwargs(demo, host=args.host, port=args.port, share=args.share))
+    try:
+        demo.launch(**launch_kwargs(demo, host=args.host, port=args.port, share=args.share, auth=args.auth))
+    finally:
+        stop_pruning.set()
     return 0
 
 

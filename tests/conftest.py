@@ -41,3 +41,18 @@ def api_env(monkeypatch):
     from eval_world import set_api_env
 
     return set_api_env(monkeypatch)
+
+
+@pytest.fixture(autouse=True)
+def _sparkles_logger_propagates():
+    """Entry points run in-process (train.main) point the ``sparkles`` logger at stderr and stop it propagating;
+    undo that after each test so that later tests' ``caplog`` still sees the package's records."""
+    import logging
+
+    yield
+    logger = logging.getLogger("sparkles")
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+    logger.propagate = True
+    logger.setLevel(logging.NOTSET)

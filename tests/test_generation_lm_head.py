@@ -76,7 +76,7 @@ class _WholeModelOnly(nn.Module):
     def get_input_embeddings(self):
         return self.inner.get_input_embeddings()
 
-    def forward(self, *, cache=None, logits_to_keep=0, **kwargs):  # the HF names, so _forward_last passes them
+    def forward(self, *, cache=None, logits_to_keep=0, **kwargs):  # the HF names, so forward_last passes them
         return self.inner(cache=cache, logits_to_keep=logits_to_keep, **kwargs)
 
 

@@ -57,6 +57,9 @@ class RunConfig:
     # How the demo and the API place images: "sparkles" (the user marks each with ✨/⭐) or "minigpt4" (the
     # original single-image chat: the one image goes before the first question). Evaluation prompts carry slots.
     chat_mode: str = "sparkles"
+    # How answers are decoded at inference (demo, API, evaluation): "plain" (a growing KV cache), "static" (one
+    # pre-allocated cache, no per-token host syncs) or "compiled" (static + torch.compile / CUDA graphs on a GPU).
+    decode_mode: str = "plain"
     task: str = "image_text_pretrain"
     runner: str = "runner_base"
     # --- learning rate: linear_warmup_cosine_lr | linear_warmup_step_lr | constant_lr (sparkles.runners.lr_sched)
@@ -87,6 +90,7 @@ class RunConfig:
     amp: bool = False
     amp_dtype: str = "bfloat16"
     resume_ckpt_path: Optional[str] = None  # a checkpoint_<epoch>.pth / checkpoint_last.pth to continue exactly
+    auto_resume: bool = False  # without resume_ckpt_path: continue from the newest complete checkpoint in output_dir
     # --- devices and processes (their number comes from the torchrun environment)
     device: str = "auto"  # auto | cpu | cuda
     dist_backend: str = "auto"  # auto = nccl on GPU, gloo on CPU

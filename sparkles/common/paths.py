@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 ENV_VAR = "SPARKLES_ROOT"
 EVAL_DATASETS = ("SparklesEval", "BISON", "NLVR2")
@@ -36,6 +37,25 @@ def resolve_path(path: str | os.PathLike, root: str | os.PathLike | None = None,
     if must_exist and not p.exists():
         raise MissingPathError(f"{what} not found: {p}")
     return p
+
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")  # the image files an evaluation set may hold
+
+
+def image_by_id(folder: Path, image_id: Any) -> Path:
+    """``<folder>/<image_id>.jpg`` as upstream names images by id; other common extensions count too (the ``.jpg``
+    path when none exists, so that the error names it)."""
+    for ext in IMAGE_EXTENSIONS:
+        path = folder / f"{image_id}{ext}"
+        if path.is_file():
+            return path
+    return folder / f"{image_id}{IMAGE_EXTENSIONS[0]}"
+
+
+def nlvr2_pair(folder: Path, identifier: str) -> list[Path]:
+    """:meth:`SparklesLayout.nlvr2_pair` in ``folder``."""
+    stem = identifier[:-2]
+    return [folder / f"{stem}-img{k}.png" for k in (0, 1)]
 
 
 @dataclass(frozen=True)
@@ -76,6 +96,11 @@ class SparklesLayout:
 
     def eval_results(self, dataset: str) -> Path:
         return self.eval_dir(dataset) / "results"
+
+    def nlvr2_pair(self, identifier: str) -> list[Path]:
+        """The left and right image of an NLVR2 statement: ``<identifier minus its last 2 characters>-img0.png``
+        and ``-img1.png`` (the last two characters number the statement of a pair, e.g. "dev-850-0-1")."""
+        return nlvr2_pair(self.eval_images("NLVR2"), identifier)
 
     # --- sources for generation and statistics ------------------------------------------
     @property

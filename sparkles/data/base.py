@@ -338,9 +338,9 @@ class RecordDataset(torch.utils.data.Dataset):
         return self.records.skipped
 
     def open_image(self, image_id: str):
-        from ..processors.image import load_rgb
+        from ..processors.image import open_image
 
-        return load_rgb(image_path(self.records.image_dir, image_id))
+        return open_image(image_path(self.records.image_dir, image_id))
 
     def get(self, position: int, sample_seed: int) -> EncodedSample:
         record = self.records.records[position]

@@ -16,7 +16,6 @@ had consumed.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import random
@@ -39,7 +38,8 @@ def write_shards(records: RecordSet, out_dir: Path, *, shard_size: int = 1000, i
                  skip_bad: bool = False) -> dict:
     """Write one dataset's records (with image bytes) to ``out_dir``; returns the manifest."""
     import webdataset as wds
-    from PIL import Image
+
+    from ..processors.image import ImageLoadError, check_image
 
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest_path = out_dir / MANIFEST
@@ -59,11 +59,10 @@ def write_shards(records: RecordSet, out_dir: Path, *, shard_size: int = 1000, i
                 for k, image_id in enumerate(rec.image_ids):
                     path = image_path(records.image_dir, image_id)
                     data = path.read_bytes()
-                    try:  # fail here, not mid-training, on a file PIL cannot decode
-                        with Image.open(io.BytesIO(data)) as im:
-                            im.verify()
-                    except Exception as exc:
-                        raise DataError(f"{where}: image {image_id!r}: cannot read image {path}: {exc}") from None
+                    try:  # fail here, not mid-training, on a file open_image would refuse
+                        check_image(data, what=str(path))
+                    except ImageLoadError as exc:
+                        raise DataError(f"{where}: image {image_id!r}: {exc}") from None
                     sample[f"img{k}.jpg"] = data
             except (DataError, OSError) as exc:
                 if not skip_bad:
@@ -225,7 +224,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                 done += 1
 
     def _encode(self, sample: dict, p: int):
-        from PIL import Image
+        from ..processors.image import open_image as decode
 
         rec = Record.from_json(json.loads(sample["json"]))
         where = f"{sample.get('__url__', '?')}: record {rec.index}"
@@ -235,8 +234,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             data = images.get(image_id)
             if data is None:
                 raise DataError(f"image bytes missing in shard for {image_id!r}")
-            with Image.open(io.BytesIO(data)) as im:
-                return im.convert("RGB")
+            return decode(data, what=f"{image_id!r} (shard bytes)")
 
         try:
             return self.ds.encoder.encode(rec, stable_seed(self.seed, self.ds.name, p, rec.index), open_image, where)

@@ -3,7 +3,9 @@
 Steps: ``all`` (default: call GPT for the missing cases, then parse, validate and export), ``generate``
 (calls only), ``export`` (parse/validate/export from the raw logs; no API key needed), ``llava`` / ``svit``
 (re-format LLaVA / SVIT data with the image-overlap filters). Re-running the same command resumes: finished
-calls are neither repeated nor paid for again.
+calls are neither repeated nor paid for again. The planned cost is printed before the first call; ``--max_usd``
+stops sending calls before the spend would pass it. Existing files that generation did not write (the released
+annotations) are not overwritten without ``--force``; two runs on one output directory cannot run at once.
 """
 
 from __future__ import annotations
@@ -43,6 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per HTTP attempt")
     p.add_argument("--backoff_base", type=float, default=1.0, help="first backoff delay in seconds (doubles)")
     p.add_argument("--price_table", default=None, help="JSON file of USD prices per 1M tokens per model")
+    p.add_argument("--max_usd", type=float, default=None,
+                   help="spending cap in USD for this run's paid calls: a call is sent only if the spend so far, "
+                        "the calls in flight and its own estimated cost (answer at --max_tokens) stay within it")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite existing output files that generation did not write (e.g. released annotations)")
     p.add_argument("--azure_deployment", default=None, help="Azure deployment name (Azure mode: OPENAI_API_BASE set)")
     p.add_argument("--azure_api_version", default=None)
     p.add_argument("--cc_candidates", type=int, default=d.cc_candidates)
@@ -71,7 +78,10 @@ def main(argv: list[str] | None = None) -> int:
         vg_candidates=args.vg_candidates, vg_first_turn_images=tuple(args.vg_first_turn_images),
         vg_reserved_max_id=args.vg_reserved_max_id, min_answer_words=args.min_answer_words, demo_dir=args.demo_dir,
         cc_dialogue_path=args.cc_dialogue_path, include_demos=args.include_demos,
-        strict_first_turn=args.strict_first_turn, progress=not args.no_progress, step=args.step)
+        strict_first_turn=args.strict_first_turn, progress=not args.no_progress, step=args.step, force=args.force)
+    if args.max_usd is not None and not args.max_usd > 0:
+        print(f"error: --max_usd must be a positive amount, got {args.max_usd}", file=sys.stderr)
+        return 2
     try:
         if args.step in ("llava", "svit"):
             from .llava_svit import run_conversion
@@ -81,7 +91,9 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(summary, indent=2))
             return 0
         return _generate(args, opts)
-    except (MissingPathError, ValueError, RuntimeError) as exc:  # RuntimeError: e.g. no spaCy model for VG demos
+    # RuntimeError: e.g. no spaCy model for VG demos, or another run holds the output directory;
+    # FileExistsError: an output file that generation did not write
+    except (MissingPathError, FileExistsError, ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
@@ -102,9 +114,10 @@ def _generate(args: argparse.Namespace, opts: GenerationOptions) -> int:
             return 2
         opts.out_dir().mkdir(parents=True, exist_ok=True)
         cache = args.cache_path or str(opts.out_dir() / "gpt_cache.sqlite")
-        from sparkles.gpt.cost import UsageLedger
+        from sparkles.gpt.cost import SpendingCap, UsageLedger
 
-        client = GPTClient(config, cache=cache, ledger=UsageLedger(prices))
+        cap = SpendingCap(args.max_usd, prices) if args.max_usd is not None else None
+        client = GPTClient(config, cache=cache, ledger=UsageLedger(prices), cap=cap)
     try:
         summary = run_job(opts, client, prices=prices)
     except KeyboardInterrupt:
@@ -116,11 +129,14 @@ def _generate(args: argparse.Namespace, opts: GenerationOptions) -> int:
             client.close()
     _print_summary(summary)
     failed = summary.get("calls", {}).get("failed", 0)
+    not_made = summary.get("spending", {}).get("calls_not_made", 0)
+    if not_made:
+        print(f"spending cap ${args.max_usd:.2f} reached: {not_made} call(s) not made; run the same command with a "
+              "higher --max_usd to make them — finished calls are not repeated", file=sys.stderr)
     if failed:
         print(f"{failed} call(s) failed (see failed_calls in the summary); run the same command again to retry "
               "them — finished calls are not repeated", file=sys.stderr)
-        return 1
-    return 0
+    return 1 if failed or not_made else 0
 
 
 def _print_summary(summary: dict) -> None:

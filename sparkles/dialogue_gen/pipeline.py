@@ -9,37 +9,82 @@ made with other settings (a different prompt for the same case id) is an error, 
 Parsing, validation and export read only the raw logs, so they can be re-run (``--step export``) without an
 API key, and they cover every call ever made into that output directory.
 
+A run holds the output directory's lock file (:func:`generation_lock`) from start to end, so two runs on one
+directory never interleave; the second stops at once with an error naming the holder. Only the run holding the
+lock repairs a raw log (drops a line torn by a killed run); everything else reads logs without rewriting them.
+Before the first call the run prints the planned cost (calls x estimated cost,
+:func:`sparkles.gpt.estimate_cost`); with a spending cap on the client (``--max_usd``) the calls stop before the
+spend would pass it. Existing output files that this pipeline did not write (e.g. the released annotations) are
+never overwritten unless ``force`` is set (:func:`.export.claim_outputs`), and that is checked before any call.
+
 Output files in the output directory, for ``<Name>`` = ``SparklesDialogueCC`` / ``SparklesDialogueVG``:
 ``<Name>_raw.jsonl`` (CC) or ``<Name>_raw_<m>img.jsonl`` (VG) raw logs and their ``.json`` twins (the original's format),
 ``<Name>.json`` and the ``_turn{1,2}_{n}img.json`` splits, ``<Name>_rejects.json`` (every rejected
-conversation with its reason), ``<Name>_summary.json`` and ``<Name>_cost.json``.
+conversation with its reason), ``<Name>_summary.json``, ``<Name>_cost.json``, ``<Name>_files.json`` (what the
+pipeline wrote there) and the lock file ``.generation.lock``.
 """
 
 from __future__ import annotations
 
 import copy
+import os
 import random
+import socket
 import time
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from sparkles.common.paths import MissingPathError, SparklesLayout
 from sparkles.gpt.client import ChatRequest, GPTClient
-from sparkles.gpt.cost import PriceTable, UsageLedger
+from sparkles.gpt.cost import PriceTable, UsageLedger, estimate_cost
 from sparkles.gpt.errors import GPTCallError
 from sparkles.common.io import append_jsonl, read_jsonl, atomic_write_json
 
 from . import sources
 from .demos import GroupFn, for_display, select_vg_demos
-from .export import export_dialogues
+from .export import claim_outputs, export_dialogues
 from .parse import ReplyParseError, parse_reply
 from .prompts import cc_prompt, vg_prompt
 from .schema import check_dialogue_record
 from .validate import Rejected, validate_dialogue
 
 CC_DEMO_COUNTS = (1, 2, 3)  # demo-seed files SparklesDialogueCC_50demo_img{k}1.json
+LOCK_FILE = ".generation.lock"
+
+
+class OutputDirBusy(RuntimeError):
+    """Another generation run holds the output directory's lock."""
+
+
+@contextmanager
+def generation_lock(out_dir: str | os.PathLike) -> Iterator[Path]:
+    """Hold ``out_dir``'s lock file while the block runs; a second holder gets :class:`OutputDirBusy` at once.
+
+    The lock is the operating system's (``flock``): it ends with the process, so a killed run leaves no stale
+    lock behind. The file keeps the holder's pid, host and start time for the error message.
+    """
+    import fcntl
+
+    path = Path(out_dir) / LOCK_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+", encoding="utf-8") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "a process that has not written its name yet"
+            raise OutputDirBusy(f"{out_dir} is in use by another generation run ({holder}; lock file {path}); "
+                                "wait for it to finish, or use another --output_dir") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}, started "
+                f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}\n")
+        f.flush()
+        yield path
 
 
 @dataclass
@@ -67,6 +112,7 @@ class GenerationOptions:
     strict_first_turn: bool = False
     progress: bool = True
     step: str = "all"  # all | generate | export
+    force: bool = False  # overwrite existing output files this pipeline did not write (e.g. released annotations)
 
     @property
     def name(self) -> str:
@@ -197,13 +243,38 @@ class RunReport:
     already_done: int = 0
     new_calls: int = 0
     failed: list[dict] = field(default_factory=list)
+    over_budget: int = 0  # calls not made because the spending cap would have been passed
+    planned_cost_usd: float | None = None  # estimate for the calls to make (None: a model without a price)
+
+
+def planned_cost(requests: list[ChatRequest], client: GPTClient) -> tuple[float | None, str]:
+    """The estimated cost of ``requests`` (None if one cannot be priced) and a line saying so."""
+    if not requests:
+        return 0.0, "planned: no new GPT calls"
+    bodies = [client.build_request(r.prompt, model=r.model, temperature=r.temperature, max_tokens=r.max_tokens,
+                                   top_p=r.top_p, **r.params) for r in requests]
+    costs = [estimate_cost(client.ledger.prices, b) for b in bodies]
+    models = ", ".join(sorted({b["model"] for b in bodies}))
+    if any(c is None for c in costs):
+        return None, (f"planned: {len(requests)} GPT call(s) to {models}; cost unknown (no price for the model, or "
+                      "no max_tokens; add a price with --price_table)")
+    total = sum(costs)
+    line = (f"planned: {len(requests)} GPT call(s) to {models} x ~${total / len(requests):.4f} each (estimated; the "
+            f"answers counted at their max_tokens) = ~${total:.4f}")
+    if client.cap is not None:
+        line += f"; spending cap ${client.cap.max_usd:.2f}"
+    return total, line
 
 
 def run_calls(cases: list[Case], client: GPTClient, out_dir: Path, opts: GenerationOptions) -> RunReport:
-    """Make the calls not yet in the raw logs; append each result the moment it arrives."""
+    """Make the calls not yet in the raw logs; append each result the moment it arrives.
+
+    Call only while holding :func:`generation_lock`: a raw log's torn last line is repaired here before new
+    lines are appended after it.
+    """
     done: dict[str, dict] = {}
     for log in sorted({c.log for c in cases}):
-        for rec in read_jsonl(out_dir / log):
+        for rec in read_jsonl(out_dir / log, repair=True):
             done[rec["case_id"]] = rec
     for case in cases:
         rec = done.get(case.case_id)
@@ -213,6 +284,13 @@ def run_calls(cases: list[Case], client: GPTClient, out_dir: Path, opts: Generat
                 "inputs or options); use the original settings to resume, or another --output_dir")
     todo = [c for c in cases if c.case_id not in done]
     report = RunReport(planned=len(cases), already_done=len(cases) - len(todo))
+    requests = [ChatRequest(prompt=c.prompt, model=opts.model, temperature=opts.temperature,
+                            max_tokens=opts.max_tokens, top_p=opts.top_p, cache_tag=c.case_id) for c in todo]
+    report.planned_cost_usd, line = planned_cost(requests, client)
+    print(line, flush=True)
+    if client.cap is not None and report.planned_cost_usd is None:
+        raise ValueError("a spending cap (--max_usd) needs a price for the model (--price_table) and a max_tokens "
+                         "limit, to estimate each call before it is sent")
     if not todo:
         return report
     bar = None
@@ -222,7 +300,9 @@ def run_calls(cases: list[Case], client: GPTClient, out_dir: Path, opts: Generat
 
     def on_result(i: int, result) -> None:
         case = todo[i]
-        if isinstance(result, GPTCallError):
+        if isinstance(result, GPTCallError) and result.kind == "budget":
+            report.over_budget += 1
+        elif isinstance(result, GPTCallError):
             report.failed.append({"case_id": case.case_id, **result.to_dict()})
         else:
             append_jsonl(out_dir / case.log, {
@@ -235,8 +315,6 @@ def run_calls(cases: list[Case], client: GPTClient, out_dir: Path, opts: Generat
         if bar is not None:
             bar.update(1)
 
-    requests = [ChatRequest(prompt=c.prompt, model=opts.model, temperature=opts.temperature,
-                            max_tokens=opts.max_tokens, top_p=opts.top_p, cache_tag=c.case_id) for c in todo]
     try:
         client.map_chat(requests, concurrency=opts.concurrency, on_result=on_result)
     finally:
@@ -317,34 +395,50 @@ def plan(opts: GenerationOptions, group_fn: GroupFn | None = None) -> tuple[list
 
 def run_job(opts: GenerationOptions, client: GPTClient | None = None, *, group_fn: GroupFn | None = None,
             prices: PriceTable | None = None) -> dict[str, Any]:
-    """Generate (``step`` all/generate, needs ``client``) and export (all/export). Returns the summary,
-    which is also written to ``<Name>_summary.json``."""
+    """Generate (``step`` all/generate, needs ``client``) and export (all/export), holding the output directory's
+    lock throughout. Returns the summary, which is also written to ``<Name>_summary.json``."""
     out_dir = opts.out_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
+    with generation_lock(out_dir):
+        return _run_job(opts, client, out_dir, group_fn=group_fn, prices=prices)
+
+
+def _run_job(opts: GenerationOptions, client: GPTClient | None, out_dir: Path, *, group_fn: GroupFn | None,
+             prices: PriceTable | None) -> dict[str, Any]:
+    name = opts.name
+    generating = opts.step in ("all", "generate")
+    if generating and client is None:
+        raise ValueError("generation needs a GPT client")
+    cases, info = plan(opts, group_fn) if generating else ([], {})
+    logs = sorted({c.log for c in cases} | set(raw_log_names(opts, out_dir)))
+    # Every file this run may write is checked before the first paid call, not after it.
+    claim_outputs(out_dir, name, [f"{name}.json", f"{name}_rejects.json", f"{name}_summary.json", f"{name}_cost.json",
+                                  *(log.replace(".jsonl", ".json") for log in logs)],
+                  force=opts.force, splits=True)
     summary: dict[str, Any] = {"subset": opts.subset, "model": opts.model, "seed": opts.seed,
                                "case_num": opts.case_num, "output_dir": str(out_dir)}
-    if opts.step in ("all", "generate"):
-        if client is None:
-            raise ValueError("generation needs a GPT client")
-        cases, info = plan(opts, group_fn)
+    if generating:
         summary["inputs"] = info
         report = run_calls(cases, client, out_dir, opts)
         summary["calls"] = {"planned": report.planned, "already_done": report.already_done,
                             "new": report.new_calls, "failed": len(report.failed)}
         summary["failed_calls"] = report.failed
+        summary["spending"] = {"planned_cost_usd": report.planned_cost_usd,
+                               "max_usd": client.cap.max_usd if client.cap is not None else None,
+                               "calls_not_made": report.over_budget}
         for log in sorted({c.log for c in cases}):
-            records = read_jsonl(out_dir / log)
+            records = read_jsonl(out_dir / log, repair=False)
             atomic_write_json(out_dir / log.replace(".jsonl", ".json"),
                               [{"raw": [{"prompt": r["prompt"], "response": r["response"]}]} for r in records])
-    raw_records = [r for log in raw_log_names(opts, out_dir) for r in read_jsonl(out_dir / log)]
+    raw_records = [r for log in raw_log_names(opts, out_dir) for r in read_jsonl(out_dir / log, repair=False)]
     prices = prices or (client.ledger.prices if client is not None else PriceTable())
     if opts.step in ("all", "export"):
         result = collect(raw_records, strict_first_turn=opts.strict_first_turn)
         records = result["accepted"]
         if opts.include_demos:
             records = records + demo_records(opts)
-        files = export_dialogues(records, out_dir, opts.name) if records else []
-        atomic_write_json(out_dir / f"{opts.name}_rejects.json", result["rejects"])
+        files = export_dialogues(records, out_dir, name, force=opts.force) if records else []
+        atomic_write_json(out_dir / f"{name}_rejects.json", result["rejects"])
         by_reason = Counter(r["reason"] for r in result["rejects"])
         first_counts = Counter(len(r["dialogue"][0]["images"]) for r in result["accepted"])
         summary["dialogues"] = {
@@ -357,10 +451,10 @@ def run_job(opts: GenerationOptions, client: GPTClient | None = None, *, group_f
     cost = {"all_raw_calls": raw_cost(raw_records, prices)}
     if client is not None:
         cost["this_run"] = client.ledger.summary()
-    atomic_write_json(out_dir / f"{opts.name}_cost.json", cost)
+    atomic_write_json(out_dir / f"{name}_cost.json", cost)
     summary["cost_usd"] = {"this_run": cost.get("this_run", {}).get("total", {}).get("cost_usd"),
                            "all_raw_calls": cost["all_raw_calls"]["total"]["cost_usd"]}
-    atomic_write_json(out_dir / f"{opts.name}_summary.json", summary)
+    atomic_write_json(out_dir / f"{name}_summary.json", summary)
     return summary
 
 

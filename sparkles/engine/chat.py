@@ -295,11 +295,15 @@ class ChatSession:
         generated: list[int] = []
         text = ""
         self._state = _CacheState(cache, list(keys))
-        for tok_id in decode_tokens(model.llama_model, inputs_embeds=embeds, attention_mask=mask, gen=gen,
-                                    tokenizer=tok, past_key_values=cache, fed_tokens=fed):
-            generated.append(int(tok_id[0]))
-            text = clean_answer(tok, generated, gen.stop_strings)
-            yield text
+        try:
+            for tok_id in decode_tokens(model.llama_model, inputs_embeds=embeds, attention_mask=mask, gen=gen,
+                                        tokenizer=tok, past_key_values=cache, fed_tokens=fed):
+                generated.append(int(tok_id[0]))
+                text = clean_answer(tok, generated, gen.stop_strings)
+                yield text
+        except Exception:
+            self._state = None  # a forward that failed half-way may have grown some layers' cache and not others
+            raise
         self._state.keys = list(keys) + fed[0]
         self.messages.append(Message(ASSISTANT, text))
 

@@ -7,21 +7,35 @@ in place, which is what lets a chat reuse it across turns; a new one appends wit
 (:mod:`.kv_cache`). Prefill and every decode step project only the last position onto the
 vocabulary (:func:`lm_head_logits`, column-wise for a few rows on the CPU). Beam search goes through
 ``transformers``' ``generate`` (no streaming, no cache reuse, its own LM head call).
+
+``GenerationConfig.decode_mode`` chooses the loop: "plain" (above), "static" (a cache allocated once for
+``max_length`` positions, :mod:`.static_cache`, and one read-back per step: its tokens) or "compiled" ("static"
+with the one-token step under ``torch.compile``, CUDA graphs on a GPU; the static path on the CPU, where it was
+measured slower). Greedy tokens are the same in all three in float32.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Iterator, Optional, Sequence
+import logging
+import weakref
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
 
 from ..models.hf_compat import cache_kwarg, logits_keep_kwarg
 from .kv_cache import new_kv_cache
+from .static_cache import make_static, new_static_kv_cache, static_layers
+
+log = logging.getLogger(__name__)
 
 
 OVERFLOW_POLICIES = ("drop_turns", "truncate_left")
+# "plain": the cache grows as it goes, per-step host bookkeeping (the reference path). "static": the cache is
+# allocated once for max_length positions and a step reads back only its new tokens. "compiled": "static" with
+# the one-token decoder step compiled by torch.compile (CUDA graphs on a GPU); see :func:`_decode_static`.
+DECODE_MODES = ("plain", "static", "compiled")
 
 
 @dataclass
@@ -43,6 +57,7 @@ class GenerationConfig:
     # A context longer than max_length - max_new_tokens: "drop_turns" leaves out whole earlier turns (and their
     # images); "truncate_left" keeps its last positions whatever they cut through (the original's way).
     overflow: str = "drop_turns"
+    decode_mode: str = "plain"  # one of DECODE_MODES; greedy tokens are the same in all three (float32)
 
     def updated(self, **overrides) -> "GenerationConfig":
         unknown = set(overrides) - set(self.__dataclass_fields__)
@@ -51,10 +66,12 @@ class GenerationConfig:
         out = replace(self, **{k: v for k, v in overrides.items() if v is not None})
         if out.overflow not in OVERFLOW_POLICIES:
             raise ValueError(f"overflow must be one of {', '.join(OVERFLOW_POLICIES)}, got {out.overflow!r}")
+        if out.decode_mode not in DECODE_MODES:
+            raise ValueError(f"decode_mode must be one of {', '.join(DECODE_MODES)}, got {out.decode_mode!r}")
         return out
 
 
-def _forward_last(llm, *, inputs_embeds, attention_mask, position_ids, cache) -> torch.Tensor:
+def forward_last(llm, *, inputs_embeds, attention_mask, position_ids, cache) -> torch.Tensor:
     """Run the decoder over new positions with a cache; return float32 logits of the last position.
 
     For a ``*ForCausalLM`` made of a decoder body (``llm.model``) and a linear ``llm.lm_head`` (LLaMA/Vicuna),
@@ -96,7 +113,8 @@ def lm_head_logits(lm_head: nn.Linear, hidden: torch.Tensor, *, max_rows: int = 
     return lm_head(hidden)
 
 
-def _logits_processors(gen: GenerationConfig):
+def logits_processors(gen: GenerationConfig):
+    """The warpers applied to one row's logits: repetition penalty; temperature and top-p when sampling."""
     from transformers.generation.logits_process import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor,
                                                         TemperatureLogitsWarper, TopPLogitsWarper)
 
@@ -109,6 +127,21 @@ def _logits_processors(gen: GenerationConfig):
         if gen.top_p < 1.0:
             procs.append(TopPLogitsWarper(gen.top_p))
     return procs
+
+
+def _sampling_setup(gen: GenerationConfig, tokenizer, device):
+    """What every decode loop needs besides the model: the seeded generator (sampling with a seed), the logits
+    processors, the end-of-sequence id, the id that fills finished rows, and the stop checker."""
+    generator = None
+    if gen.do_sample and gen.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(int(gen.seed))
+    eos_id = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
+    pad_id = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
+    pad_id = eos_id if pad_id is None else pad_id
+    pad_id = 0 if pad_id is None else pad_id
+    checker = StopChecker(tokenizer, gen.stop_strings if tokenizer is not None else (),
+                          eos_id=eos_id if gen.stop_on_eos else None)
+    return generator, logits_processors(gen), eos_id, pad_id, checker
 
 
 class StopChecker:
@@ -151,7 +184,13 @@ def decode_tokens(llm, *, inputs_embeds: torch.Tensor, attention_mask: torch.Ten
     ``attention_mask [B, T]`` marks real positions of the new part (left padding = 0). ``past_key_values``
     is extended in place. Finished rows keep producing the pad id. ``fed_tokens[b]`` receives the tokens
     that were actually run through the decoder (i.e. are now in the cache) for row ``b``.
+    ``gen.decode_mode`` other than "plain" goes through :func:`_decode_static` (same tokens and cache contents).
     """
+    if gen.decode_mode != "plain":
+        yield from _decode_static(llm, inputs_embeds=inputs_embeds, attention_mask=attention_mask, gen=gen,
+                                  tokenizer=tokenizer, past_key_values=past_key_values,
+                                  past_attention_mask=past_attention_mask, fed_tokens=fed_tokens)
+        return
     device = inputs_embeds.device
     batch = inputs_embeds.shape[0]
     if past_attention_mask is None:
@@ -161,19 +200,10 @@ def decode_tokens(llm, *, inputs_embeds: torch.Tensor, attention_mask: torch.Ten
     positions = (full_mask.cumsum(-1) - 1).clamp(min=0)[:, -inputs_embeds.shape[1]:]
     if past_key_values is None:
         past_key_values = new_kv_cache()
-    generator = None
-    if gen.do_sample and gen.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(int(gen.seed))
-    procs = _logits_processors(gen)
-    eos_id = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
-    pad_id = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
-    pad_id = eos_id if pad_id is None else pad_id
-    pad_id = 0 if pad_id is None else pad_id
-    checker = StopChecker(tokenizer, gen.stop_strings if tokenizer is not None else (),
-                          eos_id=eos_id if gen.stop_on_eos else None)
+    generator, procs, eos_id, pad_id, checker = _sampling_setup(gen, tokenizer, device)
     embed = llm.get_input_embeddings()
 
-    logits = _forward_last(llm, inputs_embeds=inputs_embeds, attention_mask=full_mask, position_ids=positions,
+    logits = forward_last(llm, inputs_embeds=inputs_embeds, attention_mask=full_mask, position_ids=positions,
                            cache=past_key_values)
     generated: list[list[int]] = [[] for _ in range(batch)]
     done = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -206,8 +236,194 @@ def decode_tokens(llm, *, inputs_embeds: torch.Tensor, attention_mask: torch.Ten
                 fed_tokens[b].append(int(nxt[b]))
         full_mask = torch.cat([full_mask, torch.ones(batch, 1, dtype=full_mask.dtype, device=device)], dim=1)
         last_pos = last_pos + 1
-        logits = _forward_last(llm, inputs_embeds=embed(nxt[:, None]), attention_mask=full_mask,
+        logits = forward_last(llm, inputs_embeds=embed(nxt[:, None]), attention_mask=full_mask,
                                position_ids=last_pos[:, None], cache=past_key_values)
+
+
+# ----------------------------------------------------------------------------------------------- static path
+# Whether "compiled" compiles on the CPU. Measured by ``python -m benchmarks.decode_path --size small`` (see
+# docs/benchmarks.md): on a 2-core EPYC the compiled fixed-shape step decoded at 0.65x and 0.98x the plain path's
+# speed in two runs (its attention spans all max_length positions; inductor's CPU code gains little on a few
+# large matmuls), never faster, so "compiled" runs the "static" path on the CPU.
+COMPILE_ON_CPU = False
+_COMPILED_STEPS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _make_step(llm) -> Callable:
+    """The one-token decode step of ``llm`` as a function of tensors and the cache: ``(tokens [B, 1],
+    position_ids [B, 1], mask [B, 1, 1, capacity], cache) -> float32 logits [B, V]``; what ``torch.compile``
+    traces. Keyword names are resolved here, outside the traced code. Same split as :func:`forward_last`."""
+    body, head = getattr(llm, "model", None), getattr(llm, "lm_head", None)
+    embed = llm.get_input_embeddings()
+    split = isinstance(body, nn.Module) and isinstance(head, nn.Linear) \
+        and getattr(getattr(llm, "config", None), "final_logit_softcapping", None) is None
+    cache_name = cache_kwarg(type(body) if split else type(llm))
+    keep = None if split else logits_keep_kwarg(type(llm))
+
+    def step(tokens, position_ids, mask, cache):
+        kwargs = {"inputs_embeds": embed(tokens), "attention_mask": mask, "position_ids": position_ids,
+                  "use_cache": True, cache_name: cache}
+        if split:
+            hidden = body(**kwargs).last_hidden_state[:, -1, :]
+            return lm_head_logits(head, hidden).float()
+        if keep is not None:
+            kwargs[keep] = 1
+        return llm(**kwargs).logits[:, -1, :].float()
+
+    return step
+
+
+def _compiled_step(llm, device: torch.device) -> Optional[Callable]:
+    """The compiled decode step of ``llm`` (made once per model), or None where "compiled" runs the static path
+    (the CPU when :data:`COMPILE_ON_CPU` is off, or after compiling failed once)."""
+    if device.type == "cpu" and not COMPILE_ON_CPU:
+        return None
+    entry = _COMPILED_STEPS.get(llm)
+    if entry is None:
+        # CUDA graphs remove the launch overhead of a one-token step; they need the fixed shapes and addresses
+        # of the pre-allocated cache. On the CPU the default mode fuses the small element-wise operations.
+        mode = "reduce-overhead" if device.type == "cuda" else None
+        entry = _COMPILED_STEPS[llm] = {"fn": torch.compile(_make_step(llm), mode=mode, dynamic=False),
+                                        "ok": True}
+    return entry["fn"] if entry["ok"] else None
+
+
+class _FixedShapeSteps:
+    """Decode steps of fixed shapes over a pre-allocated cache: each step writes its position with
+    ``index_copy_`` at a device-side index and attends over the whole buffer through an additive mask that
+    is updated on the device, so no step reads anything back or changes a shape."""
+
+    def __init__(self, layers, full_mask: torch.Tensor, dtype: torch.dtype, step_fn: Callable) -> None:
+        self.layers, self.step_fn = layers, step_fn
+        capacity = min(layer.capacity for layer in layers)
+        filled = layers[0].filled
+        device = full_mask.device
+        self.index = torch.full((1,), filled, dtype=torch.long, device=device)
+        mask = torch.full((full_mask.shape[0], capacity), torch.finfo(dtype).min, dtype=dtype, device=device)
+        mask[:, :filled].masked_fill_(full_mask.bool(), 0.0)
+        self.mask = mask[:, None, None, :]
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            # A CUDA graph may update its inputs in place only at fixed addresses. Unguarded: another cache (a
+            # new chat, another batch) re-records the graph instead of recompiling the step.
+            for layer in layers:
+                torch._dynamo.mark_static_address(layer._key_buffer, guard=False)
+                torch._dynamo.mark_static_address(layer._value_buffer, guard=False)
+        for layer in layers:
+            layer.step_index = self.index
+
+    def __call__(self, tokens: torch.Tensor, position_ids: torch.Tensor, cache) -> torch.Tensor:
+        self.mask.index_fill_(-1, self.index, 0.0)  # the new position sees itself
+        if self.cuda:
+            torch.compiler.cudagraph_mark_step_begin()
+        logits = self.step_fn(tokens, position_ids, self.mask, cache)
+        self.index.add_(1)
+        for layer in self.layers:
+            layer.advance(1)
+        return logits
+
+    def close(self) -> None:
+        for layer in self.layers:
+            layer.step_index = None
+            layer.refresh_views()
+
+
+def _decode_static(llm, *, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, gen: GenerationConfig,
+                   tokenizer=None, past_key_values=None, past_attention_mask: Optional[torch.Tensor] = None,
+                   fed_tokens: Optional[list[list[int]]] = None) -> Iterator[torch.Tensor]:
+    """:func:`decode_tokens` for ``decode_mode`` "static" and "compiled": the same tokens, without per-step
+    allocation or host synchronisation beyond reading each step's tokens once.
+
+    The cache is pre-allocated for ``max_length`` positions (a passed cache is converted in place, keeping what
+    it holds); the attention mask for all new positions is made once; the token history the logits processors
+    read is a device buffer; which rows are finished is host state, updated from the tokens read back. "static"
+    decodes eagerly over views of the filled part of the cache (the plain path's shapes, hence its logits);
+    "compiled" runs fixed-shape steps (:class:`_FixedShapeSteps`) through ``torch.compile``.
+    """
+    device = inputs_embeds.device
+    batch, new = inputs_embeds.shape[:2]
+    attention_mask = attention_mask.to(device)
+    past_len = 0 if past_key_values is None else past_key_values.get_seq_length()
+    if past_attention_mask is None:
+        past_attention_mask = torch.ones(batch, past_len, dtype=attention_mask.dtype, device=device)
+    full_mask = torch.cat([past_attention_mask, attention_mask], dim=1)
+    positions = (full_mask.cumsum(-1) - 1).clamp(min=0)[:, -new:]
+    capacity = max(gen.max_length, full_mask.shape[1] + gen.max_new_tokens)
+    if past_key_values is None:
+        past_key_values = new_static_kv_cache(capacity)
+    else:
+        make_static(past_key_values, capacity)
+    # Every position this call can fill is a real one: the masks of all steps are prefixes of this one. With
+    # SDPA, transformers reads a 2D mask back (is any position padding?) to choose its kernel, at every step;
+    # asked once here, the steps pass no mask (no padding) or the 4D boolean mask it would have built.
+    mask_all = torch.cat([full_mask, full_mask.new_ones(batch, gen.max_new_tokens)], dim=1)
+    if getattr(getattr(llm, "config", None), "_attn_implementation", None) == "sdpa":
+        mask_all = mask_all.bool()[:, None, None, :] if not bool(full_mask.all()) else None
+    generator, procs, eos_id, pad_id, checker = _sampling_setup(gen, tokenizer, device)
+    hist = torch.zeros(batch, gen.max_new_tokens, dtype=torch.long, device=device) if len(procs) else None
+    embed = llm.get_input_embeddings()
+
+    logits = forward_last(llm, inputs_embeds=inputs_embeds, attention_mask=full_mask, position_ids=positions,
+                           cache=past_key_values)
+    fixed = None
+    if gen.decode_mode == "compiled" and gen.max_new_tokens > 1:
+        step_fn = _compiled_step(llm, device)
+        layers = static_layers(past_key_values)
+        if step_fn is not None and layers and len(layers) == len(past_key_values.layers):
+            fixed = _FixedShapeSteps(layers, full_mask, inputs_embeds.dtype, step_fn)
+    generated: list[list[int]] = [[] for _ in range(batch)]
+    done = [False] * batch
+    done_dev = None  # device copy of `done`, remade only when a row finishes
+    length = full_mask.shape[1]
+    last_pos = positions[:, -1:]
+    try:
+        for step in range(gen.max_new_tokens):
+            if len(procs):
+                scores = procs(hist[:, :step], logits)
+            else:
+                scores = logits
+            if eos_id is not None and step < gen.min_length:
+                scores = scores.clone()
+                scores[:, eos_id] = float("-inf")
+            if gen.do_sample:
+                nxt = torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator).squeeze(1)
+            else:
+                nxt = scores.argmax(dim=-1)
+            if done_dev is not None:
+                nxt = torch.where(done_dev, torch.full_like(nxt, pad_id), nxt)
+            if hist is not None:
+                hist[:, step] = nxt
+            tokens = nxt.tolist()  # the one read-back of the step
+            finished = False
+            for b, t in enumerate(tokens):
+                generated[b].append(t)  # finished rows get the pad id (already in `t`)
+                if not done[b] and checker.should_stop(generated[b]):
+                    done[b] = finished = True
+            if finished:
+                done_dev = torch.tensor(done, device=device)
+            yield nxt
+            if all(done) or step == gen.max_new_tokens - 1:
+                break
+            if fed_tokens is not None:
+                for b in range(batch):
+                    fed_tokens[b].append(tokens[b])
+            length += 1
+            last_pos = last_pos + 1
+            if fixed is not None:
+                try:
+                    logits = fixed(nxt[:, None], last_pos, past_key_values)
+                    continue
+                except torch._dynamo.exc.BackendCompilerFailed as exc:  # e.g. no C compiler: run eagerly
+                    log.warning("torch.compile failed (%s); decoding with the static path", exc)
+                    _COMPILED_STEPS[llm]["ok"] = False
+                    fixed.close()  # the failed step counted nothing: the eager step below redoes it
+                    fixed = None
+            step_mask = None if mask_all is None else mask_all[..., :length]
+            logits = forward_last(llm, inputs_embeds=embed(nxt[:, None]), attention_mask=step_mask,
+                                   position_ids=last_pos, cache=past_key_values)
+    finally:
+        if fixed is not None:
+            fixed.close()
 
 
 @torch.no_grad()

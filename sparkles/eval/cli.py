@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 import threading
 from dataclasses import dataclass, field
@@ -74,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cfg-path", default=None,
                    help="model config (eval_configs/*.yaml); omit to judge SparklesEval's GPT-4 reference dialogues")
+    p.add_argument("--model-endpoint", default=None, metavar="URL",
+                   help="evaluate the model behind an OpenAI-compatible chat API (e.g. http://host:8000/v1) instead "
+                        "of a config; --model-name names the served model (default: the only one it lists); its "
+                        "key comes from $MODEL_ENDPOINT_API_KEY")
     p.add_argument("--sparkles_root", "--sparkles-root", dest="sparkles_root", default=None,
                    help="Sparkles root (default: $SPARKLES_ROOT, then run.sparkles_root of the config)")
     p.add_argument("--dataset", default=None, choices=EVAL_DATASETS,
@@ -194,7 +199,8 @@ def resolve_device(gpu_id: Optional[int], device: str = "auto") -> str:
 def processor_spec(cfg) -> dict:
     """The eval image transform of a config (``run.eval_vis_processor``, the model's image size by default)."""
     spec = cfg.run.get("eval_vis_processor") or {}
-    return {"name": spec.get("name") or "blip2_image_eval", "image_size": spec.get("image_size") or cfg.model.image_size}
+    return {"name": spec.get("name") or "blip2_image_eval",
+            "image_size": spec.get("image_size") or cfg.model.image_size}
 
 
 def build_generator(cfg, root: Path, device: str, batch_size: int):
@@ -205,7 +211,8 @@ def build_generator(cfg, root: Path, device: str, batch_size: int):
 
     log.info("loading the model on %s", device)
     model = SparklesChat.from_config(cfg.model, root=root, device=device)
-    return ModelGenerator(model, build_processor(processor_spec(cfg)), batch_size=batch_size)
+    return ModelGenerator(model, build_processor(processor_spec(cfg)), batch_size=batch_size,
+                          decode_mode=cfg.run.get("decode_mode") or "plain")
 
 
 # ------------------------------------------------------------------------------------------------ the run
@@ -215,8 +222,17 @@ class _Context:
     def __init__(self, args) -> None:
         self.args = args
         import_modules(args.imports, source="--imports")
-        self.reference_mode = args.cfg_path is None
-        if self.reference_mode:
+        self.endpoint = None
+        self.reference_mode = args.cfg_path is None and args.model_endpoint is None
+        if args.model_endpoint is not None:
+            if args.cfg_path is not None:
+                raise EvalError("--model-endpoint evaluates the model behind that API; leave out --cfg-path")
+            from .endpoint import EndpointGenerator
+
+            self.endpoint = EndpointGenerator(args.model_endpoint, args.model_name, batch_size=args.batch_size)
+            self.cfg = None
+            self.root = resolve_root(args.sparkles_root)
+        elif self.reference_mode:
             if args.dataset != "SparklesEval":
                 raise EvalError("without --cfg-path only SparklesEval can be evaluated (its GPT-4 reference "
                                 "dialogues are judged); pass --cfg-path for BISON/NLVR2")
@@ -237,6 +253,9 @@ class _Context:
     def _model_name(self) -> str:
         if self.reference_mode:
             return REFERENCE_MODEL_NAME
+        if self.endpoint is not None:
+            name = re.sub(r"[^A-Za-z0-9._-]+", "_", self.endpoint.model)
+            return name + ("" if self.protocol.name == "default" else f"_{self.protocol.name}")
         ckpt = self.cfg.model.get("ckpt") or ""
         if not ckpt:
             name = Path(self.args.cfg_path).stem
@@ -257,6 +276,9 @@ class _Context:
             proto.pop(key)
         if self.reference_mode:
             return {"mode": "reference_dialogues"}
+        if self.endpoint is not None:
+            return {"mode": "endpoint", "endpoint": self.endpoint.base_url, "model": self.endpoint.model,
+                    "protocol": proto, "seed": self.args.seed}
         return {"mode": "model", "protocol": proto, "seed": self.args.seed, "model": to_container(self.cfg.model),
                 "eval_vis_processor": self._processor_spec()}
 
@@ -266,6 +288,8 @@ class _Context:
     def generator_factory(self):
         if self.reference_mode:
             return None
+        if self.endpoint is not None:
+            return lambda: self.endpoint
         cache: dict[str, Any] = {}
 
         def build():
@@ -483,12 +507,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for noisy in ("httpx", "httpx2", "httpcore", "openai"):  # one line per HTTP request otherwise
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from ..gpt.errors import MissingAPIKeyError
+    from .endpoint import EndpointError
     from .generator import InputError
     from .merge import MergeError
     from .rescore import ResultsFileError
 
     expected = (EvalError, ConfigError, MissingPathError, MissingAPIKeyError, AnnotationError, InputError,
-                DialogueFormatError, JudgeSetupError, MergeError, ManifestError, ProtocolFileError, ResultsFileError)
+                DialogueFormatError, JudgeSetupError, MergeError, ManifestError, ProtocolFileError, ResultsFileError,
+                EndpointError)
     try:
         report = run(argv)
     except expected as exc:

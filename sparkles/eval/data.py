@@ -11,10 +11,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..common.io import read_json
-from ..common.paths import EVAL_DATASETS, MissingPathError, SparklesLayout
+from ..common.paths import EVAL_DATASETS, MissingPathError, SparklesLayout, image_by_id
 from .store import eid_key
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 
 
 class AnnotationError(ValueError):
@@ -86,11 +85,7 @@ class EvalSet:
     # ------------------------------------------------------------------ SparklesEval
     def image_file(self, image_id: Any) -> Path:
         """``images/<image_id>.jpg`` as upstream; other common extensions are accepted too."""
-        for ext in IMAGE_EXTENSIONS:
-            path = self.image_dir / f"{image_id}{ext}"
-            if path.is_file():
-                return path
-        return self.image_dir / f"{image_id}.jpg"  # absent: the loader's error names this file
+        return image_by_id(self.image_dir, image_id)
 
     def image_url(self, image_id: Any, relative_dir: str = "../images") -> str:
         return f"{relative_dir}/{self.image_file(image_id).name}"

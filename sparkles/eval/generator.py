@@ -55,11 +55,12 @@ class Answer:
 class ModelGenerator:
     """Answers requests with a SparklesChat model through the chat engine."""
 
-    def __init__(self, model, image_processor, *, batch_size: int = 1) -> None:
+    def __init__(self, model, image_processor, *, batch_size: int = 1, decode_mode: str = "plain") -> None:
         from ..engine.chat import Chat
+        from ..engine.decoding import GenerationConfig
 
         self.model = model.eval()
-        self.chat = Chat(model, image_processor)
+        self.chat = Chat(model, image_processor, generation=GenerationConfig().updated(decode_mode=decode_mode))
         self.batch_size = max(1, int(batch_size))
         self._warned = False
 

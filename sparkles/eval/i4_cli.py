@@ -43,7 +43,11 @@ SETTINGS_FILE = "settings.json"
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="evaluate_I4.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cfg-path", required=True, help="model config (eval_configs/*.yaml)")
+    p.add_argument("--cfg-path", default=None, help="model config (eval_configs/*.yaml)")
+    p.add_argument("--model-endpoint", default=None, metavar="URL",
+                   help="answer with the model behind an OpenAI-compatible chat API instead of a config "
+                        "(--model-name names it; key from $MODEL_ENDPOINT_API_KEY)")
+    p.add_argument("--model-name", default=None, help="the served model's name (with --model-endpoint)")
     p.add_argument("--gpu-id", type=int, default=None, help="GPU to run on (default: GPU 0 if any, else the CPU)")
     p.add_argument("--i4-dir", required=True, help="the DEMON core split: <i4-dir>/<dataset>/core/core.json")
     p.add_argument("--dataset", nargs="+", required=True, help="one or more dataset names")
@@ -210,18 +214,26 @@ def run(argv: Optional[Sequence[str]] = None) -> list:
     warning = comparability_warning(protocol)
     if warning:
         log.warning("%s", warning)
-    import sparkles.models  # noqa: F401  (registers the sparkleschat model)
-
-    cfg = load_config(args.cfg_path, args.options)
-    if texts.system_text is not None:
-        cfg.model.system_text = texts.system_text
-    root = resolve_config_root(cfg, args.sparkles_root)
     proto = protocol.to_dict()
     for key in ("judge_temperature", "judge_attempts", "max_retries"):
         proto.pop(key)
-    settings = {"protocol": proto, "seed": args.seed, "model": to_container(cfg.model),
-                "eval_vis_processor": processor_spec(cfg)}
     cache: dict = {}
+    if (args.cfg_path is None) == (args.model_endpoint is None):
+        raise EvalError("pass either --cfg-path (a model config) or --model-endpoint (a served model)")
+    if args.model_endpoint is not None:
+        from .endpoint import EndpointGenerator
+
+        cache["g"] = EndpointGenerator(args.model_endpoint, args.model_name, batch_size=args.batch_size)
+        settings = {"protocol": proto, "seed": args.seed, "endpoint": args.model_endpoint, "model": cache["g"].model}
+    else:
+        import sparkles.models  # noqa: F401  (registers the sparkleschat model)
+
+        cfg = load_config(args.cfg_path, args.options)
+        if texts.system_text is not None:
+            cfg.model.system_text = texts.system_text
+        root = resolve_config_root(cfg, args.sparkles_root)
+        settings = {"protocol": proto, "seed": args.seed, "model": to_container(cfg.model),
+                    "eval_vis_processor": processor_spec(cfg)}
 
     def generator_factory():
         if "g" not in cache:
@@ -236,11 +248,13 @@ def run(argv: Optional[Sequence[str]] = None) -> list:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .endpoint import EndpointError
     from .generator import InputError
 
     try:
         run(argv)
-    except (EvalError, ConfigError, MissingPathError, ProtocolFileError, InputError, i4.I4FormatError) as exc:
+    except (EvalError, ConfigError, MissingPathError, ProtocolFileError, InputError, i4.I4FormatError,
+            EndpointError) as exc:
         log.error("%s", exc)
         return 1
     return 0

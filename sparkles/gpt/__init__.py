@@ -14,8 +14,9 @@ Importing this package does not import the ``openai`` SDK; that happens on the f
 from .cache import ResponseCache, request_key
 from .client import ChatRequest, ChatResult, GPTClient, Usage
 from .config import GPTConfig
-from .cost import PriceTable, UsageLedger
+from .cost import PriceTable, SpendingCap, UsageLedger, estimate_cost
 from .errors import GPTCallError, MissingAPIKeyError, redact
 
 __all__ = ["ChatRequest", "ChatResult", "GPTCallError", "GPTClient", "GPTConfig", "MissingAPIKeyError",
-           "PriceTable", "ResponseCache", "Usage", "UsageLedger", "redact", "request_key"]
+           "PriceTable", "ResponseCache", "SpendingCap", "Usage", "UsageLedger", "estimate_cost", "redact",
+           "request_key"]

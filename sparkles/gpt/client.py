@@ -8,7 +8,9 @@ once. Either way the failure is a ``GPTCallError``. ``map_chat`` runs a batch on
 semaphore caps concurrent calls for the whole client.
 
 Finished answers go into the SQLite ``ResponseCache`` before they are returned, so a re-run never pays for
-them again; every call (paid or cached) is entered in the client's ``UsageLedger``.
+them again; every call (paid or cached) is entered in the client's ``UsageLedger``. With a ``SpendingCap`` a
+paid call is sent only if its estimated cost fits under the cap; otherwise it fails with kind ``budget``
+without any HTTP request (cached answers are free and still returned).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 from .cache import CachedResponse, ResponseCache, request_key
 from .config import GPTConfig
-from .cost import PriceTable, UsageLedger
+from .cost import PriceTable, SpendingCap, UsageLedger
 from .errors import GPTCallError, redact
 
 log = logging.getLogger("sparkles.gpt")
@@ -82,6 +84,8 @@ class ChatRequest:
 
 # HTTP statuses worth another try: request timeout, conflict/lock, rate limit, and server-side failures.
 _RETRYABLE_STATUS = {408, 409, 429}
+# Failures after which the server may still have generated (and billed) the answer: they count against a cap.
+_MAYBE_BILLED = {"timeout", "connection", "bad_response"}
 
 
 def _classify(exc: BaseException) -> tuple[str, int | None, bool, float | None]:
@@ -128,9 +132,11 @@ class GPTClient:
     """Chat completions with retries, a persistent cache and usage accounting (see the module docstring)."""
 
     def __init__(self, config: GPTConfig, *, cache: ResponseCache | str | os.PathLike | None = None,
-                 ledger: UsageLedger | None = None, sleep: Callable[[float], None] = time.sleep) -> None:
+                 ledger: UsageLedger | None = None, cap: SpendingCap | None = None,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
         config.require_key()
         self.config = config
+        self.cap = cap
         cache = cache if cache is not None else config.cache_path
         self.cache: ResponseCache | None = (cache if cache is None or isinstance(cache, ResponseCache)
                                             else ResponseCache(cache))
@@ -144,9 +150,10 @@ class GPTClient:
 
     @classmethod
     def from_env(cls, *, cache: ResponseCache | str | os.PathLike | None = None, ledger: UsageLedger | None = None,
-                 env: Mapping[str, str] | None = None, **overrides: Any) -> "GPTClient":
+                 cap: SpendingCap | None = None, env: Mapping[str, str] | None = None,
+                 **overrides: Any) -> "GPTClient":
         """Client configured from ``OPENAI_*`` variables (see ``sparkles.gpt.config``) plus ``overrides``."""
-        return cls(GPTConfig.from_env(env, **overrides), cache=cache, ledger=ledger)
+        return cls(GPTConfig.from_env(env, **overrides), cache=cache, ledger=ledger, cap=cap)
 
     # --- SDK --------------------------------------------------------------------------------
     def _client(self):
@@ -217,11 +224,31 @@ class GPTClient:
                 return ChatResult(text=hit.text, usage=Usage(hit.prompt_tokens, hit.completion_tokens), cached=True,
                                   model=model_name, response_model=hit.response_model,
                                   finish_reason=hit.finish_reason, attempts=0, cost_usd=cost, key=key)
-        with self._slots:
-            answer, attempts = self._call_with_retries(request)
+        reserved = 0.0
+        if self.cap is not None:
+            reserved = self.cap.reserve(request)
+            if reserved is None:
+                raise GPTCallError(
+                    f"spending cap ${self.cap.max_usd:.2f} reached (spent ${self.cap.spent:.4f}, "
+                    f"${self.cap.reserved:.4f} reserved by calls in flight, this call estimated at "
+                    f"${self.cap.estimate(request):.4f}): call not made", model=model_name, kind="budget",
+                    retryable=False, attempts=0)
+        try:
+            with self._slots:
+                answer, attempts = self._call_with_retries(request)
+        except GPTCallError as exc:
+            if self.cap is not None:
+                self.cap.settle(reserved, reserved if exc.kind in _MAYBE_BILLED else 0.0)
+            raise
+        except BaseException:
+            if self.cap is not None:
+                self.cap.settle(reserved, reserved)  # interrupted in flight: it may have been billed
+            raise
         if self.cache is not None:
             self.cache.put(key, request, answer)
         cost = self.ledger.record(model_name, answer.prompt_tokens, answer.completion_tokens, cached=False)
+        if self.cap is not None:
+            self.cap.settle(reserved, cost if cost is not None else reserved)
         return ChatResult(text=answer.text, usage=Usage(answer.prompt_tokens, answer.completion_tokens), cached=False,
                           model=model_name, response_model=answer.response_model,
                           finish_reason=answer.finish_reason, attempts=attempts, cost_usd=cost, key=key)

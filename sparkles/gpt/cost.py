@@ -7,10 +7,15 @@ counted but its cost is never silently taken as zero.
 
 The ledger separates paid calls (answered by the API in this run) from cached ones (answered by the response
 cache: their tokens and cost are what the cache saved).
+
+Before a call is sent its cost can only be estimated (:func:`estimate_cost`): the prompt's tokens from its
+length (:data:`CHARS_PER_TOKEN`, on the high side for English and JSON), the answer at its ``max_tokens``
+limit. A :class:`SpendingCap` uses that estimate to refuse new paid calls before the spend would pass a limit.
 """
 
 from __future__ import annotations
 
+import math
 import re
 import threading
 from dataclasses import dataclass
@@ -18,6 +23,12 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..common.io import read_json
+
+# OpenAI's tokenizers average about 4 characters per token on English prose and somewhat fewer on JSON; 3 puts
+# the estimate of the English and JSON prompts this project sends on the high side of their real counts.
+CHARS_PER_TOKEN = 3.0
+TOKENS_PER_MESSAGE = 4  # role and separators around each chat message
+TOKENS_PER_REQUEST = 3  # the reply's priming
 
 DEFAULT_PRICES_PER_1M: dict[str, tuple[float, float]] = {
     "gpt-4": (30.0, 60.0),
@@ -162,3 +173,62 @@ class UsageLedger:
         if s["unpriced_models"]:
             rows.append("no price for: " + ", ".join(s["unpriced_models"]) + " (add them to the price table)")
         return "\n".join(rows)
+
+
+def estimate_prompt_tokens(messages: list[Mapping[str, Any]]) -> int:
+    """The prompt tokens of a chat request, estimated from its text (see :data:`CHARS_PER_TOKEN`)."""
+    return TOKENS_PER_REQUEST + sum(TOKENS_PER_MESSAGE + math.ceil(len(str(m.get("content") or "")) / CHARS_PER_TOKEN)
+                                    for m in messages)
+
+
+def estimate_cost(prices: PriceTable, request: Mapping[str, Any]) -> float | None:
+    """USD a request body (``model``, ``messages``, ``max_tokens``) may cost: its estimated prompt and an answer
+    of ``max_tokens`` tokens. None when the model has no price or the answer has no length limit."""
+    price = prices.lookup(request["model"])
+    if price is None or request.get("max_tokens") is None:
+        return None
+    return price.cost(estimate_prompt_tokens(request["messages"]), int(request["max_tokens"]))
+
+
+class SpendingCap:
+    """A limit on the USD spent on paid calls (thread-safe).
+
+    Before a call is sent it reserves its estimated cost (:func:`estimate_cost`); the call goes out only if the
+    cost already spent, the reservations of the calls in flight and its own estimate stay within ``max_usd``.
+    When the call returns its reservation is replaced by its actual cost. After the first refusal every later
+    call is refused too, so a run stops scheduling calls instead of picking the cheap ones.
+    """
+
+    def __init__(self, max_usd: float, prices: PriceTable | None = None) -> None:
+        if not max_usd > 0:
+            raise ValueError(f"a spending cap must be a positive number of USD, got {max_usd!r}")
+        self.max_usd = float(max_usd)
+        self.prices = prices or PriceTable()
+        self.spent = 0.0
+        self.reserved = 0.0
+        self.refused = 0
+        self._lock = threading.Lock()
+
+    def estimate(self, request: Mapping[str, Any]) -> float:
+        """The request's estimated cost; an error when it cannot be estimated (so it cannot be capped)."""
+        cost = estimate_cost(self.prices, request)
+        if cost is None:
+            raise ValueError(f"a spending cap needs a price for model {request['model']!r} (add one with a price "
+                             "table) and a max_tokens limit on the answer")
+        return cost
+
+    def reserve(self, request: Mapping[str, Any]) -> float | None:
+        """Reserve the request's estimated cost and return it; None when it does not fit (nothing reserved)."""
+        cost = self.estimate(request)
+        with self._lock:
+            if self.refused or self.spent + self.reserved + cost > self.max_usd:
+                self.refused += 1
+                return None
+            self.reserved += cost
+            return cost
+
+    def settle(self, reserved: float, cost: float) -> None:
+        """Replace a reservation by the call's actual cost (0 for a call that was never billed)."""
+        with self._lock:
+            self.reserved -= reserved
+            self.spent += cost

@@ -51,13 +51,27 @@ class LoadReport:
 
 
 def read_state_dict(path: str | os.PathLike, *, wrapper_key: str | None = None) -> dict[str, torch.Tensor]:
+    """The dict stored in a ``.pth`` file (its ``wrapper_key`` entry if given), read with ``weights_only=True``.
+
+    A missing, empty, truncated or otherwise unreadable file is a :class:`CheckpointError` that names it and
+    says which of these it is.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"{path}: the file is empty (0 bytes), e.g. from a copy or download that did not "
+                              "finish; replace it with the complete checkpoint")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(f"{path}: cannot read as a weights-only torch checkpoint: {exc}") from exc
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "Weights only load failed" in str(exc):
+            why = "it holds objects other than tensors and plain containers, which are never loaded"
+        else:
+            why = f"truncated or not a torch checkpoint ({size} bytes)"
+        raise CheckpointError(f"{path}: cannot be read: {why}: {type(exc).__name__}: {detail}") from exc
     if wrapper_key is not None:
         if not isinstance(obj, dict) or wrapper_key not in obj:
             raise CheckpointError(f"{path}: expected a dict with a {wrapper_key!r} entry")

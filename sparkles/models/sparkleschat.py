@@ -304,6 +304,22 @@ class SparklesChat(nn.Module):
         """Only the trainable parameters (``llama_proj.*`` for the paper recipe), upstream checkpoint layout."""
         return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
 
+    # ------------------------------------------------------------------ one folder in the Hub's conventions
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> Path:
+        """Write this model as one folder (``model.safetensors``, ``config.json``, tokenizer, ``README.md``); the
+        options are those of :func:`sparkles.models.hub.save_pretrained`."""
+        from .hub import save_pretrained
+
+        return save_pretrained(self, save_directory, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, source: str | os.PathLike, **kwargs) -> "SparklesChat":
+        """A model written by :meth:`save_pretrained`, from a local folder or a Hub repo id; the options are those
+        of :func:`sparkles.models.hub.from_pretrained`."""
+        from .hub import from_pretrained
+
+        return from_pretrained(cls, source, **kwargs)
+
     # ------------------------------------------------------------------ images
     def _autocast(self, device: torch.device):
         if device.type == "cuda" and self.cfg.vit_precision in ("fp16", "bf16"):

@@ -9,13 +9,20 @@
 
 Only plain containers and tensors are stored, so ``torch.load(..., weights_only=True)`` reads it, and
 :func:`sparkles.models.loaders.load_sparkles_checkpoint` can load the ``model`` part for inference.
+
+Both files are written through the atomic writer, ``checkpoint_last.pth`` as a copy of the finished
+``checkpoint_<epoch>.pth``: a killed run leaves each of them whole (old or new). Reading goes through
+:func:`sparkles.models.loaders.read_state_dict`, so an empty or truncated file is an error that names it.
+:func:`newest_checkpoint` finds the checkpoint ``run.auto_resume`` continues from.
 """
 
 from __future__ import annotations
 
+import logging
 import random
+import re
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import numpy as np
 import torch
@@ -23,6 +30,10 @@ import torch
 from ..common.io import atomic_write
 
 FORMAT = "sparkles-train-1"
+LAST = "checkpoint_last.pth"
+_EPOCH_FILE = re.compile(r"checkpoint_(\d+)\.pth")
+
+log = logging.getLogger(__name__)
 
 
 def rng_state() -> dict:
@@ -59,14 +70,51 @@ def atomic_save(obj: Any, path: Path) -> Path:
 
 
 def load_checkpoint(path: Path) -> dict:
+    """A training checkpoint (see the module docstring); errors name the file."""
+    from ..models.loaders import read_state_dict
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"run.resume_ckpt_path: checkpoint not found: {path}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "epoch" not in ckpt:
+    ckpt = read_state_dict(path)
+    if "model" not in ckpt or "epoch" not in ckpt:
         raise ValueError(f"{path}: not a training checkpoint (needs 'model' and 'epoch'); to start from weights "
                          "only, set model.ckpt instead of run.resume_ckpt_path")
     return ckpt
+
+
+def checkpoint_files(output_dir: Path) -> list[Path]:
+    """The run's checkpoints in ``output_dir``: ``checkpoint_last.pth`` first, then by epoch, newest first."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    numbered = sorted((p for p in output_dir.iterdir() if _EPOCH_FILE.fullmatch(p.name)),
+                      key=lambda p: -int(_EPOCH_FILE.fullmatch(p.name).group(1)))
+    last = output_dir / LAST
+    return ([last] if last.is_file() else []) + numbered
+
+
+def newest_checkpoint(output_dir: Path) -> Optional[tuple[Path, dict]]:
+    """The complete checkpoint of the latest epoch in ``output_dir`` and its content, or None if there is none.
+
+    A file that cannot be read (empty, truncated, not a training checkpoint) is skipped with a warning that
+    names it, so a damaged newest file falls back to the epoch before it.
+    """
+    from ..models.loaders import CheckpointError
+
+    best: Optional[tuple[Path, dict]] = None
+    for path in checkpoint_files(output_dir):
+        match = _EPOCH_FILE.fullmatch(path.name)
+        if best is not None and match and int(match.group(1)) <= int(best[1]["epoch"]):
+            break  # the rest are older than what was found
+        try:
+            ckpt = load_checkpoint(path)
+        except (CheckpointError, ValueError) as exc:
+            log.warning("run.auto_resume: skipping %s: %s", path, exc)
+            continue
+        if best is None or int(ckpt["epoch"]) > int(best[1]["epoch"]):
+            best = (path, ckpt)
+    return best
 
 
 def cpu_state(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

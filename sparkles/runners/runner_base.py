@@ -10,6 +10,12 @@ and resumed from it ends with the same weights as an uninterrupted one.
 
 Outputs in ``run.output_dir`` (relative paths resolve against the Sparkles root): ``log.txt`` (JSON lines:
 the merged config first, then one line per epoch), ``train.log`` (the human log), ``tensorboard/``.
+
+Where a run starts: ``run.resume_ckpt_path`` if set; else, with ``run.auto_resume``, the newest complete
+checkpoint in the output folder (a fresh start when there is none); else a fresh start, which refuses an output
+folder that already holds checkpoints unless ``overwrite`` (``train.py --overwrite``) says to delete them first.
+A resumed run whose training-relevant config values (:data:`TRAINING_KEYS`) differ from the checkpoint's is
+refused, naming the keys, unless ``allow_config_change`` (``--allow-config-change``).
 """
 
 from __future__ import annotations
@@ -31,8 +37,8 @@ from ..common.logging import MeterGroup
 from ..common.tensors import DTYPES
 from ..data.base import DataError, resolve_under
 from ..data.mixture import build_mixture
-from .checkpoint import FORMAT, atomic_save, cpu_state, load_checkpoint, optimizer_state_to_cpu, rng_state
-from .checkpoint import set_rng_state
+from .checkpoint import FORMAT, LAST, atomic_save, checkpoint_files, cpu_state, load_checkpoint, newest_checkpoint
+from .checkpoint import optimizer_state_to_cpu, rng_state, set_rng_state
 from .lr_sched import LRSchedule
 from .optim import build_optimizer
 
@@ -40,6 +46,11 @@ log = logging.getLogger(__name__)
 
 MAX_EMPTY_BATCHES = 1000  # with skip_bad_records: give up instead of looping over a dataset of bad records
 HALF_DTYPES = (torch.bfloat16, torch.float16)  # what run.amp_dtype may name
+# Config values that shape the optimisation: a run resumed with other values is not a continuation of the one
+# that wrote the checkpoint.
+TRAINING_KEYS = ("datasets", "run.lr_sched", "run.init_lr", "run.min_lr", "run.warmup_lr", "run.warmup_steps",
+                 "run.cosine_after_warmup", "run.lr_decay_rate", "run.lr_scale", "run.weight_decay", "run.beta2",
+                 "run.max_epoch", "run.iters_per_epoch", "run.batch_size_train", "run.accum_grad_iters")
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -66,12 +77,54 @@ def validate_run_config(run) -> None:
     LRSchedule.from_run_config(run)  # unknown schedule names, missing decay rate
 
 
+class CheckpointsExist(FileExistsError):
+    """A fresh run would overwrite the checkpoints of an earlier one."""
+
+
+def check_fresh_start(run, output_dir: Path, *, overwrite: bool) -> None:
+    """Refuse a run that neither resumes nor may overwrite when ``output_dir`` already holds checkpoints."""
+    if run.resume_ckpt_path or run.auto_resume or overwrite:
+        return
+    found = checkpoint_files(output_dir)
+    if found:
+        names = ", ".join(p.name for p in found[:4]) + (" ..." if len(found) > 4 else "")
+        raise CheckpointsExist(f"{output_dir} already holds checkpoints of an earlier run ({names}); pass "
+                               "--overwrite to train afresh (they are deleted first), set run.auto_resume=true to "
+                               "continue from the newest, or choose another run.output_dir")
+
+
+def _leaves(value, prefix: str):
+    """(dotted key, value) for every leaf of nested dicts (lists are leaves; an empty dict has none)."""
+    if isinstance(value, dict):
+        for key in value:
+            yield from _leaves(value[key], f"{prefix}.{key}")
+    else:
+        yield prefix, value
+
+
+def config_changes(saved: dict, current: dict) -> list[str]:
+    """``key: saved -> current`` for every :data:`TRAINING_KEYS` value that differs between two plain configs."""
+    absent = "<absent>"
+    changes = []
+    for key in TRAINING_KEYS:
+        section, _, name = key.partition(".")
+        old, new = (c.get(section, {}) if not name else c.get(section, {}).get(name, absent) for c in (saved, current))
+        if old == new:
+            continue
+        a, b = dict(_leaves(old, key)), dict(_leaves(new, key))
+        leaves = [leaf for leaf in sorted(set(a) | set(b)) if a.get(leaf, absent) != b.get(leaf, absent)]
+        changes += [f"{leaf}: {a.get(leaf, absent)!r} -> {b.get(leaf, absent)!r}" for leaf in leaves] \
+            or [f"{key}: {old!r} -> {new!r}"]
+    return changes
+
+
 class RunnerBase:
     """Runs ``task`` on ``model`` over ``datasets`` as configured by ``cfg.run``."""
 
     def __init__(self, cfg, *, task, model, datasets: dict, root: Path, dist_info: dist.DistInfo,
-                 job_id: str = "") -> None:
+                 job_id: str = "", overwrite: bool = False, allow_config_change: bool = False) -> None:
         self.cfg, self.run = cfg, cfg.run
+        self.overwrite, self.allow_config_change = overwrite, allow_config_change
         self.task, self.model, self.datasets = task, model, datasets
         self.root, self.dist, self.job_id = Path(root), dist_info, job_id
         self.device = dist_info.device
@@ -117,8 +170,17 @@ class RunnerBase:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     # ------------------------------------------------------------------ resume / checkpoints
-    def resume(self, path: Path) -> None:
-        ckpt = load_checkpoint(path)
+    def resume(self, path: Path, ckpt: Optional[dict] = None) -> None:
+        """Continue from the checkpoint at ``path`` (``ckpt``: its content, if already read)."""
+        ckpt = ckpt if ckpt is not None else load_checkpoint(path)
+        changes = config_changes(ckpt.get("config") or {}, to_container(self.cfg))
+        if changes and not self.allow_config_change:
+            raise ValueError(f"{path}: this run's training settings differ from the checkpoint's: "
+                             f"{'; '.join(changes)}. Resuming would not continue that run; restore them, or pass "
+                             "--allow-config-change to resume with the new values")
+        if changes:
+            log.warning("%s: resuming with changed training settings (--allow-config-change): %s", path,
+                        "; ".join(changes))
         trainable = {n for n, p in self.model.named_parameters() if p.requires_grad}
         missing = sorted(trainable - set(ckpt["model"]))
         unexpected = sorted(set(ckpt["model"]) - trainable)
@@ -161,10 +223,44 @@ class RunnerBase:
             path = self.output_dir / f"checkpoint_{epoch}.pth"
             atomic_save(ckpt, path)
             with open(path, "rb") as src:
-                last = atomic_write(self.output_dir / "checkpoint_last.pth", lambda f: shutil.copyfileobj(src, f))
+                last = atomic_write(self.output_dir / LAST, lambda f: shutil.copyfileobj(src, f))
             log.info("saved %s (and %s)", path, last.name)
         dist.barrier()
         return path
+
+    def _start_point(self) -> Optional[Path]:
+        """Resume where the config says (see the module docstring); returns the checkpoint resumed, if any.
+
+        Rank 0 looks at the output folder and decides; every rank follows its decision, so processes that do
+        not share that folder cannot disagree.
+        """
+        if self.run.resume_ckpt_path:
+            path = resolve_under(self.root, self.run.resume_ckpt_path)
+            self.resume(path)
+            return path
+        found, problem = None, None
+        if self.dist.is_main:
+            if self.run.auto_resume:
+                found = newest_checkpoint(self.output_dir)
+            try:
+                check_fresh_start(self.run, self.output_dir, overwrite=self.overwrite)
+            except CheckpointsExist as exc:
+                problem = str(exc)
+        path, problem = dist.all_gather_object((str(found[0]) if found else None, problem))[0]
+        if problem:
+            raise CheckpointsExist(problem)
+        if path:
+            self.resume(Path(path), found[1] if found else None)
+            return Path(path)
+        if self.run.auto_resume and self.dist.is_main:
+            log.info("run.auto_resume: no complete checkpoint in %s; starting afresh", self.output_dir)
+        if self.overwrite and self.dist.is_main:
+            # An earlier run's later epochs must not stay beside this run's, where auto_resume would take them.
+            for old in checkpoint_files(self.output_dir):
+                log.info("--overwrite: deleting %s of an earlier run", old)
+                old.unlink()
+        dist.barrier()
+        return None
 
     # ------------------------------------------------------------------ logging
     def _log_json(self, obj: dict) -> None:
@@ -290,12 +386,7 @@ class RunnerBase:
         if self.dist.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         dist.barrier()
-        resume = self.run.resume_ckpt_path
-        if resume:
-            self.resume(resolve_under(self.root, resume))
-        elif self.dist.is_main and (self.output_dir / "checkpoint_last.pth").exists():
-            log.warning("%s already holds checkpoints; they will be overwritten (set run.resume_ckpt_path to "
-                        "continue that run instead)", self.output_dir)
+        resume = self._start_point()
         self._log_json({"config": to_container(self.cfg), "job_id": self.job_id, "world_size": self.dist.world_size,
                         "resumed_from": str(resume) if resume else None, "start_epoch": self.start_epoch})
         self._open_writer()
@@ -326,7 +417,7 @@ class RunnerBase:
         return {"output_dir": str(self.output_dir), "epochs": history, "skipped_bad_records": skipped,
                 "time_s": time.perf_counter() - t0,
                 "autocast": str(self.amp_dtype).removeprefix("torch.") if self.amp_dtype else None,
-                "checkpoint": str(self.output_dir / "checkpoint_last.pth") if history else None}
+                "checkpoint": str(self.output_dir / LAST) if history else None}
 
     def _report_skipped(self) -> int:
         at_load = sum(len(ds.skipped) for ds in self.datasets.values())

@@ -5,13 +5,26 @@ disk) held in ``gr.State``. The model is shared, so every event that runs it joi
 of size one. Images are encoded once, when uploaded; the engine keeps the decoder's KV cache between turns.
 A question whose markers do not match the uploaded images is explained and never reaches the model.
 
+Values sent through Gradio's API need not respect the sliders (NaN passes Gradio's range check, and Gradio
+versions differ in what they check), so every handler clamps the decoding settings to the sliders' ranges
+itself. A turn or an upload that fails half-way is undone, so the engine session, the transcript, the
+gallery and the saved record always agree. :func:`prune_conversations` and :func:`keep_pruning` enforce the
+retention of saved conversations (``demo.py --keep-days``); the upload cache gets the same age limit from Gradio.
+
 Build the app with :func:`build_demo` (tests drive it through ``gradio_client``); ``demo.py`` launches it.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import os
+import re
+import shutil
+import threading
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterator, Optional
 
 from ..conversation.template import count_slots, replace_glyphs
@@ -20,6 +33,12 @@ from .records import ConversationRecord
 
 TITLE = "Chat with ✨Sparkles✨"
 MODEL_GROUP = "sparkles-model"  # concurrency id shared by every event that runs the model
+DEFAULT_KEEP_DAYS = 30.0  # saved conversations and uploads older than this are deleted (0: keep everything)
+PRUNE_EVERY_S = 3600.0
+# The folder names ConversationRecord gives (records.new_conversation_id): pruning touches nothing else.
+CONVERSATION_DIR = re.compile(r"\d{4}-\d{2}-\d{2}_\d{2}-\d{2}-\d{2}_[0-9a-f]{6}")
+
+log = logging.getLogger(__name__)
 
 INTRO = f"""# {TITLE}
 
@@ -52,14 +71,99 @@ EXAMPLES = [
 START_NOTICE = "Upload one or more images to begin (or just type to chat without images)."
 
 
+@dataclass(frozen=True)
+class SliderRange:
+    """One slider's limits and start value; :meth:`clamp` applies them to a value that came through the API."""
+
+    lo: float
+    hi: float
+    default: float
+    integer: bool = False
+
+    def clamp(self, value) -> float | int:
+        try:
+            x = float(value)
+        except (TypeError, ValueError):
+            x = self.default
+        if not math.isfinite(x):
+            x = self.default
+        x = min(self.hi, max(self.lo, x))
+        return int(round(x)) if self.integer else x
+
+
+def slider_ranges(max_length: int) -> dict[str, SliderRange]:
+    """The decoding sliders for a context of ``max_length`` positions: answers may take at most half of it, so
+    the conversation always keeps the other half."""
+    cap = max(16, min(1024, max_length // 2) // 16 * 16)
+    return {"beams": SliderRange(1, 5, 1, integer=True),
+            "temperature": SliderRange(0.0, 2.0, 1.0),
+            "top_p": SliderRange(0.1, 1.0, 0.9),
+            "max_new_tokens": SliderRange(16, cap, min(512, max(16, cap // 32 * 16)), integer=True)}
+
+
 def generation_options(beams, temperature, top_p, max_new_tokens, *, max_length: int) -> dict:
-    """Slider values → engine options. Temperature 0 means greedy (deterministic) decoding."""
-    temperature = float(temperature)
-    options = {"num_beams": int(beams), "do_sample": temperature > 0, "top_p": float(top_p),
-               "max_new_tokens": int(max_new_tokens), "max_length": int(max_length)}
+    """Slider values → engine options, each clamped to its slider's range (the API can send anything).
+    Temperature 0 means greedy (deterministic) decoding."""
+    ranges = slider_ranges(max_length)
+    temperature = ranges["temperature"].clamp(temperature)
+    options = {"num_beams": ranges["beams"].clamp(beams), "do_sample": temperature > 0,
+               "top_p": ranges["top_p"].clamp(top_p), "max_new_tokens": ranges["max_new_tokens"].clamp(max_new_tokens),
+               "max_length": int(max_length)}
     if temperature > 0:
         options["temperature"] = temperature
     return options
+
+
+def recorded_settings(options: dict) -> dict:
+    """What a saved turn or vote records of the decoding settings (the temperature even when greedy)."""
+    return {**options, "temperature": float(options.get("temperature", 0.0))}
+
+
+def prune_conversations(save_root: str | os.PathLike, keep_days: float, *, now: Optional[float] = None
+                        ) -> list[Path]:
+    """Delete the saved conversations under ``save_root`` whose newest file is older than ``keep_days`` days.
+
+    Only folders named as :class:`ConversationRecord` names them are considered; ``keep_days <= 0`` keeps
+    everything. Returns the folders deleted.
+    """
+    root = Path(save_root)
+    if keep_days <= 0 or not root.is_dir():
+        return []
+    cutoff = (time.time() if now is None else now) - keep_days * 86400
+    removed = []
+    for folder in sorted(root.iterdir()):
+        if not folder.is_dir() or folder.is_symlink() or not CONVERSATION_DIR.fullmatch(folder.name):
+            continue
+        try:
+            # the newest file counts: a conversation still being added to is never cut
+            newest = max([folder.stat().st_mtime, *(p.stat().st_mtime for p in folder.rglob("*"))])
+            if newest < cutoff:
+                shutil.rmtree(folder)
+                removed.append(folder)
+        except OSError as exc:
+            log.warning("could not prune %s: %s", folder, exc)
+    if removed:
+        log.info("deleted %d saved conversation(s) older than %g day(s) from %s", len(removed), keep_days, root)
+    return removed
+
+
+def keep_pruning(save_root: str | os.PathLike, keep_days: float, *, every_s: float = PRUNE_EVERY_S
+                 ) -> threading.Event:
+    """Prune now, then every ``every_s`` seconds in a daemon thread, until the returned event is set."""
+    stop = threading.Event()
+    prune_conversations(save_root, keep_days)
+    if keep_days <= 0:
+        return stop
+
+    def loop() -> None:
+        while not stop.wait(every_s):
+            try:
+                prune_conversations(save_root, keep_days)
+            except Exception:  # a failed pass must not end the retention for the server's lifetime
+                log.exception("pruning %s failed", save_root)
+
+    threading.Thread(target=loop, name="sparkles-demo-retention", daemon=True).start()
+    return stop
 
 
 def _labels(numbers: list[int]) -> str:
@@ -103,11 +207,14 @@ class DemoConversation:
     transcript: list = field(default_factory=list)  # Gradio chat messages {"role", "content"}
 
 
-def build_demo(chat, *, save_root: str | os.PathLike, model_name: Optional[str] = None, title: str = TITLE):
+def build_demo(chat, *, save_root: str | os.PathLike, model_name: Optional[str] = None, title: str = TITLE,
+               keep_days: float = DEFAULT_KEEP_DAYS):
     """The Gradio Blocks app for ``chat`` (a :class:`~sparkles.engine.chat.Chat`).
 
     API names (for ``gradio_client``): ``/add_images`` (files), ``/chat`` (message, beams, temperature, top_p,
-    max_new_tokens, auto_place; streams), ``/clear``, ``/upvote``, ``/downvote``, ``/flag``.
+    max_new_tokens, auto_place; streams), ``/clear``, ``/upvote``, ``/downvote``, ``/flag``. Uploads are deleted
+    from Gradio's cache ``keep_days`` days after they arrive (``0``: kept until the server stops); saved
+    conversations are pruned by :func:`keep_pruning`, which ``demo.py`` starts.
     """
     import gradio as gr
 
@@ -119,7 +226,7 @@ def build_demo(chat, *, save_root: str | os.PathLike, model_name: Optional[str] 
 
     def add_images(files, conv: Optional[DemoConversation]):
         conv = conv or new_conversation()
-        added, skipped = [], []
+        added, skipped, failed = [], [], None
         for path in files or []:
             path = str(path)
             name = os.path.basename(path)
@@ -128,9 +235,20 @@ def build_demo(chat, *, save_root: str | os.PathLike, model_name: Optional[str] 
             except ImageLoadError:
                 skipped.append(name)
                 continue
-            number = conv.session.add_image(image)
-            conv.gallery.append((path, f"IMAGE#{number}"))
-            conv.record.add_image(image, number=number, name=name)
+            # One image is added to the session, the gallery and the record together, or to none of them.
+            embeds, gallery, images = (len(conv.session.image_embeds), len(conv.gallery),
+                                       len(conv.record.data["images"]))
+            try:
+                number = conv.session.add_image(image)
+                conv.record.add_image(image, number=number, name=name)
+                conv.gallery.append((path, f"IMAGE#{number}"))
+            except Exception as exc:
+                log.exception("adding %s failed", name)
+                del conv.session.image_embeds[embeds:]
+                del conv.gallery[gallery:]
+                del conv.record.data["images"][images:]
+                failed = f"Could not add {name} ({type(exc).__name__}); it and the images after it were not added."
+                break
             added.append(number)
         parts = []
         if added:
@@ -139,6 +257,8 @@ def build_demo(chat, *, save_root: str | os.PathLike, model_name: Optional[str] 
                          f"upload order. Not placed yet: {_labels(unplaced)}.")
         if skipped:
             parts.append(f"Skipped {', '.join(skipped)}: not a readable image.")
+        if failed:
+            parts.append(failed)
         if not parts:
             parts.append("Choose one or more image files to upload.")
         return conv.gallery, " ".join(parts), None, conv
@@ -163,22 +283,35 @@ def build_demo(chat, *, save_root: str | os.PathLike, model_name: Optional[str] 
             notice = (f"Placed {_labels(auto_placed)} at the start of your message, since "
                       f"{'it had' if len(auto_placed) == 1 else 'they had'} no ✨/⭐ marker yet.")
         options = generation_options(beams, temperature, top_p, max_new_tokens, max_length=context_limit(chat))
-        session.ask(sent)
+        # The turn is kept only once its record is saved; anything before that (an engine error, a failed save,
+        # a cancelled stream) leaves the session, the transcript and the record as they were before it.
+        messages, turns = len(session.messages), len(conv.record.data["turns"])
         transcript = conv.transcript + [{"role": "user", "content": sent}, {"role": "assistant", "content": ""}]
-        yield transcript, notice or "Thinking…", "", conv
-        answer = ""
+        answer, problem, kept = "", None, False
         try:
+            session.ask(sent)
+            yield transcript, notice or "Thinking…", "", conv
             for answer in session.stream(**options):
                 transcript[-1] = {"role": "assistant", "content": answer}
                 yield transcript, notice or "Answering…", "", conv
+            conv.record.add_turn(user=sent, typed=text, answer=answer, auto_placed=auto_placed,
+                                 warning=session.last_warning, generation=recorded_settings(options))
+            kept = True
         except ChatError as exc:
-            session.messages.pop()
-            yield conv.transcript, f"**Not answered:** {exc}", text, conv
+            problem = f"**Not answered:** {exc}"
+        except Exception as exc:
+            log.exception("a turn failed")  # the engine drops a KV cache that a failed forward left half-updated
+            problem = (f"**Not answered:** the server hit an error ({type(exc).__name__}). The conversation is as "
+                       "it was before this message; send it again.")
+        finally:
+            if not kept:
+                del session.messages[messages:]
+                del conv.record.data["turns"][turns:]
+        if problem:
+            yield conv.transcript, problem, text, conv
             return
         conv.transcript = transcript
         warning = session.last_warning
-        conv.record.add_turn(user=sent, typed=text, answer=answer, auto_placed=auto_placed, warning=warning,
-                             generation={**options, "temperature": float(temperature)})
         final = " ".join(x for x in (notice, warning) if x) or "Done. Ask a follow-up, add images, or vote."
         yield transcript, final, "", conv
 
@@ -192,16 +325,18 @@ def build_demo(chat, *, save_root: str | os.PathLike, model_name: Optional[str] 
             if conv is None or not conv.transcript:
                 return "Nothing to rate yet — ask something first."
             options = generation_options(beams, temperature, top_p, max_new_tokens, max_length=context_limit(chat))
-            conv.record.add_feedback(kind, generation={**options, "temperature": float(temperature)})
+            conv.record.add_feedback(kind, generation=recorded_settings(options))
             return f"Thanks — your {kind} is saved with this conversation."
         vote.__name__ = kind
         return vote
 
-    # Answers may take at most half the context, so the conversation always keeps the other half.
-    answer_cap = max(16, min(1024, context_limit(chat) // 2) // 16 * 16)
+    ranges = slider_ranges(context_limit(chat))
     theme = gr.themes.Soft(font=["ui-sans-serif", "system-ui", "sans-serif"],
                            font_mono=["ui-monospace", "monospace"])  # no web fonts: works offline
-    with gr.Blocks(title=title, analytics_enabled=False) as demo:
+    # Gradio keeps every upload (the original file, metadata included) in its cache: same age limit as records.
+    delete_cache = (int(min(PRUNE_EVERY_S, keep_days * 86400)) or 1, int(keep_days * 86400) or 1) \
+        if keep_days > 0 else None
+    with gr.Blocks(title=title, analytics_enabled=False, delete_cache=delete_cache) as demo:
         demo.sparkles_theme = theme  # launch() takes the theme in Gradio 6; see launch_kwargs()
         state = gr.State(None)
         gr.Markdown(INTRO)
@@ -211,13 +346,16 @@ def build_demo(chat, *, save_root: str | os.PathLike, model_name: Optional[str] 
                                 type="filepath", height=160)
                 notice = gr.Markdown(START_NOTICE, elem_id="sparkles-notice")
                 with gr.Accordion("Parameters", open=False):
-                    beams = gr.Slider(1, 5, value=1, step=1, label="Beam search numbers",
+                    r = ranges["beams"]
+                    beams = gr.Slider(r.lo, r.hi, value=r.default, step=1, label="Beam search numbers",
                                       info="1 streams the answer; more beams answer in one piece")
-                    temperature = gr.Slider(0.0, 2.0, value=1.0, step=0.1, label="Temperature",
+                    r = ranges["temperature"]
+                    temperature = gr.Slider(r.lo, r.hi, value=r.default, step=0.1, label="Temperature",
                                             info="0 = greedy, the same answer every time")
-                    top_p = gr.Slider(0.1, 1.0, value=0.9, step=0.05, label="Top p")
-                    max_new_tokens = gr.Slider(16, answer_cap, value=min(512, max(16, answer_cap // 32 * 16)),
-                                               step=16, label="Max new tokens")
+                    r = ranges["top_p"]
+                    top_p = gr.Slider(r.lo, r.hi, value=r.default, step=0.05, label="Top p")
+                    r = ranges["max_new_tokens"]
+                    max_new_tokens = gr.Slider(r.lo, r.hi, value=r.default, step=16, label="Max new tokens")
                     auto_place = gr.Checkbox(value=True, label="Place unmarked images for me")
                 with gr.Row():
                     upvote = gr.Button("👍 Upvote", size="sm")
@@ -250,8 +388,10 @@ def build_demo(chat, *, save_root: str | os.PathLike, model_name: Optional[str] 
     return demo
 
 
-def launch_kwargs(demo, *, host: str = "127.0.0.1", port: Optional[int] = None, share: bool = False) -> dict:
-    """Keyword arguments for ``demo.launch``: loopback and no share link unless asked, a cap on upload size,
-    and no Node server-side rendering (plain Python serving is enough for this page)."""
-    return dict(server_name=host, server_port=port, share=share, theme=getattr(demo, "sparkles_theme", None),
-                ssr_mode=False, max_file_size="25mb")
+def launch_kwargs(demo, *, host: str = "127.0.0.1", port: Optional[int] = None, share: bool = False,
+                  auth: Optional[list[tuple[str, str]]] = None) -> dict:
+    """Keyword arguments for ``demo.launch``: loopback and no share link unless asked, a login when ``auth``
+    lists (user, password) pairs, a cap on upload size, and no Node server-side rendering (plain Python
+    serving is enough for this page)."""
+    return dict(server_name=host, server_port=port, share=share, auth=list(auth) if auth else None,
+                theme=getattr(demo, "sparkles_theme", None), ssr_mode=False, max_file_size="25mb")

@@ -3,13 +3,15 @@
 Accepted: ``data:image/...;base64,...`` URLs, and — only when the server was started with
 ``--allowed-image-dir`` — local files inside those directories (``file://`` URLs or plain paths; symlinks are
 resolved before the check). Remote ``http(s)`` URLs are refused: the server never fetches from the network.
+Decoding goes through :func:`sparkles.processors.image.open_image`: only PNG, JPEG, WEBP, GIF and BMP, at most
+``MAX_IMAGE_PIXELS`` pixels (checked before decoding), a bounded number of decodes at once. Every refusal is an
+:class:`ApiError` (400): ``invalid_image`` or ``image_too_large``.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import io
 import os
 from pathlib import Path
 from typing import Sequence
@@ -21,15 +23,19 @@ DEFAULT_MAX_IMAGE_BYTES = 20 * 1024 * 1024
 
 
 def _decode(data: bytes, param: str, what: str):
-    from PIL import Image, UnidentifiedImageError
+    """Decode through :func:`sparkles.processors.image.open_image` (allowed formats only, pixel cap, bounded
+    concurrency), answering its errors with a 400."""
+    from ..processors.image import ImageLoadError, ImageTooLargeError, UnsupportedImageError, open_image
 
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise ApiError(f"{param}: {what} is not an image we can decode ({type(exc).__name__})", param=param,
-                       code="invalid_image") from None
+        return open_image(data, what=what)
+    except ImageTooLargeError as exc:
+        message, code = f"{param}: {what} is too large: {exc.reason}", exc.code
+    except UnsupportedImageError as exc:  # reason: "not a PNG, JPEG, WEBP, GIF or BMP image"
+        message, code = f"{param}: {what} is {exc.reason}", exc.code
+    except ImageLoadError as exc:
+        message, code = f"{param}: {what} is not an image we can decode ({exc.reason})", exc.code
+    raise ApiError(message, param=param, code=code)
 
 
 def _from_data_url(url: str, param: str, max_bytes: int):
@@ -62,10 +68,12 @@ def _from_local(url: str, param: str, allowed_dirs: Sequence[Path], max_bytes: i
                        param=param, code="image_path_not_allowed")
     if not resolved.is_file():
         raise ApiError(f"{param}: image file not found: {raw!r}", param=param, code="image_not_found")
-    if resolved.stat().st_size > max_bytes:
+    with open(resolved, "rb") as f:  # read at most one byte past the limit, whatever the size was at stat()
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
         raise ApiError(f"{param}: the image is larger than {max_bytes // (1024 * 1024)} MiB", param=param,
                        code="image_too_large")
-    return _decode(resolved.read_bytes(), param, repr(raw))
+    return _decode(data, param, repr(raw))
 
 
 def load_image_url(url: str, *, param: str, allowed_dirs: Sequence[str | os.PathLike] = (),

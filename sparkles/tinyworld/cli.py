@@ -19,7 +19,7 @@ from ..models.tokenizer import train_tokenizer
 from .build import MIX_KINDS, PRESETS, REASONING_KINDS, WorldConfig, build_world
 from .i4 import (PER_DATASET as I4_PER_DATASET, build_i4_for_root, build_i4_for_world, write_baseline_predictions,
                  write_i4)
-from .writers import iter_world_texts, scenes_file, write_world
+from .writers import REPORT_FILE, TOKENIZER_DIR, iter_world_texts, record_written, scenes_file, write_world
 
 
 def _weights_parser(flag: str, kinds: tuple[str, ...]):
@@ -130,13 +130,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     t_build = time.perf_counter() - t0
+    # What this command writes after the world is checked with it and listed in its manifest (I4 stays apart:
+    # its split has its own replacement rule, and the world's files do not depend on it).
+    then = [REPORT_FILE] if args.no_tokenizer else [TOKENIZER_DIR, REPORT_FILE]
     try:
-        summary = write_world(world, root, workers=args.workers, force=args.force, progress=not args.quiet)
-    except FileExistsError as exc:
+        summary = write_world(world, root, workers=args.workers, force=args.force, progress=not args.quiet,
+                              then=then)
+    except (FileExistsError, ValueError) as exc:  # a folder that is not the generator's; an unreadable manifest
         print(f"error: {exc}", file=sys.stderr)
         return 2
     t_write = time.perf_counter() - t0 - t_build
     tok_dir = None if args.no_tokenizer else train_world_tokenizer(root, config.vocab_size)
+    if tok_dir:
+        record_written(root, [TOKENIZER_DIR])
     # Last, and apart from the world's files: no I4 text reaches the tokenizer or training data, and the files
     # written above (generation_report.json below included) are what they were before the split existed.
     i4_summary = write_i4(build_i4_for_world(world, num_i4), root, config.image_size, workers=args.workers)
@@ -148,9 +154,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"tokenizer: {tok_dir}")
         print(f"world written to {root} in {t_total:.1f}s (build {t_build:.1f}s, write+render {t_write:.1f}s)")
     report = {"config": config.to_json(), "files": summary,
-              "tokenizer": "models/tiny_llm" if tok_dir else None}
+              "tokenizer": TOKENIZER_DIR if tok_dir else None}
     # Timings vary run to run, so they stay out of the (byte-deterministic) world files.
-    atomic_write_json(root / "world" / "generation_report.json", report)
+    atomic_write_json(root / REPORT_FILE, report)
+    record_written(root, [REPORT_FILE])
     return 0
 
 

@@ -16,6 +16,11 @@ Files (paths from ``SparklesLayout``):
   asks for them)
 
 JSON is written with sorted-free, fixed formatting so the same seed gives byte-identical files.
+
+``world/manifest.json`` lists every file the generator wrote into the folder (sorted, so it is byte-identical
+for a seed too). The generator writes only into an empty folder or over a world it wrote, overwrites or deletes
+only the files its manifest lists, and refuses (:class:`WorldFolderError`) when a file it would write is not one
+of them — pointed at a real Sparkles root, it changes nothing.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from __future__ import annotations
 import os
 import random
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator, Sequence
 
 from ..common.io import atomic_write_json, read_json
 from ..common.paths import SparklesLayout
@@ -37,14 +42,27 @@ from .tasks import Task, answer, fact_spans, image_name, parse_question, questio
 
 FORMAT = "sparkles-synthetic-world"
 FORMAT_VERSION = 1
+MANIFEST = "world/manifest.json"
+MANIFEST_FORMAT = "sparkles-synthetic-world-files"
+# Written by the command line after the world (``cli.py``); a world written before the manifest existed owns them.
+TOKENIZER_DIR = "models/tiny_llm"
+REPORT_FILE = "world/generation_report.json"
 # Split files the upstream training config names; each must be non-empty.
 EXPECTED_SPLITS = {"CC": {(1, 1), (1, 2), (1, 3), (2, 2), (2, 3), (2, 4)},
                    "VG": {(1, 2), (1, 3), (2, 3), (2, 4)}}
 HUMAN, ASSISTANT, END = "###Human: ", "###Assistant: ", "###"
 
 
+class WorldFolderError(FileExistsError):
+    """The folder holds files the generator did not write, or a world that may only be replaced with force."""
+
+
 def scenes_file(root: str | os.PathLike) -> Path:
     return Path(root) / "world" / "scenes.json"
+
+
+def manifest_file(root: str | os.PathLike) -> Path:
+    return Path(root) / MANIFEST
 
 
 def turn_instruction(q1: str, a1: str | None = None, q2: str | None = None) -> str:
@@ -86,27 +104,121 @@ def vocabulary(world: World) -> dict:
             "all_colours": list(ALL_COLOURS), "all_shapes": list(ALL_SHAPES)}
 
 
+def _world_files(scenes: Iterable[tuple[object, str, str]]) -> set[str]:
+    """The files :func:`write_world` writes for a world with these ``(image_id, dataset, file)`` scenes."""
+    layout = SparklesLayout(Path("."))
+    files = {str(scenes_file(".")), REASONING_FILE, CAPTION_CHECKS_FILE, f"{CAPTION_DIR}/filter_cap.json",
+             f"{CAPTION_DIR}/{PERCEPTION_FILE}", f"{CAPTION_DIR}/{PERCEPTION_WHERE_FILE}"}
+    for subset, splits in EXPECTED_SPLITS.items():
+        files.add(str(layout.dialogue_file(subset)))
+        files.update(str(layout.dialogue_split_file(subset, turn, n)) for turn, n in splits)
+    files.update(str(layout.eval_annotations(name)) for name in ("SparklesEval", "BISON", "NLVR2"))
+    for image_id, dataset, file in scenes:
+        files.add(file)
+        if dataset in ("CC", "VG"):
+            files.add(f"{CAPTION_DIR}/image/{image_id}.jpg")
+    return {Path(f).as_posix() for f in files}
+
+
+def planned_files(world: World) -> set[str]:
+    """Every file :func:`write_world` writes for ``world``, relative to the root."""
+    return _world_files((e.image_id, e.dataset, e.file) for e in world.scenes.values())
+
+
+def _files_under(root: Path, rel: str) -> set[str]:
+    """``rel`` itself if it is a file, else the files below it (relative to ``root``)."""
+    path = root / rel
+    if path.is_dir() and not path.is_symlink():
+        return {p.relative_to(root).as_posix() for p in path.rglob("*") if p.is_file() or p.is_symlink()}
+    return {rel} if path.is_file() or path.is_symlink() else set()
+
+
+def _under(file: str, entry: str) -> bool:
+    return file == entry or file.startswith(entry.rstrip("/") + "/")
+
+
 def _previous_files(root: Path) -> set[str]:
+    """The files of the world already in ``root`` that the generator wrote (and may replace or delete).
+
+    The manifest says (a folder it names — the tokenizer's, while a run is writing it — stands for every file
+    below it); a world written before manifests existed owns what the generator writes for its scenes, its
+    report and its tokenizer folder.
+    """
+    manifest = manifest_file(root)
+    if manifest.exists():
+        try:
+            data = read_json(manifest, what="world manifest")
+            if data["format"] != MANIFEST_FORMAT or not all(isinstance(f, str) for f in data["files"]):
+                raise ValueError(f"field 'format' is not {MANIFEST_FORMAT!r} or 'files' is not a list of paths")
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{manifest}: existing world manifest is unreadable ({exc}); remove the folder's "
+                             "world by hand") from exc
+        return set().union(*((_files_under(root, f) or {f}) for f in data["files"]))
     path = scenes_file(root)
     if not path.exists():
         return set()
     try:
         data = read_json(path, what="world file")
-        return {rec["file"] for rec in data["scenes"]}
+        owned = _world_files((rec["image_id"], rec["dataset"], rec["file"]) for rec in data["scenes"])
     except (ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"{path}: existing world file is unreadable ({exc}); remove it by hand") from exc
+    return owned | {REPORT_FILE} | _files_under(root, TOKENIZER_DIR)
+
+
+def _write_manifest(root: Path, files: Iterable[str]) -> None:
+    atomic_write_json(manifest_file(root), {"format": MANIFEST_FORMAT, "files": sorted(set(files))})
+
+
+def record_written(root: str | os.PathLike, paths: Sequence[str]) -> None:
+    """List in the manifest the files below ``paths`` (files or folders) that the caller wrote after the world."""
+    root = Path(root)
+    files = set().union(*(_files_under(root, p) for p in paths))
+    _write_manifest(root, (_previous_files(root) - set(paths)) | files)
+
+
+def _shown(paths: Iterable[str], limit: int = 5) -> str:
+    paths = sorted(paths)
+    return ", ".join(paths[:limit]) + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
+
+
+def claim_folder(root: Path, paths: Iterable[str], *, force: bool) -> set[str]:
+    """Check that a world may write ``paths`` (files, or folders it fills) under ``root``; returns the files of
+    the world already there (:func:`_previous_files`). Raises :class:`WorldFolderError` when ``root`` holds a
+    world and ``force`` is off, when it holds files but no world of the generator's, or when one of ``paths``
+    exists and the previous world did not write it."""
+    owned = _previous_files(root)
+    if scenes_file(root).exists() and not force:
+        raise WorldFolderError(f"{scenes_file(root)} exists: {root} already holds a world; pass --force to replace it")
+    if not owned:
+        present = _files_under(root, ".")
+        if present:
+            raise WorldFolderError(f"{root} holds files the world generator did not write ({_shown(present)}); "
+                                   "generate the world into an empty or new folder")
+        return owned
+    foreign = set().union(*(_files_under(root, p) for p in paths)) - owned
+    if foreign:
+        raise WorldFolderError(f"{root} holds files the world generator did not write where the world goes "
+                               f"({_shown(foreign)}); nothing was written: move them away or use another folder")
+    return owned
 
 
 def write_world(world: World, root: str | os.PathLike, *, workers: int = 1, force: bool = False,
-                progress: bool = False) -> dict:
-    """Write annotations, split files, scene records and images; returns a summary (counts per file)."""
+                progress: bool = False, then: Sequence[str] = ()) -> dict:
+    """Write annotations, split files, scene records and images; returns a summary (counts per file).
+
+    ``then``: files or folders the caller writes into ``root`` after the world and then lists in the manifest
+    with :func:`record_written`; they are checked like the world's own files, and the previous world's files
+    there are left for the caller to replace.
+    """
     from .render import render_all
 
     root = Path(root)
     layout = SparklesLayout(root)
-    old = _previous_files(root)
-    if old and not force:
-        raise FileExistsError(f"{scenes_file(root)} exists: {root} already holds a world; pass --force to replace it")
+    files = planned_files(world)
+    old = claim_folder(root, [*sorted(files), *then], force=force)
+    kept = {f for f in old if any(_under(f, p) for p in then)}
+    # Listed before anything is written: a run killed half-way leaves a folder whose every file is accounted for.
+    _write_manifest(root, old | files | set(then))
     summary: dict[str, int] = {}
 
     for subset in ("CC", "VG"):
@@ -151,11 +263,14 @@ def write_world(world: World, root: str | os.PathLike, *, workers: int = 1, forc
         atomic_write_json(root / path, drills)
         summary[path] = len(drills)
 
-    # Replacing a world: remove only images the previous world wrote and this one does not.
-    stale = old - {e.file for e in world.scenes.values()}
+    # Replacing a world: remove only files the previous world wrote and this one does not.
+    stale = old - files - kept
     for rel in sorted(stale):
-        (root / rel).unlink(missing_ok=True)
-    summary["stale_images_removed"] = len(stale)
+        if (root / rel).is_file() or (root / rel).is_symlink():
+            (root / rel).unlink()
+    summary["stale_images_removed"] = sum(Path(rel).suffix in (".jpg", ".png") and not rel.startswith(CAPTION_DIR)
+                                          for rel in stale)
+    _write_manifest(root, files | set(then) | {f for f in kept if (root / f).exists() or (root / f).is_symlink()})
     return summary
 
 
@@ -203,11 +318,9 @@ def write_caption_set(world: World, root: Path) -> dict[str, int]:
     """The single-image caption set in the ``cc_sbu_align`` layout: every training image with its short
     description (``data/cc_sbu_align/filter_cap.json`` + ``image/<id>.jpg``, hard links to the dialogue
     images). The tiny model's first stage learns to read images from it, as MiniGPT-4's did."""
-    base = root / "data" / "cc_sbu_align"
+    base = root / CAPTION_DIR
     image_dir = base / "image"
-    if image_dir.is_dir():  # derived links only: rebuild them so a replaced world leaves none stale
-        for old in image_dir.glob("*.jpg"):
-            old.unlink()
+    # A replaced world's links that this world does not write are removed with its other stale files.
     image_dir.mkdir(parents=True, exist_ok=True)
     annotations = []
     for entry in world.scenes.values():
@@ -235,6 +348,7 @@ def write_caption_set(world: World, root: Path) -> dict[str, int]:
             f"data/cc_sbu_align/{PERCEPTION_WHERE_FILE}": len(places)}
 
 
+CAPTION_DIR = "data/cc_sbu_align"
 PERCEPTION_FILE = "perception.json"
 PERCEPTION_WHERE_FILE = "perception_where.json"   # the ``synthetic_perception_where`` dataset
 # Text-only BISON/NLVR2 drills in the dialogue split-file format, no images (the ``synthetic_reasoning`` dataset).

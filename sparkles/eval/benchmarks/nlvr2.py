@@ -41,8 +41,7 @@ def question(evalset: EvalSet, index: int, template: Optional[str] = None) -> Ch
     label = str(evalset.field(index, "label", kind=None))
     if label.lower() not in ("true", "false"):
         raise AnnotationError(f"{evalset.where(index)}: field 'label' must be True or False, got {label!r}")
-    stem = identifier[:-2]  # "dev-850-0-1" → pair "dev-850-0"
-    paths = [evalset.image_dir / f"{stem}-img0.png", evalset.image_dir / f"{stem}-img1.png"]
+    paths = evalset.layout.nlvr2_pair(identifier)
     return ChoiceQuestion(item["evaluation_id"], prompt(sentence, template), [evalset.relpath(p) for p in paths], label,
                           sentence, OPTIONS)
 
