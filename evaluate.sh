@@ -44,23 +44,9 @@ if [[ -z "$ROOT" ]]; then
   exit 2
 fi
 
-# --- devices -----------------------------------------------------------------------------------------
-GPUS=()
-if [[ -n "${CUDA_VISIBLE_DEVICES:-}" ]]; then
-  IFS=',' read -r -a GPUS <<< "$CUDA_VISIBLE_DEVICES"
-elif command -v nvidia-smi >/dev/null 2>&1; then
-  mapfile -t GPUS < <(nvidia-smi --query-gpu=index --format=csv,noheader 2>/dev/null | tr -d ' ')
-fi
-NGPU=${#GPUS[@]}
-if [[ -z "$NSHARDS" ]]; then
-  NSHARDS=$(( NGPU > 0 ? NGPU : 2 ))
-fi
-if ! [[ "$NSHARDS" =~ ^[1-9][0-9]*$ ]]; then
-  echo "NSHARDS must be a positive integer, got '$NSHARDS'" >&2
-  exit 2
-fi
-CORES=$(nproc 2>/dev/null || echo 2)
-THREADS=$(( CORES / NSHARDS > 0 ? CORES / NSHARDS : 1 ))
+# shards over the GPUs, or 2 CPU processes with their share of the cores
+source "$HERE/scripts/shards.sh"
+shards_init "$NSHARDS" 2
 
 CFG_ARGS=(--cfg-path "$CFG")
 if [[ "$CFG" == "none" ]]; then
@@ -69,19 +55,6 @@ fi
 
 LOG_DIR="${EVAL_LOG_DIR:-$ROOT/evaluation/logs}"
 mkdir -p "$LOG_DIR"
-
-# --- children are stopped on Ctrl-C / kill ------------------------------------------------------------
-CHILDREN=()
-stop_children() {
-  trap - INT TERM
-  echo "evaluate.sh: stopping ${#CHILDREN[@]} shard process(es)" >&2
-  for pid in "${CHILDREN[@]}"; do
-    kill -TERM "$pid" 2>/dev/null
-  done
-  wait
-  exit 130
-}
-trap stop_children INT TERM
 
 fmt_time() { printf '%dm%02ds' $(( $1 / 60 )) $(( $1 % 60 )); }
 
@@ -94,29 +67,13 @@ for DATASET in ${DATASETS//,/ }; do
     continue
   fi
   echo "[$DATASET] $NSHARDS shard(s) on $([[ $NGPU -gt 0 ]] && echo "GPUs ${GPUS[*]}" || echo "CPU, $THREADS thread(s) each")"
-  CHILDREN=()
   for (( i = 0; i < NSHARDS; i++ )); do
-    LOG="$LOG_DIR/${DATASET}_shard${i}of${NSHARDS}.log"
-    if [[ $NGPU -gt 0 ]]; then
-      CUDA_VISIBLE_DEVICES="${GPUS[$(( i % NGPU ))]}" "$PYTHON" "$HERE/evaluate.py" --sparkles_root "$ROOT" "${CFG_ARGS[@]}" \
-        --dataset "$DATASET" --shard "$i/$NSHARDS" --inference --device cuda:0 --no-progress "${EXTRA[@]}" \
-        > "$LOG" 2>&1 &
-    else
-      OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS CUDA_VISIBLE_DEVICES="" "$PYTHON" "$HERE/evaluate.py" \
-        --sparkles_root "$ROOT" "${CFG_ARGS[@]}" --dataset "$DATASET" --shard "$i/$NSHARDS" --inference \
-        --device cpu --no-progress "${EXTRA[@]}" > "$LOG" 2>&1 &
-    fi
-    CHILDREN+=($!)
+    shard_launch "$i" "$LOG_DIR/${DATASET}_shard${i}of${NSHARDS}.log" "$PYTHON" "$HERE/evaluate.py" \
+      --sparkles_root "$ROOT" "${CFG_ARGS[@]}" --dataset "$DATASET" --shard "$i/$NSHARDS" --inference --no-progress \
+      "${EXTRA[@]}"
   done
   FAILED=0
-  for (( i = 0; i < ${#CHILDREN[@]}; i++ )); do
-    if ! wait "${CHILDREN[$i]}"; then
-      FAILED=1
-      echo "[$DATASET] shard $i/$NSHARDS failed; last lines of $LOG_DIR/${DATASET}_shard${i}of${NSHARDS}.log:" >&2
-      tail -n 15 "$LOG_DIR/${DATASET}_shard${i}of${NSHARDS}.log" >&2
-    fi
-  done
-  CHILDREN=()
+  shards_wait "$DATASET" || FAILED=1
   echo "[$DATASET] shards finished in $(fmt_time $(( SECONDS - T0 )))"
   if [[ $FAILED -ne 0 ]]; then
     echo "[$DATASET] not merged: fix the error above and run the same command again (finished items are kept)" >&2

@@ -49,60 +49,20 @@ for ((i = 0; i < ${#EXTRA[@]}; i++)); do
   esac
 done
 
-GPUS=()
-if [[ -n "${CUDA_VISIBLE_DEVICES:-}" ]]; then
-  IFS=',' read -r -a GPUS <<< "$CUDA_VISIBLE_DEVICES"
-elif command -v nvidia-smi >/dev/null 2>&1; then
-  mapfile -t GPUS < <(nvidia-smi --query-gpu=index --format=csv,noheader 2>/dev/null | tr -d ' ')
-fi
-NGPU=${#GPUS[@]}
-NSHARDS=${NSHARDS:-$(( NGPU > 0 ? NGPU : 1 ))}
-if ! [[ "$NSHARDS" =~ ^[1-9][0-9]*$ ]]; then
-  echo "NSHARDS must be a positive integer, got '$NSHARDS'" >&2
-  exit 2
-fi
-CORES=$(nproc 2>/dev/null || echo 2)
-THREADS=$(( CORES / NSHARDS > 0 ? CORES / NSHARDS : 1 ))
+source "$HERE/scripts/shards.sh"
+shards_init "$NSHARDS" 1
 LOG_DIR="${EVAL_LOG_DIR:-$RESULT_DIR/logs}"
 mkdir -p "$LOG_DIR"
-
-CHILDREN=()
-stop_children() {
-  trap - INT TERM
-  echo "evaluate_I4.sh: stopping ${#CHILDREN[@]} shard process(es)" >&2
-  for pid in "${CHILDREN[@]}"; do kill -TERM "$pid" 2>/dev/null; done
-  wait
-  exit 130
-}
-trap stop_children INT TERM
 
 STATUS=0
 SCORED=()
 for DATASET in ${DATASETS//,/ }; do
-  CHILDREN=()
   for (( i = 0; i < NSHARDS; i++ )); do
-    LOG="$LOG_DIR/${DATASET}_shard${i}of${NSHARDS}.log"
-    if [[ $NGPU -gt 0 ]]; then
-      CUDA_VISIBLE_DEVICES="${GPUS[$(( i % NGPU ))]}" "$PYTHON" "$HERE/evaluate_I4.py" --cfg-path "$CFG" \
-        --i4-dir "$I4_DIR" --dataset "$DATASET" --result-dir "$RESULT_DIR" --shard "$i/$NSHARDS" --device cuda:0 \
-        --no-progress "${EXTRA[@]}" > "$LOG" 2>&1 &
-    else
-      OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS CUDA_VISIBLE_DEVICES="" "$PYTHON" "$HERE/evaluate_I4.py" \
-        --cfg-path "$CFG" --i4-dir "$I4_DIR" --dataset "$DATASET" --result-dir "$RESULT_DIR" --shard "$i/$NSHARDS" \
-        --device cpu --no-progress "${EXTRA[@]}" > "$LOG" 2>&1 &
-    fi
-    CHILDREN+=($!)
+    shard_launch "$i" "$LOG_DIR/${DATASET}_shard${i}of${NSHARDS}.log" "$PYTHON" "$HERE/evaluate_I4.py" \
+      --cfg-path "$CFG" --i4-dir "$I4_DIR" --dataset "$DATASET" --result-dir "$RESULT_DIR" --shard "$i/$NSHARDS" \
+      --no-progress "${EXTRA[@]}"
   done
-  FAILED=0
-  for (( i = 0; i < ${#CHILDREN[@]}; i++ )); do
-    if ! wait "${CHILDREN[$i]}"; then
-      FAILED=1
-      echo "[$DATASET] shard $i/$NSHARDS failed; last lines of $LOG_DIR/${DATASET}_shard${i}of${NSHARDS}.log:" >&2
-      tail -n 15 "$LOG_DIR/${DATASET}_shard${i}of${NSHARDS}.log" >&2
-    fi
-  done
-  CHILDREN=()
-  if [[ $FAILED -ne 0 ]]; then
+  if ! shards_wait "$DATASET"; then
     STATUS=1
     continue
   fi

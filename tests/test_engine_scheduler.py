@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -167,27 +166,17 @@ def _png(color, size=(48, 40)) -> str:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     pytest.importorskip("fastapi")
-    uvicorn = pytest.importorskip("uvicorn")
+    pytest.importorskip("uvicorn")
     from sparkles.serve.api import create_app
+    from sparkles.testing.serving import serve_in_thread
 
     work = tmp_path_factory.mktemp("batched_api")
     generation = GenerationConfig(stop_strings=(), stop_on_eos=False)  # answers run their full length
     chat = make_chat(build_tiny_model(work / "model", seed=0, init_std=0.3, llm_max_positions=2048),
                      generation=generation)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     app = create_app(chat, model_name=MODEL, max_batch=4, max_queue=8)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started:
-        assert time.time() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    yield {"chat": chat, "worker": app.state.worker, "base": f"http://127.0.0.1:{port}/v1"}
-    server.should_exit = True
-    thread.join(timeout=10)
+    with serve_in_thread(app) as base:
+        yield {"chat": chat, "worker": app.state.worker, "base": base + "/v1"}
 
 
 def _http_requests():

@@ -2,13 +2,9 @@
 answers and scores as evaluated in process (BISON, SparklesEval with its judge, I4)."""
 
 import json
-import socket
-import threading
-import time
 from pathlib import Path
 
 import pytest
-import uvicorn
 
 import evaluate
 import evaluate_I4
@@ -18,6 +14,7 @@ from sparkles.eval.generator import Request
 from sparkles.serve.api import create_app
 from sparkles.serve.loading import load_model, make_chat
 from sparkles.testing.openai_server import OpenAICompatServer
+from sparkles.testing.serving import serve_in_thread
 from test_i4_predict import _write_dataset
 
 SERVED = "tiny-served"
@@ -30,20 +27,8 @@ def load(path):
 @pytest.fixture(scope="module")
 def server(eval_world):
     model, _ = load_model(str(eval_world["cfg"]), sparkles_root=str(eval_world["root"]))
-    app = create_app(make_chat(model), model_name=SERVED)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not srv.started:
-        assert time.time() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}/v1"
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with serve_in_thread(create_app(make_chat(model), model_name=SERVED)) as base:
+        yield base + "/v1"
 
 
 def test_images_go_where_their_slots_stand(tmp_path):

@@ -109,3 +109,17 @@ def test_shards_are_gathered_and_settings_do_not_mix(eval_world, i4_dir, one_go,
         ["pred_0to2.json", "pred_2to5.json"]
     assert load(tmp_path / "Spot-the-Diff/pred.json") == load(one_go / "Spot-the-Diff/pred.json")
     assert evaluate_I4.main(args(eval_world, i4_dir, tmp_path, "--dataset", "Spot-the-Diff", "--seed", "7")) == 1
+
+
+def test_evaluate_i4_sh_shards_gathers_and_scores(eval_world, i4_dir, one_go, tmp_path):
+    import os
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHON=os.environ.get("PYTHON", "python"), SPARKLES_ROOT=str(eval_world["root"]))
+    proc = subprocess.run(["bash", str(repo / "evaluate_I4.sh"), str(i4_dir), str(tmp_path), str(eval_world["cfg"]),
+                           "Spot-the-Diff", "2", "--", "--max-new-tokens", "6"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert load(tmp_path / "Spot-the-Diff/pred.json") == load(one_go / "Spot-the-Diff/pred.json")
+    assert (tmp_path / "i4-score.txt").is_file() and set(load(tmp_path / "Spot-the-Diff/eval.json")) == {"Rouge-L f"}

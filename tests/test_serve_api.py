@@ -9,9 +9,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import socket
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -23,6 +20,7 @@ uvicorn = pytest.importorskip("uvicorn")
 
 from PIL import Image  # noqa: E402
 
+from sparkles.testing.serving import serve_in_thread  # noqa: E402
 from sparkles.testing.tiny import build_tiny_model  # noqa: E402
 from sparkles.serve.api import create_app  # noqa: E402
 from sparkles.serve.loading import make_chat  # noqa: E402
@@ -30,12 +28,6 @@ from sparkles.serve.openai_format import DeltaTracker  # noqa: E402
 
 MODEL = "sparkles-tiny"
 MAX_IMAGES = 3
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _png(color, size=(48, 40), stripe=None) -> bytes:
@@ -65,19 +57,10 @@ def served(tmp_path_factory):
     (work / "outside.png").write_bytes(GREEN)
     chat = make_chat(build_tiny_model(work / "model", init_std=0.3))
     app = create_app(chat, model_name=MODEL, allowed_image_dirs=[allowed], max_images=MAX_IMAGES)
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started:
-        assert time.time() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    base = f"http://127.0.0.1:{port}/v1"
-    client = openai.OpenAI(base_url=base, api_key="sk-dummy-not-a-key", max_retries=0, timeout=120)
-    yield {"chat": chat, "client": client, "base": base, "work": work, "allowed": allowed}
-    server.should_exit = True
-    thread.join(timeout=10)
+    with serve_in_thread(app) as root:
+        base = root + "/v1"
+        client = openai.OpenAI(base_url=base, api_key="sk-dummy-not-a-key", max_retries=0, timeout=120)
+        yield {"chat": chat, "client": client, "base": base, "work": work, "allowed": allowed}
 
 
 def _two_image_content(first=RED, second=BLUE):

@@ -142,6 +142,11 @@ def _parse_shard(value: Optional[str]) -> Optional[tuple[int, int]]:
         if env_world > 1:
             return int(os.environ.get("RANK", "0")), env_world
         return None
+    return parse_shard_spec(value)
+
+
+def parse_shard_spec(value: str) -> tuple[int, int]:
+    """``"I/N"`` → ``(I, N)`` with ``0 <= I < N`` (an :class:`EvalError` otherwise)."""
     try:
         index, count = (int(x) for x in value.split("/"))
     except ValueError:

@@ -30,7 +30,7 @@ from ..common.io import atomic_write_json, read_json
 from ..common.paths import MissingPathError
 from ..conversation.protocol_file import ProtocolFileError, load_protocol_file
 from .benchmarks import i4
-from .cli import EvalError, build_generator, processor_spec, resolve_device, shard_range
+from .cli import EvalError, build_generator, parse_shard_spec, processor_spec, resolve_device, shard_range
 from .protocol import PROTOCOLS, comparability_warning, item_seed, make_protocol
 from .store import ShardFile
 
@@ -72,15 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _shard(value: Optional[str]) -> tuple[int, int]:
-    if value is None:
-        return 0, 1
-    try:
-        index, count = (int(x) for x in value.split("/"))
-    except ValueError:
-        raise EvalError(f"--shard must look like I/N (e.g. 0/4), got {value!r}") from None
-    if count < 1 or not 0 <= index < count:
-        raise EvalError(f"--shard {value}: need 0 <= I < N")
-    return index, count
+    return (0, 1) if value is None else parse_shard_spec(value)
 
 
 def _batches(pending: list, batch_size: int, batch_image: int):
