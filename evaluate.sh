@@ -22,13 +22,8 @@
 set -uo pipefail
 
 HERE="$(cd "$(dirname "$0")" && pwd)"  # paths given by the user stay relative to the caller's directory
-POS=()
-while [[ $# -gt 0 && "$1" != "--" ]]; do
-  POS+=("$1")
-  shift
-done
-if [[ "${1:-}" == "--" ]]; then shift; fi
-EXTRA=("$@")
+source "$HERE/scripts/shards.sh"
+split_args "$@"
 if [[ ${#POS[@]} -gt 4 ]]; then
   echo "evaluate.sh: at most 4 positional arguments (ROOT CFG DATASETS NSHARDS); put evaluate.py flags after --" >&2
   exit 2
@@ -45,7 +40,6 @@ if [[ -z "$ROOT" ]]; then
 fi
 
 # shards over the GPUs, or 2 CPU processes with their share of the cores
-source "$HERE/scripts/shards.sh"
 shards_init "$NSHARDS" 2
 
 CFG_ARGS=(--cfg-path "$CFG")

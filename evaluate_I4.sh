@@ -16,13 +16,8 @@
 set -uo pipefail
 
 HERE="$(cd "$(dirname "$0")" && pwd)"  # paths given by the user stay relative to the caller's directory
-POS=()
-while [[ $# -gt 0 && "$1" != "--" ]]; do
-  POS+=("$1")
-  shift
-done
-if [[ "${1:-}" == "--" ]]; then shift; fi
-EXTRA=("$@")
+source "$HERE/scripts/shards.sh"
+split_args "$@"
 if [[ ${#POS[@]} -lt 2 || ${#POS[@]} -gt 5 ]]; then
   echo "usage: bash evaluate_I4.sh I4_DIR RESULT_DIR [CFG] [DATASETS] [NSHARDS] [-- evaluate_I4.py args]" >&2
   exit 2
@@ -49,7 +44,6 @@ for ((i = 0; i < ${#EXTRA[@]}; i++)); do
   esac
 done
 
-source "$HERE/scripts/shards.sh"
 shards_init "$NSHARDS" 1
 LOG_DIR="${EVAL_LOG_DIR:-$RESULT_DIR/logs}"
 mkdir -p "$LOG_DIR"

@@ -18,6 +18,7 @@ import random
 import statistics
 import sys
 import time
+import traceback
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
@@ -485,3 +486,17 @@ def benchmark_main(module: str, doc: str, run: Callable[[Context], dict], report
     report(result)
     write_json(args.out, result)
     return 0
+
+
+def run_benchmark(name: str, mod, ctx) -> dict:
+    """Run one benchmark module and print its report, timed. A failure becomes its result (error and traceback):
+    one broken benchmark must not cost the others of a one-shot GPU run."""
+    t0 = time.perf_counter()
+    try:
+        result = mod.run(ctx)
+        mod.report(result)
+    except Exception as exc:
+        result = dict(benchmark=name, error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
+        print(f"\n{name}: FAILED: {result['error']}\n{result['traceback']}")
+    result["wall_s"] = round(time.perf_counter() - t0, 2)
+    return result

@@ -26,13 +26,12 @@ import datetime as _dt
 import os
 import sys
 import time
-import traceback
 from pathlib import Path
 
 import torch
 
 from . import chat_turns, decode_path, eval_throughput, train_step, vision_cache
-from .common import SIZES, Context, machine_info, write_json
+from .common import SIZES, Context, machine_info, run_benchmark, write_json
 
 STEPS = {"decode_path": decode_path, "chat_turns": chat_turns, "eval_throughput": eval_throughput,
          "train_step": train_step, "vision_cache": vision_cache}
@@ -142,15 +141,7 @@ def main(argv=None) -> int:
     ctx.model  # build once, before the first timed step
     doc["machine"]["model_build_s"] = round(time.perf_counter() - t_build, 1)
     for name in names:
-        mod = STEPS[name]
-        t0 = time.perf_counter()
-        try:
-            result = mod.run(ctx)
-            mod.report(result)
-        except Exception as exc:  # one broken step must not cost the others (one-shot GPU runs)
-            result = dict(benchmark=name, error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
-            print(f"\n{name}: FAILED: {result['error']}\n{result['traceback']}")
-        result["wall_s"] = round(time.perf_counter() - t0, 2)
+        result = run_benchmark(name, STEPS[name], ctx)
         result["command"] = f"python -m benchmarks.{name} --size {size.name}"
         doc["benchmarks"][name] = result
         doc["checks"] = checks(doc)

@@ -16,15 +16,13 @@ import argparse
 import datetime as _dt
 import re
 import sys
-import time
-import traceback
 from pathlib import Path
 from typing import Optional
 
 from sparkles.common.io import read_json
 
 from . import chat_turns, eval_throughput, train_step, vision_cache
-from .common import add_common_args, context_from_args, machine_info, write_json
+from .common import add_common_args, context_from_args, machine_info, run_benchmark, write_json
 
 HERE = Path(__file__).resolve().parent
 RESULTS_MD = HERE / "RESULTS.md"
@@ -76,16 +74,8 @@ def main(argv=None) -> int:
                benchmarks={})
     failed = False
     for name in names:
-        mod = BENCHMARKS[name]
-        t0 = time.perf_counter()
-        try:
-            result = mod.run(ctx)
-            mod.report(result)
-        except Exception as exc:  # one broken benchmark must not cost the others (one-shot GPU runs)
-            failed = True
-            result = dict(benchmark=name, error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
-            print(f"\n{name}: FAILED: {result['error']}\n{result['traceback']}")
-        result["wall_s"] = round(time.perf_counter() - t0, 2)
+        result = run_benchmark(name, BENCHMARKS[name], ctx)
+        failed = failed or "error" in result
         result["command"] = single_command(name, args)
         doc["benchmarks"][name] = result
         doc["machine"]["loadavg_1min_end"] = machine_info(ctx).get("loadavg_1min")

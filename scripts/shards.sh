@@ -1,5 +1,6 @@
 # Shard processes over the visible GPUs (or CPU processes), for evaluate.sh and evaluate_I4.sh (`source` it).
 #
+#   split_args ARGS...                         POS = the arguments before "--", EXTRA = those after it
 #   shards_init NSHARDS_OR_EMPTY CPU_DEFAULT   sets GPUS, NGPU, NSHARDS (default: #GPUs, else CPU_DEFAULT), THREADS
 #   shard_launch I LOG CMD...                  CMD in the background with shard I's device appended (GPU I mod #GPUs
 #                                              as cuda:0 of its own CUDA_VISIBLE_DEVICES, else a CPU share of the
@@ -7,6 +8,16 @@
 #   shards_wait LABEL                          waits for every launched shard; names each failed one with the end
 #                                              of its log; returns 1 if any failed
 # Ctrl-C / kill stops every launched shard.
+
+split_args() {
+  POS=()
+  while [[ $# -gt 0 && "$1" != "--" ]]; do
+    POS+=("$1")
+    shift
+  done
+  if [[ "${1:-}" == "--" ]]; then shift; fi
+  EXTRA=("$@")
+}
 
 SHARD_PIDS=()
 SHARD_LOGS=()
@@ -59,7 +70,17 @@ shards_wait() {
       tail -n 15 "${SHARD_LOGS[$i]}" >&2
     fi
   done
-  SHARD_PIDS=()
+  split_args() {
+  POS=()
+  while [[ $# -gt 0 && "$1" != "--" ]]; do
+    POS+=("$1")
+    shift
+  done
+  if [[ "${1:-}" == "--" ]]; then shift; fi
+  EXTRA=("$@")
+}
+
+SHARD_PIDS=()
   SHARD_LOGS=()
   return $failed
 }

@@ -6,13 +6,13 @@ With greedy decoding the answers equal those of one-by-one generation through :c
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
 from ..conversation.render import Message, collate
 from ..conversation.template import USER, count_slots, replace_glyphs
-from .chat import Chat, ChatError
+from .chat import Chat, ChatError, Context
 from .decoding import StopChecker, beam_search, clean_answer, decode_tokens
 
 
@@ -24,12 +24,14 @@ def as_messages(prompt: str | Sequence[Message]) -> list[Message]:
     return [Message(m.role, replace_glyphs(m.content)) if m.role == USER else m for m in prompt]
 
 
-def generate_batch(chat: Chat, prompts: Sequence[tuple[str | Sequence[Message], Sequence]], **options) -> list[str]:
+def generate_batch(chat: Chat, prompts: Sequence[tuple[str | Sequence[Message], Sequence]], *,
+                   contexts: Optional[Sequence[Context]] = None, **options) -> list[str]:
     """Answer independent prompts together. Each item is ``(user_text or messages, images)``: the images fill the
     slots of the conversation in order (those of turns dropped to fit go unused).
 
     Prompts are left-padded into one batch; all their images are encoded in one vision pass. With greedy
-    decoding the answers equal those of one-by-one generation.
+    decoding the answers equal those of one-by-one generation. ``contexts``: the prompts already rendered by
+    :meth:`Chat.context` with the same options (a caller that checked them first need not render them twice).
     """
     gen = chat.generation.updated(**options)
     renderer, model, tok = chat.renderer, chat.model, chat.tokenizer
@@ -40,9 +42,9 @@ def generate_batch(chat: Chat, prompts: Sequence[tuple[str | Sequence[Message], 
         if slots != len(images):
             raise ChatError(f"prompt {i}: {slots} image slot(s) but {len(images)} image(s)")
         try:
-            context = chat.context(messages, gen)
+            context = contexts[i] if contexts is not None else chat.context(messages, gen)
         except ChatError as exc:
-            raise ChatError(f"prompt {i}: {exc}") from None
+            raise type(exc)(f"prompt {i}: {exc}") from None
         if context.cut:
             raise ChatError(f"prompt {i}: {context.warning} Cut contexts are answered one at a time (ChatSession).")
         r = context.rendered

@@ -35,6 +35,10 @@ class ChatError(ValueError):
     """A request the engine cannot serve (e.g. more image slots than images)."""
 
 
+class ContextTooLong(ChatError):
+    """The last message alone does not fit in the context (``overflow="drop_turns"``)."""
+
+
 @dataclass
 class Context:
     """A conversation rendered for the decoder: what it sees, and what was left out to make it fit."""
@@ -89,7 +93,7 @@ class Chat:
     def context(self, messages: Sequence[Message], gen: GenerationConfig) -> Context:
         """Render ``messages`` (ending with a user message) within ``gen.max_length - gen.max_new_tokens``
         positions, by ``gen.overflow``: whole earlier turns dropped, or the start cut off as the original did.
-        A conversation whose last turn alone does not fit under ``drop_turns`` is a :class:`ChatError`."""
+        A conversation whose last turn alone does not fit under ``drop_turns`` is a :class:`ContextTooLong`."""
         budget = gen.max_length - gen.max_new_tokens
         if budget <= 0:
             raise ChatError(f"max_length={gen.max_length} leaves no room for the context "
@@ -104,7 +108,7 @@ class Chat:
         try:
             rendered = self.renderer.render(messages, self.layout, max_length=budget)
         except SampleTooLong as exc:
-            raise ChatError(f"the last message does not fit in the context ({exc}, the context's share of "
+            raise ContextTooLong(f"the last message does not fit in the context ({exc}, the context's share of "
                             f"max_length={gen.max_length} besides max_new_tokens={gen.max_new_tokens})") from None
         warning = None if not rendered.dropped_turns else (
             f"The conversation is longer than the model's context; the oldest {rendered.dropped_turns} turn(s) "

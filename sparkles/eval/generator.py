@@ -67,11 +67,11 @@ class ModelGenerator:
     def _context(self, req: Request, gen: dict[str, Any]):
         """The decoder's context for ``req`` as the engine will build it, or the error that it does not fit."""
         from ..engine.batch import as_messages
-        from ..engine.chat import ChatError
+        from ..engine.chat import ContextTooLong
 
         try:
             return self.chat.context(as_messages(req.messages()), self.chat.generation.updated(**gen)), None
-        except ChatError as exc:
+        except ContextTooLong as exc:
             return None, f"{req.where}: {exc}"
 
     def _one(self, req: Request, gen: dict[str, Any]) -> Answer:
@@ -88,7 +88,14 @@ class ModelGenerator:
             import torch
 
             torch.manual_seed(req.seed)  # beam sampling goes through transformers' global RNG
-        text = session.answer(**{**gen, "seed": req.seed})
+        from ..engine.chat import ContextTooLong
+
+        try:
+            text = session.answer(**{**gen, "seed": req.seed})
+        except ContextTooLong as exc:
+            error = f"{req.where}: {exc}"
+            log.warning("%s", error)
+            return Answer(None, error=error)
         context = session.last_context
         return Answer(text, context.text, [context.warning] if context.warning else [])
 
@@ -100,6 +107,14 @@ class ModelGenerator:
             return self._generate(requests, gen)
 
     def _generate(self, requests: Sequence[Request], gen: dict[str, Any]) -> list[Answer]:
+        sampled = bool(gen.get("do_sample"))
+        if self.batch_size == 1 or sampled or len(requests) <= 1:
+            if sampled and self.batch_size > 1 and not self._warned:
+                log.info("sampling: answering one request at a time so that per-item seeds hold "
+                         "(--batch-size applies to greedy decoding)")
+                self._warned = True
+            return [self._one(r, gen) for r in requests]
+        # a batch: render each prompt once, here; those that do not fit fail alone, cut ones go one at a time
         out: list[Optional[Answer]] = [None] * len(requests)
         contexts = {}
         for k, req in enumerate(requests):
@@ -107,22 +122,17 @@ class ModelGenerator:
             if error is not None:
                 log.warning("%s", error)
                 out[k] = Answer(None, error=error)
+            elif context.cut:
+                out[k] = self._one(req, gen)
             else:
                 contexts[k] = context
-        sampled = bool(gen.get("do_sample"))
-        batchable = [k for k, c in contexts.items() if not c.cut]
-        if self.batch_size == 1 or sampled or len(batchable) <= 1:
-            if sampled and self.batch_size > 1 and not self._warned:
-                log.info("sampling: answering one request at a time so that per-item seeds hold "
-                         "(--batch-size applies to greedy decoding)")
-                self._warned = True
-            batchable = []
-        for k in contexts:
-            if k not in batchable:
-                out[k] = self._one(requests[k], gen)
-        if batchable:
+        if len(contexts) == 1:
+            [(k, _)] = contexts.items()
+            out[k] = self._one(requests[k], gen)
+        elif contexts:
             from ..engine.batch import generate_batch
 
+            batchable = list(contexts)
             chosen = [requests[k] for k in batchable]
             for r in chosen:  # fail on a bad image with its record before the batched vision pass
                 for path in r.images:
@@ -130,7 +140,7 @@ class ModelGenerator:
                         raise InputError(f"{r.where}: image not found: {path}")
             try:
                 texts = generate_batch(self.chat, [(r.messages(), list(r.images)) for r in chosen],
-                                       **{**gen, "seed": None})
+                                       contexts=[contexts[k] for k in batchable], **{**gen, "seed": None})
             except ImageLoadError as exc:
                 raise InputError(f"one of records {', '.join(r.where for r in chosen)}: {exc}") from None
             for k, text in zip(batchable, texts):
