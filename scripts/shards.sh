@@ -70,17 +70,7 @@ shards_wait() {
       tail -n 15 "${SHARD_LOGS[$i]}" >&2
     fi
   done
-  split_args() {
-  POS=()
-  while [[ $# -gt 0 && "$1" != "--" ]]; do
-    POS+=("$1")
-    shift
-  done
-  if [[ "${1:-}" == "--" ]]; then shift; fi
-  EXTRA=("$@")
-}
-
-SHARD_PIDS=()
+  SHARD_PIDS=()
   SHARD_LOGS=()
   return $failed
 }
