@@ -20,11 +20,13 @@ import sys
 from typing import Optional, Sequence
 
 from sparkles.serve.demo_app import build_demo  # noqa: F401  (part of this module's API)
-from sparkles.serve.demo_app import DEFAULT_KEEP_DAYS, keep_pruning, launch_kwargs
-from sparkles.serve.loading import (LoadError, add_model_arguments, chat_mode_of, generation_of, load_model,
-                                    make_chat)
+from sparkles.serve.demo_app import DEFAULT_KEEP_DAYS, build_demo_for, keep_pruning, launch_kwargs, startup_message
+from sparkles.serve.loading import LoadError, add_model_arguments, load_model
 
 DEFAULT_SAVE_ROOT = "outputs/demo_conversations"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+log = logging.getLogger("demo")
 
 
 def parse_login(value: str) -> tuple[str, str]:
@@ -71,16 +73,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except LoadError as exc:
         print(f"demo.py: {exc}", file=sys.stderr)
         return 2
-    chat = make_chat(model, chat_mode=chat_mode_of(cfg), generation=generation_of(cfg))
-    name = f"{cfg.model.arch}:{cfg.model.model_type}"
-    if not args.auth and args.host not in ("127.0.0.1", "localhost", "::1"):
+    if not args.auth and args.host not in LOOPBACK:
         print(f"demo.py: warning: listening on {args.host} without --auth: anyone who can reach this port can chat "
               "with the model (add --auth USER:PASSWORD to require a login)", file=sys.stderr)
     stop_pruning = keep_pruning(args.save_root, args.keep_days)
-    demo = build_demo(chat, save_root=args.save_root, model_name=name, keep_days=args.keep_days)
+    demo = build_demo_for(model, cfg, save_root=args.save_root, keep_days=args.keep_days)
     demo.queue(max_size=64)
     try:
-        demo.launch(**launch_kwargs(demo, host=args.host, port=args.port, share=args.share, auth=args.auth))
+        demo.launch(prevent_thread_lock=True, quiet=True,
+                    **launch_kwargs(demo, host=args.host, port=args.port, share=args.share, auth=args.auth))
+        log.info(startup_message(demo.local_url, demo.share_url, shared=args.share, loopback=args.host in LOOPBACK))
+        demo.block_thread()
     finally:
         stop_pruning.set()
     return 0

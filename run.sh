@@ -70,6 +70,9 @@ run_tiny() {
   local t0; t0=$(now)
   if [[ ! -f "$out/world/scenes.json" || ! -f "$out/models/tiny_llm/tokenizer.json" ]]; then
     "$PYTHON" -m sparkles.tinyworld --out "$out" --seed 0 --preset "$preset"
+  elif [[ ! -f "$out/evaluation/DemoChat/annotations/demo_chats.json" ]]; then
+    echo "[run.sh] the world in $out has no demo chats: writing it again (it replaces only its own files)"
+    "$PYTHON" -m sparkles.tinyworld --out "$out" --seed 0 --preset "$preset" --force
   else
     echo "[run.sh] world found in $out (delete the folder to regenerate it)"
   fi
@@ -88,8 +91,11 @@ run_tiny() {
     [[ "$ds" == SparklesEval ]] && judge=(--judge_models reference)
     rm -rf "$out/evaluation/$ds/results/${ds}_${name}"*  # answers of an earlier training of this folder's model
     "$PYTHON" evaluate.py --cfg-path eval_configs/sparkles_tiny.yaml --sparkles_root "$out" --dataset "$ds" \
-      --inference --merge-results --batch-size "$batch" --max-new-tokens 120 --no-progress "${judge[@]}"
+      --inference --merge-results --batch-size "$batch" --max-new-tokens 120 "${judge[@]}"
   done
+  # The held-out chats whose images are labelled IMAGE#1.. in upload order, replayed as the demo asks them
+  "$PYTHON" -m sparkles.tinyworld.demo_chat --cfg-path eval_configs/sparkles_tiny.yaml --sparkles_root "$out" \
+    --max-new-tokens 120
   # I4: the world's DEMON-format split, the model's answers and a trivial baseline's, both scored per category
   local i4=$out/evaluation/I4
   if [[ ! -f "$i4/Spot-the-Diff/core/core.json" ]]; then
@@ -99,8 +105,7 @@ run_tiny() {
   rm -rf "$i4/results/sparkleschat_tiny" "$i4/results/baseline"
   # shellcheck disable=SC2086  # one argument per dataset name
   "$PYTHON" evaluate_I4.py --cfg-path eval_configs/sparkles_tiny.yaml --sparkles_root "$out" --i4-dir "$i4" \
-    --dataset $i4_sets --result-dir "$i4/results/sparkleschat_tiny" --batch-size "$batch" --max-new-tokens 80 \
-    --no-progress
+    --dataset $i4_sets --result-dir "$i4/results/sparkleschat_tiny" --batch-size "$batch" --max-new-tokens 80
   "$PYTHON" -m sparkles.tinyworld --out "$out" --i4-baseline "$i4/results/baseline"
   local r
   for r in sparkleschat_tiny baseline; do
@@ -110,7 +115,7 @@ run_tiny() {
   local t3; t3=$(now)
   "$PYTHON" -m sparkles.tools.summary --root "$out" --train-seconds "$(elapsed "$t1" "$t2")" \
     --eval-seconds "$(elapsed "$t2" "$t3")" --i4-results "$i4/results/sparkleschat_tiny" \
-    --i4-baseline "$i4/results/baseline" \
+    --i4-baseline "$i4/results/baseline" --demo-chat "$out/evaluation/DemoChat/results/demo_chat_$name.json" \
     --extra "{\"world_seconds\": $(elapsed "$t0" "$t1"), \"total_seconds\": $(elapsed "$t0" "$t3"),
               \"preset\": \"$preset\", \"processes\": $PROCS}"
   local demo="python demo.py"

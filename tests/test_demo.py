@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
-import socket
 import subprocess
 from pathlib import Path
 
@@ -20,9 +19,13 @@ gradio_client = pytest.importorskip("gradio_client")
 
 from PIL import Image  # noqa: E402
 
+from sparkles.common.config import load_config  # noqa: E402
+from sparkles.conversation.template import count_glyphs  # noqa: E402
+from sparkles.testing.serving import free_port  # noqa: E402
 from sparkles.testing.tiny import build_tiny_model, write_tiny_tokenizer  # noqa: E402
-from sparkles.serve.demo_app import build_demo, launch_kwargs, place_images  # noqa: E402
-from sparkles.serve.loading import LoadError, load_model, make_chat, parse_gpu_ids  # noqa: E402
+from sparkles.serve.demo_app import (EXAMPLES, DemoSettings, build_demo, launch_kwargs, model_label,  # noqa: E402
+                                     place_images, slider_ranges)
+from sparkles.serve.loading import LoadError, context_limit, load_model, make_chat, parse_gpu_ids  # noqa: E402
 
 # Gradio's own queue code trips pandas deprecation warnings; they are not ours to fix.
 pytestmark = [pytest.mark.filterwarnings("ignore:.*no_silent_downcasting"),
@@ -31,12 +34,6 @@ pytestmark = [pytest.mark.filterwarnings("ignore:.*no_silent_downcasting"),
 ROOT = Path(__file__).resolve().parents[1]
 QUESTION = "Compare IMAGE#1✨ with IMAGE#2⭐."
 GREEDY = dict(beams=1, temperature=0.0, top_p=0.9, max_new_tokens=32)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _load_demo_module():
@@ -65,7 +62,7 @@ def app(tmp_path_factory):
     save_root = work / "conversations"
     demo = build_demo(chat, save_root=save_root, model_name="tiny")
     demo.queue()
-    port = _free_port()
+    port = free_port()
     demo.launch(prevent_thread_lock=True, quiet=True, **launch_kwargs(demo, port=port))
     yield {"url": f"http://127.0.0.1:{port}/", "chat": chat, "calls": calls, "images": images, "work": work,
            "save_root": save_root}
@@ -260,3 +257,100 @@ def test_a_real_browser_drives_a_conversation(tmp_path):
     record = json.loads(record_file.read_text())
     assert [i["label"] for i in record["images"]] == ["IMAGE#1", "IMAGE#2"]
     assert [t["user"] for t in record["turns"]] == [SHOT_QUESTION] and record["turns"][0]["assistant"]
+
+
+def _chromium() -> str:
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("chromium is not installed (scripts/install_system.sh installs it)")
+    return chromium
+
+
+def _unheld_states(model, questions: list[str], answers: list[str], images: list[Path]) -> list[list[str]]:
+    """Each turn's answer after every token as the engine decodes it with no stop string (nothing held back),
+    greedily as the page asks, with the demo's default answer length: what a stream without the hold would show."""
+    chat = make_chat(model)
+    max_new_tokens = slider_ranges(context_limit(chat))["max_new_tokens"].default
+    states = []
+    for turn, question in enumerate(questions):
+        session = chat.session()
+        for path in images:
+            session.add_image(path)
+        for earlier, answer in zip(questions[:turn], answers[:turn]):
+            session.add_exchange(earlier, answer)
+        session.ask(question)
+        states.append(list(session.stream(max_new_tokens=max_new_tokens, do_sample=False, stop_strings=())))
+    return states
+
+
+def test_enter_sends_and_a_narrow_page_streams_two_turns_without_stop_marker_pieces(tmp_path):
+    """A person at a 420 px wide browser uploads two pictures (and a text file), types a question with a line
+    break (Shift+Enter) and sends it with Enter, then a second one: both are answered, no state of either answer
+    on the page ends in a piece of the stop marker "###", the gallery's labels are whole and uncovered, the page
+    names the model, and the refused file is explained in the notice, which the next action replaces."""
+    from sparkles.serve.screenshot import chat_in_browser, draw_sample_images
+
+    images = draw_sample_images(tmp_path / "images")
+    (tmp_path / "notes.txt").write_text("not a picture")
+    questions = ["How many circles are in IMAGE#1✨?\nAnd what shape is in IMAGE#2⭐?", "Which one is blue?"]
+    model = build_tiny_model(tmp_path / "model", init_std=0.3)
+    result = chat_in_browser([*images, tmp_path / "notes.txt"], questions, work=tmp_path / "work", model=model,
+                             untrained=True, chromium=_chromium(), width=420)
+
+    # Enter sent each question, and Shift+Enter put a line break into the first instead of sending it
+    assert [t["user"] for t in result.record["turns"]] == questions
+    saved = [t["assistant"] for t in result.record["turns"]]
+    assert all(saved) and [" ".join(a.split()) for a in result.answers] == [" ".join(a.split()) for a in saved]
+    # the stream: every state shown grows the one before and never ends in "#" or "##"
+    for states, answer in zip(result.states, result.answers):
+        assert len(states) > 2 and states[-1] == answer
+        assert not [t for t in states if t.rstrip().endswith("#")], states
+    # ... where the decoder's text did pass through such a state: the tokenizer writes "###" one "#" a token, so
+    # without holding them back the page would have shown "#", then "##"
+    unheld = _unheld_states(model, questions, saved, images)
+    assert any(t.endswith("#") for turn in unheld for t in turn)
+    # the gallery at 420 px: labels whole and on top, nothing over the first thumbnail
+    gallery = result.gallery
+    assert gallery["page_width"] == 420
+    assert [label["text"] for label in gallery["labels"]] == ["IMAGE#1", "IMAGE#2"]
+    assert all(label["whole"] and label["uncovered"] for label in gallery["labels"]), gallery
+    assert gallery["first_thumbnail_uncovered"]
+    assert result.model_line.startswith("Model: untrained tiny SparklesChat")
+    # the text file: explained in the notice (no error badge that stays), and gone with the next action
+    assert "Skipped notes.txt" in result.upload_notice and result.upload_errors == []
+    assert not any("Skipped" in notice for notice in result.notices)
+
+
+def test_the_page_offers_what_the_config_says_for_its_model():
+    """eval_configs/sparkles_tiny.yaml's demo section: greedy, examples about counts, colours, shapes and places
+    for two images; the released weights' config has none and gets the demo's own."""
+    tiny = load_config(ROOT / "eval_configs" / "sparkles_tiny.yaml")
+    released = load_config(ROOT / "eval_configs" / "sparkles_eval.yaml")
+    settings = DemoSettings.from_config(tiny)
+    assert settings.temperature == 0.0 and settings.examples and tuple(settings.examples) != EXAMPLES
+    assert all(count_glyphs(e) == 2 for e in settings.examples)
+    words = " ".join(settings.examples + (settings.note,)).lower()
+    assert all(w in words for w in ("how many", "where", "circle", "square", "red", "blue"))
+    assert DemoSettings.from_config(released) == DemoSettings() and DemoSettings().temperature == 1.0
+    assert model_label(tiny) == "sparkleschat:tiny (sparkleschat_tiny/checkpoint_last.pth)"
+    assert model_label(released) == "sparkleschat:pretrain_vicuna (pretrained/sparkleschat_7b.pth)"
+    opts = load_config(ROOT / "eval_configs" / "sparkles_tiny.yaml", ["demo.temperature=0.7"])
+    assert DemoSettings.from_config(opts).temperature == 0.7
+
+
+def test_the_page_shows_the_settings_and_the_model(tmp_path):
+    chat = make_chat(build_tiny_model(tmp_path / "model"))
+    settings = DemoSettings(examples=("Where is IMAGE#1✨?", "Count IMAGE#1✨ and IMAGE#2✨."), note="Tiny only.",
+                            temperature=0.0)
+    config = build_demo(chat, save_root=tmp_path, model_name="sparkleschat:tiny (x/y.pth)",
+                        settings=settings).config
+    components = {c["id"]: c["props"] for c in config["components"]}
+    texts = [p.get("value") for p in components.values() if isinstance(p.get("value"), str)]
+    assert any("**Model:** sparkleschat:tiny (x/y.pth)" in t and "Tiny only." in t for t in texts)
+    temperature = next(p for p in components.values() if p.get("label") == "Temperature")
+    assert temperature["value"] == 0.0
+    samples = next(p for p in components.values() if "samples" in p)
+    assert [row[0] for row in samples["samples"]] == list(settings.examples)
+    assert "upload 2 images first" in samples["label"]
+    message = next(p for p in components.values() if p.get("label") == "Me")
+    assert message["lines"] == 1 and "Enter sends" in message["info"], "Enter sends (Gradio's rule for lines=1)"

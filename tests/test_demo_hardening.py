@@ -7,7 +7,6 @@ import importlib.util
 import json
 import math
 import os
-import socket
 import time
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from PIL import Image  # noqa: E402
 from sparkles.serve.demo_app import (build_demo, generation_options, keep_pruning, launch_kwargs,  # noqa: E402
                                      prune_conversations, slider_ranges)
 from sparkles.serve.loading import context_limit, make_chat  # noqa: E402
+from sparkles.testing.serving import free_port  # noqa: E402
 from sparkles.testing.tiny import build_tiny_model  # noqa: E402
 
 pytestmark = [pytest.mark.filterwarnings("ignore:.*no_silent_downcasting"),
@@ -31,16 +31,10 @@ GREEDY = dict(beams=1, temperature=0.0, top_p=0.9, max_new_tokens=16)
 LOGIN = ("ann", "correct horse")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(chat, save_root: Path, **launch):
     demo = build_demo(chat, save_root=save_root, model_name="tiny")
     demo.queue()
-    port = _free_port()
+    port = free_port()
     demo.launch(prevent_thread_lock=True, quiet=True, **launch_kwargs(demo, port=port, **launch))
     return demo, f"http://127.0.0.1:{port}/"
 
@@ -224,6 +218,40 @@ def test_share_needs_a_login_and_the_login_guards_the_api(app, tmp_path, capsys)
         assert "Nothing to rate" in client.predict(*GREEDY.values(), api_name="/upvote")
     finally:
         guarded.close()
+
+
+def test_the_server_log_names_the_demos_own_flags(tmp_path):
+    """demo.py says where the page runs and how to share it in its own flags (--share), not in Gradio's
+    (``share=True`` in ``launch()``), and keeps the page on this machine by default."""
+    import subprocess
+    import sys
+    import threading
+
+    from sparkles.testing.tiny import write_tiny_tokenizer
+
+    write_tiny_tokenizer(tmp_path / "models" / "tiny_llm")
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text("model:\n  arch: sparkleschat\n  model_type: tiny\nrun:\n  imports: [sparkles.tinyworld]\n"
+                   f"  sparkles_root: {tmp_path}\n")
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(ROOT / "demo.py"), "--cfg-path", str(cfg), "--port", str(port),
+                             "--save-root", str(tmp_path / "conversations")], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    watchdog = threading.Timer(300, proc.kill)  # a demo that never comes up fails the test instead of hanging it
+    watchdog.start()
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if "demo running on" in line:
+                break
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+        watchdog.cancel()
+    log = "".join(lines)
+    assert f"demo running on http://127.0.0.1:{port}" in log and "(this machine only)" in log, log
+    assert "--share" in log and "share=True" not in log, log
 
 
 # --------------------------------------------------------------------------------------------- retention

@@ -24,6 +24,7 @@ from sparkles.testing.serving import serve_in_thread  # noqa: E402
 from sparkles.testing.tiny import build_tiny_model  # noqa: E402
 from sparkles.serve.api import create_app  # noqa: E402
 from sparkles.serve.loading import make_chat  # noqa: E402
+from sparkles.engine.decoding import stream_safe_text  # noqa: E402
 from sparkles.serve.openai_format import DeltaTracker  # noqa: E402
 
 MODEL = "sparkles-tiny"
@@ -207,6 +208,118 @@ def test_errors_through_the_openai_client_and_malformed_json(served):
     assert resp.status_code == 404 and set(resp.json()["error"]) == {"message", "type", "param", "code"}
 
 
+# --------------------------------------------------------------------------------------------- text only
+def test_a_text_only_hello_is_answered_from_the_right_prompt(served):
+    chat = served["chat"]
+    resp = served["client"].chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hello"}],
+                                                    temperature=0, max_tokens=16)
+    assert resp.choices[0].message.content.strip()
+    assert resp.usage.completion_tokens > 0
+    from sparkles.conversation.render import Message
+
+    prompt = chat.renderer.render([Message("user", "Hello")], chat.layout)
+    assert prompt.text.endswith("###Human: Hello###Assistant:") and resp.usage.prompt_tokens == len(prompt)
+    assert resp.choices[0].message.content == _engine_answer(chat, "Hello", [], 16)
+
+
+def test_an_answer_never_opens_with_the_stop_marker(served):
+    """A model that would open its answer with a stop string (here the random model's own first word, made a
+    stop string) is steered to another first token while its answer is blank; without the guard it answers ""."""
+    from sparkles.engine.chat import Chat
+
+    chat = served["chat"]
+    first = _step_texts(chat, "Hello", [], 4)[0]
+    assert first.strip()
+    resp = served["client"].chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hello"}],
+                                                    temperature=0, max_tokens=16, stop=[first])
+    answer = resp.choices[0].message.content
+    assert answer.strip() and not answer.startswith(first)
+    unguarded = Chat(chat.model, chat.image_processor, generation=chat.generation.updated(nonblank_answer=False))
+    session = unguarded.session()
+    session.ask("Hello")
+    assert session.answer(max_new_tokens=16, do_sample=False, stop_strings=("###", first)) == ""
+
+
+# --------------------------------------------------------------------------------------------- request fields
+HI = [{"role": "user", "content": "hi"}]
+UNSERVED = {  # field(s) sent → the param the 400 names
+    "json_mode": ({"response_format": {"type": "json_object"}}, "response_format"),
+    "tools": ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}], "tool_choice": "auto"},
+              "tools"),
+    "logprobs": ({"logprobs": True, "top_logprobs": 2}, "logprobs"),
+    "frequency_penalty": ({"frequency_penalty": 0.5}, "frequency_penalty"),
+    "presence_penalty": ({"presence_penalty": -1}, "presence_penalty"),
+    "logit_bias": ({"logit_bias": {"5": 10}}, "logit_bias"),
+    "unknown": ({"temprature": 0}, "temprature"),
+    "audio": ({"modalities": ["text", "audio"], "audio": {"voice": "x"}}, "modalities"),
+    "stream_option": ({"stream": True, "stream_options": {"include_obfuscation": True}},
+                      "stream_options.include_obfuscation"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(UNSERVED))
+def test_fields_the_server_does_not_implement_are_refused_by_name(served, case):
+    fields, param = UNSERVED[case]
+    resp = httpx.post(served["base"] + "/chat/completions", json={"model": MODEL, "messages": HI, **fields},
+                      timeout=60)
+    assert resp.status_code == 400
+    error = resp.json()["error"]
+    assert (error["param"], error["code"], error["type"]) == (param, "unsupported_parameter", "invalid_request_error")
+    refused = [key for key in fields if key not in ("stream", "stream_options")] or [param]
+    assert all(f"'{key}'" in error["message"] for key in refused), error["message"]
+
+
+def test_the_openai_client_gets_the_refusal_and_message_fields_are_checked_too(served):
+    client = served["client"]
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=MODEL, messages=HI, response_format={"type": "json_object"})
+    assert info.value.param == "response_format" and info.value.code == "unsupported_parameter"
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi", "name": "ann"}])
+    assert info.value.param == "messages[0].name"
+
+
+def test_neutral_values_and_identifiers_are_accepted_and_change_nothing(served):
+    client = served["client"]
+    plain = client.chat.completions.create(model=MODEL, messages=HI, temperature=0, max_tokens=12)
+    same = client.chat.completions.create(
+        model=MODEL, messages=HI, temperature=0, max_tokens=12, response_format={"type": "text"}, tools=[],
+        logprobs=False, frequency_penalty=0, presence_penalty=0.0, n=1, user="ann", store=False,
+        parallel_tool_calls=False, top_logprobs=None)
+    assert same.choices[0].message.content == plain.choices[0].message.content
+    # an assistant message echoed back as the client returned it (null fields) is fine
+    echoed = plain.choices[0].message.model_dump()
+    follow = client.chat.completions.create(model=MODEL, temperature=0, max_tokens=4,
+                                            messages=[*HI, echoed, {"role": "user", "content": "and?"}])
+    assert follow.choices[0].finish_reason in ("stop", "length")
+
+
+def test_top_k_and_repetition_penalty_reach_the_decoder(served):
+    client, chat = served["client"], served["chat"]
+    question = "Compare IMAGE#1✨ with IMAGE#2✨."
+    messages = [{"role": "user", "content": _two_image_content()}]
+
+    def ask(**kw):
+        return client.chat.completions.create(model=MODEL, messages=messages, max_tokens=20, **kw
+                                              ).choices[0].message.content
+
+    greedy = ask(temperature=0)
+    # sampling at temperature 1 from the single most likely token is greedy decoding
+    assert ask(temperature=1, extra_body={"top_k": 1}) == greedy
+    assert ask(temperature=1, seed=3) != greedy, "sampling without top_k wanders (else the check above is empty)"
+    penalised = ask(temperature=0, extra_body={"repetition_penalty": 1.8})
+    assert penalised != greedy
+    session = chat.session()
+    for data in (RED, BLUE):
+        session.add_image(Image.open(io.BytesIO(data)))
+    session.ask(question)
+    assert penalised == session.answer(max_new_tokens=20, do_sample=False, repetition_penalty=1.8)
+    for bad in ({"top_k": -2}, {"top_k": 1.5}, {"repetition_penalty": 0}, {"repetition_penalty": 11}):
+        with pytest.raises(openai.BadRequestError) as info:
+            ask(temperature=0, extra_body=bad)
+        assert info.value.param == next(iter(bad))
+
+
 def test_concurrent_requests_are_queued_and_answered_independently(served):
     client = served["client"]
 
@@ -221,12 +334,105 @@ def test_concurrent_requests_are_queued_and_answered_independently(served):
     assert answers[0] == _engine_answer(served["chat"], "Compare IMAGE#1✨ with IMAGE#2✨.", [RED, BLUE], 12)
 
 
-def test_delta_tracker_never_sends_what_a_stop_string_will_remove():
-    tracker = DeltaTracker(["###"])
-    sent = [tracker.update(t) for t in ["Hi", "Hi the", "Hi there #", "Hi there ##", "Hi there"]]
-    sent.append(tracker.update("Hi there", final=True))
-    assert "".join(sent) == "Hi there"
-    assert json.dumps(sent)  # plain strings
+# --------------------------------------------------------------------------------------------- streaming
+def test_stream_safe_text_holds_back_what_may_become_a_stop_string():
+    stops = ("###", "END")
+    assert stream_safe_text("Hi there #", stops) == "Hi there "
+    assert stream_safe_text("Hi there ##", stops) == "Hi there "
+    assert stream_safe_text("Hi there ###Human", stops) == "Hi there ", "a complete stop string ends the answer"
+    assert stream_safe_text("Hi #1 and ##2", stops) == "Hi #1 and ##2", "released once it cannot be a stop string"
+    assert stream_safe_text("the EN", stops) == "the " and stream_safe_text("the ENDING", stops) == "the "
+    assert stream_safe_text("caf\ufffd", stops) == "caf", "an incomplete character waits for its last byte"
+    assert stream_safe_text("a #", ()) == "a #"
+
+
+def _step_texts(chat, question: str, images: list[bytes], max_new_tokens: int) -> list[str]:
+    """The greedy answer after each token with no stop string at all (so nothing is held back)."""
+    session = chat.session()
+    for data in images:
+        session.add_image(Image.open(io.BytesIO(data)))
+    session.ask(question)
+    return list(session.stream(max_new_tokens=max_new_tokens, do_sample=False, stop_strings=()))
+
+
+def _stop_across_tokens(texts: list[str]) -> tuple[str, int, int]:
+    """A stop string of two characters that the greedy answer writes across a token boundary, where it first
+    appears, after at least two tokens: the last character of one token's text and the first of the next.
+    Returns it, the step whose text ends in its first character, and where it starts in the answer."""
+    for step, (before, after) in enumerate(zip(texts, texts[1:])):
+        if step < 2 or not after.startswith(before) or len(after) == len(before):
+            continue
+        stop = before[-1] + after[len(before)]
+        if not stop.isspace() and " " not in stop and after.find(stop) == len(before) - 1:
+            return stop, step, len(before) - 1
+    raise AssertionError(f"no token boundary splits two characters in {texts[-1]!r}")
+
+
+def _assert_stream_is_safe(snapshots: list[str], final: str, stops) -> None:
+    """Every snapshot but the final one ends in no proper prefix of a stop string; each extends the one before,
+    so the deltas a stream sends add up to the final answer."""
+    for shown in snapshots[:-1]:
+        assert not any(shown.endswith(s[:k]) for s in stops for k in range(1, len(s))), (shown, stops)
+    assert snapshots[-1] == final
+    deltas = [b[len(a):] for a, b in zip(["", *snapshots], snapshots)]
+    assert all(b.startswith(a) for a, b in zip(["", *snapshots], snapshots)), snapshots
+    assert "".join(deltas) == final
+
+
+def test_engine_streams_hold_back_a_stop_string_until_it_resolves(served):
+    from sparkles.conversation.render import Message
+    from sparkles.conversation.template import replace_glyphs
+    from sparkles.engine.scheduler import Scheduler
+
+    chat, question = served["chat"], "Compare IMAGE#1✨ with IMAGE#2✨."
+    texts = _step_texts(chat, question, [RED, BLUE], 24)
+    stop, step, at = _stop_across_tokens(texts)
+    never = stop[0] + "\u2603"  # starts as the answer goes on at that token, but is never completed
+    scheduler = Scheduler(chat, max_batch=2)
+    try:
+        for stops, expected in (((stop,), texts[-1][:at].strip()), ((never,), texts[-1])):
+            session = chat.session()
+            for data in (RED, BLUE):
+                session.add_image(Image.open(io.BytesIO(data)))
+            session.ask(question)
+            snapshots = list(session.stream(max_new_tokens=24, do_sample=False, stop_strings=stops))
+            assert session.messages[-1].content == expected
+            _assert_stream_is_safe(snapshots, expected, stops)
+            # the token that wrote the stop string's first character was shown without it
+            assert texts[step].endswith(stop[0]) and snapshots[step] == texts[step][:-1].rstrip()
+            if stops == (never,):
+                assert snapshots[step + 1] == texts[step + 1], "released by the next token"
+            handle = scheduler.submit([Message("user", replace_glyphs(question))],
+                                      [Image.open(io.BytesIO(data)) for data in (RED, BLUE)],
+                                      max_new_tokens=24, do_sample=False, stop_strings=stops)
+            from_scheduler = list(handle.stream())
+            _assert_stream_is_safe(from_scheduler, expected, stops)
+            assert from_scheduler[:step + 1] == snapshots[:step + 1]
+    finally:
+        scheduler.close()
+
+
+def test_the_sse_stream_never_shows_a_piece_of_a_stop_string(served):
+    texts = _step_texts(served["chat"], "Compare IMAGE#1✨ with IMAGE#2✨.", [RED, BLUE], 24)
+    stop, _, at = _stop_across_tokens(texts)
+    request = {"model": MODEL, "messages": [{"role": "user", "content": _two_image_content()}], "temperature": 0,
+               "max_tokens": 24, "stop": [stop]}
+    plain = served["client"].chat.completions.create(**request).choices[0].message.content
+    assert plain == texts[-1][:at].strip()
+    raw = httpx.post(served["base"] + "/chat/completions", timeout=120, json={**request, "stream": True})
+    chunks = [json.loads(e[len("data: "):]) for e in raw.text.split("\n\n") if e and e != "data: [DONE]"]
+    deltas = [c["choices"][0]["delta"].get("content") for c in chunks if c["choices"]]
+    deltas = [d for d in deltas if d]
+    assert len(deltas) > 1
+    shown = ["".join(deltas[:i + 1]) for i in range(len(deltas))]  # what a client has shown after each event
+    _assert_stream_is_safe(shown, plain, [stop, "###"])
+
+
+def test_delta_tracker_sends_only_what_extends_the_answer():
+    tracker = DeltaTracker()
+    sent = [tracker.update(t) for t in ["Hi", "Hi the", "Hi there", "Hi there", "Hi there!"]]
+    assert sent == ["Hi", " the", "re", "", "!"]
+    assert tracker.update("Assistant restarts") == "" and tracker.sent == "Hi there!"
 
 
 def test_cli_refuses_a_gpu_without_cuda(capsys):

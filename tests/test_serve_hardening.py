@@ -29,6 +29,7 @@ from sparkles.engine.decoding import GenerationConfig  # noqa: E402
 from sparkles.serve.api import create_app, is_loopback, loopback_hosts  # noqa: E402
 from sparkles.serve.loading import make_chat  # noqa: E402
 from sparkles.serve.openai_format import ApiError, parse_json_body  # noqa: E402
+from sparkles.testing.serving import free_port  # noqa: E402
 from sparkles.testing.tiny import build_tiny_model  # noqa: E402
 
 MODEL = "sparkles-tiny"
@@ -37,12 +38,6 @@ MAX_BODY = 256 * 1024
 MAX_TEXT = 2000
 LONG = 1500  # tokens: a generation that runs for seconds unless it is cancelled
 HI = [{"role": "user", "content": "hi"}]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_until(condition, what: str, timeout: float = 60.0) -> None:
@@ -59,7 +54,7 @@ def served(tmp_path_factory):
     allowed.mkdir()
     generation = GenerationConfig(max_new_tokens=8, stop_strings=(), stop_on_eos=False)
     chat = make_chat(build_tiny_model(work / "model", init_std=0.3, llm_max_positions=2048), generation=generation)
-    port = _free_port()
+    port = free_port()
     app = create_app(chat, model_name=MODEL, allowed_image_dirs=[allowed], api_key=KEY,
                      allowed_hosts=loopback_hosts(port), max_body_bytes=MAX_BODY, max_text_chars=MAX_TEXT,
                      max_queue=1)

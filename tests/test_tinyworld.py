@@ -339,7 +339,7 @@ def _all_dialogues(root: Path):
     for subset in ("CC", "VG"):
         for rec in _dialogues(root, subset):
             yield rec["dialogue"]
-    for x in _eval(root, "SparklesEval"):
+    for x in _eval(root, "SparklesEval") + _load(root / "evaluation/DemoChat/annotations/demo_chats.json"):
         yield x["dialogue"]
 
 
@@ -365,8 +365,11 @@ def test_image_mentions_follow_the_upstream_convention(world):
                 assert name in defined, (text, defined)
         earlier = set(NAME_RE.findall(q1["content"]))
         assert set(NAME_RE.findall(q2["content"])) & earlier  # turn 2 refers back to a first-turn image
-        for name, image_id in defined.items():
-            assert name == str(image_id) or (name in ("1", "2") and "IMAGE#1" + SLOT in q1["content"])
+        # Named by id (the evaluation prompts' IMAGE#1/IMAGE#2 aside), or all by order of appearance as in the demo.
+        by_order = [str(k) for k in range(1, len(defined) + 1)]
+        assert (list(defined) == by_order
+                or all(name == str(image_id) or (name in ("1", "2") and "IMAGE#1" + SLOT in q1["content"])
+                       for name, image_id in defined.items())), defined
 
 
 def test_answers_are_short(world):
@@ -441,7 +444,7 @@ def test_train_and_evaluation_scenes_are_disjoint(world):
     signature = lambda rec: tuple(sorted((o["shape"], o["colour"], o["size"], o["row"], o["col"])  # noqa: E731
                                          for o in rec["objects"]))
     train = {k for k, r in scenes.items() if r["dataset"] in ("CC", "VG")}
-    evaluation = {k for k, r in scenes.items() if r["dataset"] in ("SparklesEval", "BISON", "NLVR2")}
+    evaluation = {k for k, r in scenes.items() if r["dataset"] in ("SparklesEval", "BISON", "NLVR2", "DemoChat")}
     assert train and evaluation and not train & evaluation and len(train | evaluation) == len(scenes)
     assert not {signature(scenes[k]) for k in train} & {signature(scenes[k]) for k in evaluation}
 

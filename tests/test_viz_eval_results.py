@@ -253,3 +253,43 @@ def test_bad_files_are_named_and_the_others_still_render(tmp_path, capsys):
 
     assert cli.main(["--visualize_eval_results", str(folder / "missing.json"), str(files["NLVR2"])]) == 2
     assert "missing.json: no such file or directory" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ who wrote what
+def _assistant_lines(page: Page) -> set[str]:
+    return {line.strip() for line in page.all_text.splitlines() if line.strip().startswith("ASSISTANT MODEL:")}
+
+
+def test_pages_of_a_generated_world_name_its_templates_not_gpt4(tmp_path, capsys):
+    """The synthetic world writes its dialogues in upstream's formats (upstream's GPT-4 data); its pages must say
+    that the world's templates wrote them, and pages of the same file outside a world keep upstream's author."""
+    import shutil
+
+    import sparkles.tinyworld as world
+    from sparkles.eval.cli import run as eval_run
+
+    root = tmp_path / "world"
+    world.write_world(world.build_world(world.WorldConfig(seed=5, num_train=10, num_bison=2, num_nlvr2=2,
+                                                          num_sparkleseval=2)), root)
+    templates = "ASSISTANT MODEL: the synthetic world's templates, no language model (reference dialogues)"
+    assert cli.main(["--sparkles_root", str(root), "--visualize_SparklesDialogue"]) == 0
+    for subset in ("CC", "VG"):
+        page = Page(root / f"data/SparklesDialogue{subset}/annotations/SparklesDialogue{subset}.html")
+        assert _assistant_lines(page) == {templates} and "gpt-4" not in page.raw
+    elsewhere = tmp_path / "copy" / "SparklesDialogueVG.json"
+    elsewhere.parent.mkdir()
+    shutil.copyfile(root / "data/SparklesDialogueVG/annotations/SparklesDialogueVG.json", elsewhere)
+    assert cli.main(["--input", str(elsewhere)]) == 0
+    assert _assistant_lines(Page(elsewhere.with_suffix(".html"))) == {"ASSISTANT MODEL: gpt-4 (reference dialogues)"}
+
+    # Judging the reference dialogues themselves: upstream names that run "gpt-4"; the merge's page and the
+    # visualiser's page (from the result file and its metrics) name the world's templates as the assistant.
+    report = eval_run(["--sparkles_root", str(root), "--dataset", "SparklesEval", "--inference", "--merge-results",
+                       "--imports", "sparkles.tinyworld", "--judge_models", "reference", "--no-progress"])
+    assert report.result_path.name == "SparklesEval_gpt-4.json"
+    merged_page = report.result_path.with_suffix(".html")
+    assert _assistant_lines(Page(merged_page)) == {templates}
+    merged_page.unlink()
+    assert cli.main(["--visualize_eval_results", str(report.result_path)]) == 0
+    page = Page(merged_page)
+    assert _assistant_lines(page) == {templates} and "JUDGE MODEL: reference" in page.all_text

@@ -253,6 +253,22 @@ def test_choice_results_page():
     assert len(page.ids) == len(set(page.ids))
 
 
+def test_labels_and_predictions_are_written_alike():
+    """Result files hold the label as the annotations spell it and the prediction as the answer reader returns it
+    (BISON ``IMAGE#2`` / ``image#2``, NLVR2 ``True`` / ``true``); the page writes both one way."""
+    nlvr2 = [{"label": "True", "predict": "true", "evaluation_id": 1, "prompt": "p", "response": "r",
+              "sentence": "s", "img_paths": []},
+             {"label": "False", "predict": "TRUE", "evaluation_id": 2, "prompt": "p", "response": "r",
+              "sentence": "s", "img_paths": []}]
+    for items, shown in ((hostile_results(), [("IMAGE#2", "IMAGE#2"), ("IMAGE#1", "IMAGE#2"), ("True", "(none)")]),
+                         (nlvr2, [("True", "True"), ("False", "True")])):
+        html = viz.render_choice_results_page(items)
+        fields = re.findall(r"<dt>label</dt><dd>(.*?)</dd>\s*<dt>predict</dt><dd>(.*?)</dd>", html)
+        assert fields == shown
+    assert [viz.choice_text(v) for v in ("image #1", " IMAGE#12 ", "false", "maybe")] == \
+        ["IMAGE#1", "IMAGE#12", "False", "maybe"]
+
+
 # --------------------------------------------------------------------------------------------------------
 # Writers and CLI
 # --------------------------------------------------------------------------------------------------------
@@ -451,6 +467,43 @@ def test_browser_runs_script_and_no_injected_code(tmp_path):
     assert proc.returncode == 0 and shot.exists(), proc.stderr[-2000:]
     # The relative image URLs resolved: the red and blue test images are on screen.
     assert _colour_pixels(shot, RED) > 2000 and _colour_pixels(shot, BLUE) > 2000
+
+
+def with_probe(page: Path, probe: str) -> Path:
+    """A copy of ``page`` that also runs ``probe`` (its hash added to the page's CSP) after the page's script."""
+    digest = base64.b64encode(hashlib.sha256(probe.encode()).digest()).decode()
+    text = page.read_text(encoding="utf-8").replace("script-src '", f"script-src 'sha256-{digest}' '", 1)
+    probed = page.with_name(f"probed-{page.name}")
+    probed.write_text(text.replace("</body>", f"<script>{probe}</script></body>"), encoding="utf-8")
+    return probed
+
+
+def test_a_clicked_image_opens_at_least_at_its_natural_size(tmp_path):
+    """A 96-px image of the CPU world opens enlarged by a whole factor with square pixels; a photo larger than the
+    window opens at its natural size (the viewer scrolls) instead of being shrunk."""
+    make_image(tmp_path / "images/small.jpg", RED, size=(96, 96))
+    make_image(tmp_path / "images/big.jpg", BLUE, size=(1600, 1200))
+    items = [{"label": "IMAGE#1", "predict": "image#1", "evaluation_id": 0, "prompt": "p", "response": "r",
+              "sentence": "s", "img_paths": ["/elsewhere/small.jpg", "/elsewhere/big.jpg"]}]
+    [page] = viz.write_choice_results_page(items, tmp_path / "results/page.html")
+    # Click each image in turn; when the viewer's image has loaded, write its size on <body>.
+    probe = ("var b=document.body,mi=document.getElementById('modal-img'),imgs=document.querySelectorAll("
+             "'img.pair-img'),k=0;mi.addEventListener('load',function(){"  # layout size: the zoom-in animation scales
+             "b.setAttribute('data-t-'+k,mi.offsetWidth+'x'+mi.offsetHeight+'|'+mi.naturalWidth+'x'+"
+             "mi.naturalHeight+'|'+getComputedStyle(mi).imageRendering+'|'+innerWidth+'x'+innerHeight);k++;"
+             "if(k<imgs.length){"
+             "document.dispatchEvent(new KeyboardEvent('keydown',{key:'Escape'}));imgs[k].click();}});imgs[0].click();")
+    proc = run_chromium(tmp_path, "--dump-dom", "--window-size=1200,900", "--virtual-time-budget=10000",
+                        with_probe(page, probe).as_uri())
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    shown = dict(re.findall(r'data-t-(\d)="([^"]*)"', proc.stdout))
+    size, natural, rendering, window = shown["0"].split("|")
+    (width, height), (room_w, room_h) = (map(int, size.split("x")), map(int, window.split("x")))
+    scale = width // 96
+    # enlarged by the largest whole factor that fits the viewer's 92% x 86% of the window
+    assert natural == "96x96" and rendering == "pixelated" and width == height == 96 * scale and scale >= 3
+    assert 96 * scale <= min(0.92 * room_w, 0.86 * room_h) < 96 * (scale + 1)
+    assert shown["1"].startswith("1600x1200|1600x1200|pixelated|")  # larger than the window: natural size
 
 
 def test_browser_screenshots_of_sample_pages(tmp_path):

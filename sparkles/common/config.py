@@ -25,11 +25,12 @@ from typing import Any, Dict, List, Optional, Sequence
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .paths import ENV_VAR, MissingPathError, project_path
 from .registry import DATASETS, MODELS
 
 log = logging.getLogger(__name__)
 
-ROOT_SECTIONS = ("model", "datasets", "run")
+ROOT_SECTIONS = ("model", "datasets", "run", "demo")  # demo: optional, only a config that has one carries it
 
 
 class ConfigError(ValueError):
@@ -51,9 +52,11 @@ class RunConfig:
     # Python modules imported before the rest of the config is built, so that the datasets, tasks, judges and
     # model presets they register can be named here.
     imports: List[str] = field(default_factory=list)
-    # Default Sparkles root for this config (relative to the working directory); --sparkles_root and
-    # $SPARKLES_ROOT take precedence. Lets the tiny configs work without any flag.
+    # Default Sparkles root for this config (relative to the working directory, else to the repository);
+    # --sparkles_root and $SPARKLES_ROOT take precedence. Lets the tiny configs work without any flag.
     sparkles_root: Optional[str] = None
+    # The command that writes the weights this config names, given when they are missing (e.g. "bash run.sh").
+    made_by: Optional[str] = None
     # How the demo and the API place images: "sparkles" (the user marks each with ✨/⭐) or "minigpt4" (the
     # original single-image chat: the one image goes before the first question). Evaluation prompts carry slots.
     chat_mode: str = "sparkles"
@@ -110,6 +113,15 @@ class RunConfig:
     mixture_per_rank: bool = True
     # --- evaluation / demo: the inference image transform (no dataset builder needed to evaluate)
     eval_vis_processor: EvalProcessorConfig = field(default_factory=EvalProcessorConfig)
+
+
+@dataclass
+class DemoConfig:
+    """The optional ``demo`` section: what the chat demo offers for this model (docs/serving.md)."""
+
+    examples: List[str] = field(default_factory=list)  # example prompts; empty = the demo's own
+    note: Optional[str] = None  # what the model does well and what not; None = the demo's own
+    temperature: Optional[float] = None  # where the temperature slider starts (0 = greedy); None = the demo's own
 
 
 # Keys that configs written for the original implementation carry but Sparkles does not read, in one place:
@@ -275,6 +287,7 @@ def parse_options(options: Sequence[str] | None) -> DictConfig:
 
 def load_config(cfg_path: str | os.PathLike, options: Sequence[str] | None = None) -> DictConfig:
     """Load and validate a run config (``model``, ``datasets``, ``run``) with ``--options`` applied."""
+    cfg_path = project_path(cfg_path)  # a config of the project is found from any folder
     source = str(cfg_path)
     raw = _load_yaml(cfg_path)
     unknown = [k for k in raw.keys() if k not in ROOT_SECTIONS]
@@ -298,6 +311,8 @@ def load_config(cfg_path: str | os.PathLike, options: Sequence[str] | None = Non
     for name, section in (raw.get("datasets") or {}).items():
         datasets[name] = build_dataset_config(name, section, source=source)
     cfg = OmegaConf.create({"model": model, "datasets": datasets, "run": run})
+    if "demo" in raw or "demo" in overrides:
+        cfg.demo = _merge(_structured(DemoConfig), raw.get("demo") or {}, source=source, section="demo")
     for key in overrides.keys():
         if key not in ROOT_SECTIONS:
             raise ConfigError(f"--options: unknown section {key!r}; expected one of {list(ROOT_SECTIONS)}")
@@ -314,11 +329,11 @@ def load_config(cfg_path: str | os.PathLike, options: Sequence[str] | None = Non
 
 def resolve_config_root(cfg: DictConfig, cli_root: str | os.PathLike | None = None) -> Path:
     """The Sparkles root for a loaded config: the CLI value, else ``$SPARKLES_ROOT``, else ``run.sparkles_root``."""
-    from .paths import ENV_VAR, MissingPathError
-
-    for value in (cli_root, os.environ.get(ENV_VAR), cfg.run.get("sparkles_root")):
+    for value in (cli_root, os.environ.get(ENV_VAR)):
         if value:
             return Path(value).expanduser()
+    if cfg.run.get("sparkles_root"):
+        return project_path(cfg.run.sparkles_root)  # the config's own folder, e.g. run.sh's outputs/tiny
     raise MissingPathError(f"no Sparkles root: pass --sparkles_root DIR, set {ENV_VAR}, or set run.sparkles_root")
 
 

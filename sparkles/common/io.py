@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import stat
 from pathlib import Path
 from typing import IO, Any, Callable, Optional, Union
 
@@ -21,14 +22,22 @@ Content = Union[bytes, str, Callable[[IO[bytes]], Any]]
 def atomic_write(path: str | os.PathLike, content: Content) -> Path:
     """Write ``content`` (bytes, text as UTF-8, or a function that writes into the open binary file) to ``path``.
 
-    The data goes into a new file beside ``path`` (created with ordinary permissions, as ``open`` would), is
-    flushed to disk, and is then renamed over ``path`` in one step.
+    The data goes into a new file beside ``path``, is flushed to disk, and is then renamed over ``path`` in one
+    step. The file gets the permissions a plain ``open`` gives (0666 less the umask; the kernel applies the umask,
+    so no thread reads or changes it), or, when ``path`` exists, that file's permissions (a rewritten script stays
+    executable, a private file stays private).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        kept_mode: Optional[int] = stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        kept_mode = None
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
         with open(tmp, "xb") as f:
+            if kept_mode is not None:
+                os.chmod(tmp, kept_mode)
             if callable(content):
                 content(f)
             else:

@@ -1,8 +1,9 @@
-"""Logging setup for multi-process jobs and small running-average meters for training logs.
+"""Logging setup for multi-process jobs, the progress bar of long steps, and running-average meters for training.
 
 Rank 0 logs at INFO to stderr (and optionally to a file); other ranks only log warnings, so a job launched
-with ``torchrun`` prints one readable stream. Meters keep a window for the log line and a global average
-for the per-epoch summary.
+with ``torchrun`` prints one readable stream. :func:`progress_bar` is the one bar every long step shows
+(evaluation, dialogue generation, statistics, shard writing). Meters keep a window for the log line and a
+global average for the per-epoch summary.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import logging
 import sys
 from collections import deque
 from pathlib import Path
-from typing import Optional
+from typing import Any, Iterable, Optional
 
 FORMAT = "%(asctime)s [%(levelname)s] %(name)s: %(message)s"
 
@@ -45,6 +46,21 @@ def setup_logging(rank: int = 0, log_file: Optional[str | Path] = None, *, level
         fh = logging.FileHandler(log_file, encoding="utf-8")
         fh.setFormatter(fmt)
         root.addHandler(fh)
+
+
+def progress_bar(iterable: Optional[Iterable] = None, *, total: Optional[int] = None, desc: Optional[str] = None,
+                 unit: str = "it", enabled: bool = True, **kwargs: Any):
+    """A tqdm bar on stderr for a long step (``kwargs`` go to tqdm, e.g. ``initial`` or ``leave``).
+
+    ``enabled=False`` (a ``--no-progress`` flag) shows nothing. Otherwise the bar shows whenever stderr is a
+    terminal and switches itself off when it is not (log files, batch jobs), as the training loop's bar does:
+    redrawn lines would only fill a log. The bar is always a working tqdm object (``update``/``close``).
+    """
+    from tqdm.auto import tqdm
+
+    kwargs.setdefault("dynamic_ncols", True)
+    return tqdm(iterable, total=total, desc=desc, unit=unit, file=sys.stderr, disable=None if enabled else True,
+                **kwargs)
 
 
 class Meter:

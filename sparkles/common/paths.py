@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 ENV_VAR = "SPARKLES_ROOT"
 EVAL_DATASETS = ("SparklesEval", "BISON", "NLVR2")
@@ -18,6 +18,23 @@ DIALOGUE_SUBSETS = ("CC", "VG")
 
 class MissingPathError(FileNotFoundError):
     """A required file or directory is absent; the message says which and how to provide it."""
+
+
+def repository_root() -> Optional[Path]:
+    """The checkout this package runs from (a source or editable install), or None for an installed wheel."""
+    root = Path(__file__).resolve().parents[2]
+    return root if (root / "pyproject.toml").is_file() and (root / "run.sh").is_file() else None
+
+
+def project_path(path: str | os.PathLike) -> Path:
+    """A relative path the project's own files name (a config file, a config's ``run.sparkles_root``): from the
+    current folder when it exists there, else from the repository, where ``run.sh`` writes; so
+    ``python ../Sparkles/demo.py`` finds the tiny model from any folder. Absolute paths are kept."""
+    p = Path(path).expanduser()
+    if p.is_absolute() or p.exists():
+        return p
+    repo = repository_root()
+    return repo / p if repo is not None else p
 
 
 def resolve_root(root: str | os.PathLike | None = None) -> Path:

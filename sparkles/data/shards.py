@@ -25,6 +25,7 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 
 from ..common.io import atomic_write_json, read_json
+from ..common.logging import progress_bar
 from .base import BadRecord, DataError, Record, RecordSet, SampleEncoder, collate_samples, image_path, stable_seed
 
 log = logging.getLogger(__name__)
@@ -35,8 +36,11 @@ FORMAT = "sparkles-wds-1"
 
 # --------------------------------------------------------------------------------------------- writing
 def write_shards(records: RecordSet, out_dir: Path, *, shard_size: int = 1000, image_key_prefix: str = "",
-                 skip_bad: bool = False) -> dict:
-    """Write one dataset's records (with image bytes) to ``out_dir``; returns the manifest."""
+                 skip_bad: bool = False, progress: bool = True) -> dict:
+    """Write one dataset's records (with image bytes) to ``out_dir``; returns the manifest.
+
+    ``progress``: a bar over the records on stderr (:func:`sparkles.common.logging.progress_bar`).
+    """
     import webdataset as wds
 
     from ..processors.image import ImageLoadError, check_image
@@ -50,8 +54,9 @@ def write_shards(records: RecordSet, out_dir: Path, *, shard_size: int = 1000, i
     counts: dict[str, int] = {}
     skipped = list(records.skipped)
     pattern = str(out_dir / f"{records.name}-%06d.tar")
-    with wds.ShardWriter(pattern, maxcount=shard_size, verbose=0) as writer:
-        for rec in records.records:
+    bar = progress_bar(records.records, desc=f"shards {records.name}", unit="sample", enabled=progress)
+    with wds.ShardWriter(pattern, maxcount=shard_size, verbose=0) as writer, bar:
+        for rec in bar:
             where = f"{records.anno_file}: record {rec.index}"
             try:
                 sample: dict[str, Any] = {"__key__": f"{rec.index:09d}",

@@ -32,6 +32,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--skip-bad-records", action="store_true",
                         help="count and leave out bad records instead of stopping (also run.skip_bad_records)")
     parser.add_argument("--options", nargs="+", default=[], help="config overrides key=value")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars (they show only on a terminal)")
     args = parser.parse_args(argv)
 
     setup_logging(0)
@@ -48,7 +49,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         dcfg = cfg.datasets[name]
         records = builders.load_records(name, dcfg, root=root, skip_bad=skip_bad)
         manifest = write_shards(records, out / name, shard_size=args.shard_size, skip_bad=skip_bad,
-                                image_key_prefix=builders.image_key_prefix(dcfg))
+                                image_key_prefix=builders.image_key_prefix(dcfg), progress=not args.no_progress)
         n_skip = len(manifest["skipped"])
         line = f"{name}: {manifest['num_samples']} samples in {len(manifest['shards'])} shard(s)"
         print(line + (f", {n_skip} bad record(s) skipped" if n_skip else ""))

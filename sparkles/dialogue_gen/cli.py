@@ -6,6 +6,8 @@ Steps: ``all`` (default: call GPT for the missing cases, then parse, validate an
 calls are neither repeated nor paid for again. The planned cost is printed before the first call; ``--max_usd``
 stops sending calls before the spend would pass it. Existing files that generation did not write (the released
 annotations) are not overwritten without ``--force``; two runs on one output directory cannot run at once.
+``--batch-api`` sends the calls as OpenAI Batch API jobs (half price, answered within 24 hours); a run killed
+while it waits re-attaches to its batch when the same command is run again.
 """
 
 from __future__ import annotations
@@ -48,6 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_usd", type=float, default=None,
                    help="spending cap in USD for this run's paid calls: a call is sent only if the spend so far, "
                         "the calls in flight and its own estimated cost (answer at --max_tokens) stay within it")
+    p.add_argument("--batch-api", "--batch_api", dest="batch_api", action="store_true",
+                   help="send the calls through the OpenAI Batch API: half price, answers within 24 hours, same "
+                        "cache and outputs; a killed run started again re-attaches to its batch")
+    p.add_argument("--batch_poll_interval", "--batch-poll-interval", dest="batch_poll_interval", type=float,
+                   default=d.batch_poll_interval, help="seconds between two looks at a submitted batch")
     p.add_argument("--force", action="store_true",
                    help="overwrite existing output files that generation did not write (e.g. released annotations)")
     p.add_argument("--azure_deployment", default=None, help="Azure deployment name (Azure mode: OPENAI_API_BASE set)")
@@ -78,7 +85,11 @@ def main(argv: list[str] | None = None) -> int:
         vg_candidates=args.vg_candidates, vg_first_turn_images=tuple(args.vg_first_turn_images),
         vg_reserved_max_id=args.vg_reserved_max_id, min_answer_words=args.min_answer_words, demo_dir=args.demo_dir,
         cc_dialogue_path=args.cc_dialogue_path, include_demos=args.include_demos,
-        strict_first_turn=args.strict_first_turn, progress=not args.no_progress, step=args.step, force=args.force)
+        strict_first_turn=args.strict_first_turn, progress=not args.no_progress, step=args.step, force=args.force,
+        batch_api=args.batch_api, batch_poll_interval=args.batch_poll_interval)
+    if args.batch_poll_interval < 0:
+        print(f"error: --batch_poll_interval must be >= 0, got {args.batch_poll_interval}", file=sys.stderr)
+        return 2
     if args.max_usd is not None and not args.max_usd > 0:
         print(f"error: --max_usd must be a positive amount, got {args.max_usd}", file=sys.stderr)
         return 2
@@ -121,7 +132,8 @@ def _generate(args: argparse.Namespace, opts: GenerationOptions) -> int:
     try:
         summary = run_job(opts, client, prices=prices)
     except KeyboardInterrupt:
-        print("\ninterrupted: finished calls are saved; run the same command again to resume", file=sys.stderr)
+        batch = " (the submitted batch runs on; the same command re-attaches to it)" if opts.batch_api else ""
+        print(f"\ninterrupted: finished calls are saved{batch}; run the same command again to resume", file=sys.stderr)
         return 130
     finally:
         if client is not None:

@@ -16,6 +16,8 @@ Before the first call the run prints the planned cost (calls x estimated cost,
 :func:`sparkles.gpt.estimate_cost`); with a spending cap on the client (``--max_usd``) the calls stop before the
 spend would pass it. Existing output files that this pipeline did not write (e.g. the released annotations) are
 never overwritten unless ``force`` is set (:func:`.export.claim_outputs`), and that is checked before any call.
+With ``batch_api`` the calls go through the OpenAI Batch API (:mod:`sparkles.gpt.batch`: half price, same cache,
+same replies in the same order); a run killed while its batch is in flight re-attaches to it when started again.
 
 Output files in the output directory, for ``<Name>`` = ``SparklesDialogueCC`` / ``SparklesDialogueVG``:
 ``<Name>_raw.jsonl`` (CC) or ``<Name>_raw_<m>img.jsonl`` (VG) raw logs and their ``.json`` twins (the original's format),
@@ -30,6 +32,7 @@ import copy
 import os
 import random
 import socket
+import sys
 import time
 from collections import Counter
 from contextlib import contextmanager
@@ -43,6 +46,7 @@ from sparkles.gpt.client import ChatRequest, GPTClient
 from sparkles.gpt.cost import PriceTable, UsageLedger, estimate_cost
 from sparkles.gpt.errors import GPTCallError
 from sparkles.common.io import append_jsonl, read_jsonl, atomic_write_json
+from sparkles.common.logging import progress_bar
 
 from . import sources
 from .demos import GroupFn, for_display, select_vg_demos
@@ -113,6 +117,8 @@ class GenerationOptions:
     progress: bool = True
     step: str = "all"  # all | generate | export
     force: bool = False  # overwrite existing output files this pipeline did not write (e.g. released annotations)
+    batch_api: bool = False  # send the calls as OpenAI Batch API jobs (half price, answers within 24 h)
+    batch_poll_interval: float = 30.0  # seconds between two looks at a submitted batch
 
     @property
     def name(self) -> str:
@@ -247,20 +253,21 @@ class RunReport:
     planned_cost_usd: float | None = None  # estimate for the calls to make (None: a model without a price)
 
 
-def planned_cost(requests: list[ChatRequest], client: GPTClient) -> tuple[float | None, str]:
-    """The estimated cost of ``requests`` (None if one cannot be priced) and a line saying so."""
+def planned_cost(requests: list[ChatRequest], client: GPTClient, *, batch: bool = False) -> tuple[float | None, str]:
+    """The estimated cost of ``requests`` (None if one cannot be priced; at batch prices with ``batch``) and a
+    line saying so."""
     if not requests:
         return 0.0, "planned: no new GPT calls"
     bodies = [client.build_request(r.prompt, model=r.model, temperature=r.temperature, max_tokens=r.max_tokens,
                                    top_p=r.top_p, **r.params) for r in requests]
-    costs = [estimate_cost(client.ledger.prices, b) for b in bodies]
+    costs = [estimate_cost(client.ledger.prices, b, batch=batch) for b in bodies]
     models = ", ".join(sorted({b["model"] for b in bodies}))
     if any(c is None for c in costs):
         return None, (f"planned: {len(requests)} GPT call(s) to {models}; cost unknown (no price for the model, or "
                       "no max_tokens; add a price with --price_table)")
     total = sum(costs)
     line = (f"planned: {len(requests)} GPT call(s) to {models} x ~${total / len(requests):.4f} each (estimated; the "
-            f"answers counted at their max_tokens) = ~${total:.4f}")
+            f"answers counted at their max_tokens{'; Batch API prices' if batch else ''}) = ~${total:.4f}")
     if client.cap is not None:
         line += f"; spending cap ${client.cap.max_usd:.2f}"
     return total, line
@@ -286,17 +293,15 @@ def run_calls(cases: list[Case], client: GPTClient, out_dir: Path, opts: Generat
     report = RunReport(planned=len(cases), already_done=len(cases) - len(todo))
     requests = [ChatRequest(prompt=c.prompt, model=opts.model, temperature=opts.temperature,
                             max_tokens=opts.max_tokens, top_p=opts.top_p, cache_tag=c.case_id) for c in todo]
-    report.planned_cost_usd, line = planned_cost(requests, client)
+    report.planned_cost_usd, line = planned_cost(requests, client, batch=opts.batch_api)
     print(line, flush=True)
     if client.cap is not None and report.planned_cost_usd is None:
         raise ValueError("a spending cap (--max_usd) needs a price for the model (--price_table) and a max_tokens "
                          "limit, to estimate each call before it is sent")
     if not todo:
         return report
-    bar = None
-    if opts.progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=len(cases), initial=report.already_done, desc=f"GPT calls ({opts.subset})", unit="call")
+    bar = progress_bar(total=len(cases), initial=report.already_done, desc=f"GPT calls ({opts.subset})", unit="call",
+                       enabled=opts.progress)
 
     def on_result(i: int, result) -> None:
         case = todo[i]
@@ -310,16 +315,21 @@ def run_calls(cases: list[Case], client: GPTClient, out_dir: Path, opts: Generat
                 "candidates": case.candidates, "first_turn_images": case.first_turn_images,
                 "model": result.model, "response_model": result.response_model,
                 "finish_reason": result.finish_reason, "usage": result.usage.to_dict(),
-                "cached": result.cached, "time": time.time()})
+                "cached": result.cached, **({"batch_api": True} if result.batch else {}), "time": time.time()})
             report.new_calls += 1
-        if bar is not None:
-            bar.update(1)
+        bar.update(1)
 
     try:
-        client.map_chat(requests, concurrency=opts.concurrency, on_result=on_result)
+        if opts.batch_api:
+            from sparkles.gpt.batch import BatchRunner
+
+            BatchRunner(client, poll_interval=opts.batch_poll_interval,
+                        notify=lambda line: print(line, file=sys.stderr, flush=True)).map_chat(requests,
+                                                                                                on_result=on_result)
+        else:
+            client.map_chat(requests, concurrency=opts.concurrency, on_result=on_result)
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     return report
 
 
@@ -375,7 +385,7 @@ def raw_cost(raw_records: list[dict], prices: PriceTable) -> dict[str, Any]:
     for rec in raw_records:
         u = rec.get("usage") or {}
         ledger.record(rec.get("model", "unknown"), int(u.get("prompt_tokens", 0)), int(u.get("completion_tokens", 0)),
-                      cached=False)
+                      cached=False, batch=bool(rec.get("batch_api")))
     return ledger.summary()
 
 

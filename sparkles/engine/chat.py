@@ -25,7 +25,7 @@ import torch
 from ..conversation.render import Message, Rendered, Renderer, SampleTooLong
 from ..conversation.template import (ASSISTANT, END_SYM, IMAGE_MARKER, INFER_LAYOUT, USER, Layout, count_slots,
                                      replace_glyphs)
-from .decoding import GenerationConfig, beam_search, clean_answer, decode_tokens
+from .decoding import GenerationConfig, beam_search, clean_answer, decode_tokens, partial_answer
 from .kv_cache import new_kv_cache
 
 log = logging.getLogger(__name__)
@@ -243,7 +243,9 @@ class ChatSession:
         return text
 
     def stream(self, **options) -> Iterator[str]:
-        """Yield the answer text so far after every new token; the final text is stored."""
+        """Yield the answer text so far after every new token, then the final text if it differs; the final text
+        is stored. Each text is a prefix of the next and never ends in a piece of a stop string
+        (:func:`~.decoding.partial_answer`)."""
         yield from self._run(options)
 
     def _run(self, options: dict) -> Iterator[str]:
@@ -297,19 +299,22 @@ class ChatSession:
         mask = torch.ones(1, embeds.shape[1], dtype=torch.long, device=embeds.device)
         fed: list[list[int]] = [[]]
         generated: list[int] = []
-        text = ""
+        shown = ""
         self._state = _CacheState(cache, list(keys))
         try:
             for tok_id in decode_tokens(model.llama_model, inputs_embeds=embeds, attention_mask=mask, gen=gen,
                                         tokenizer=tok, past_key_values=cache, fed_tokens=fed):
                 generated.append(int(tok_id[0]))
-                text = clean_answer(tok, generated, gen.stop_strings)
-                yield text
+                shown = partial_answer(tok, generated, gen.stop_strings)
+                yield shown
         except Exception:
             self._state = None  # a forward that failed half-way may have grown some layers' cache and not others
             raise
         self._state.keys = list(keys) + fed[0]
+        text = clean_answer(tok, generated, gen.stop_strings)
         self.messages.append(Message(ASSISTANT, text))
+        if text != shown:  # a tail held back in case it became a stop string, released at the end
+            yield text
 
     @torch.no_grad()
     def _embed(self, rendered, images, start: int) -> torch.Tensor:

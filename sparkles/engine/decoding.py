@@ -1,12 +1,13 @@
 """Token-by-token decoding over ``inputs_embeds`` with a reusable KV cache.
 
-Greedy or sampled decoding (temperature, top-p, repetition penalty, minimum length), stop strings checked on
-decoded text (so they come from the tokenizer, not from hard-coded ids), per-row stopping for left-padded
-batches, and a generator interface that yields each new token for streaming. A cache passed in is extended
-in place, which is what lets a chat reuse it across turns; a new one appends without copying what it holds
-(:mod:`.kv_cache`). Prefill and every decode step project only the last position onto the
-vocabulary (:func:`lm_head_logits`, column-wise for a few rows on the CPU). Beam search goes through
-``transformers``' ``generate`` (no streaming, no cache reuse, its own LM head call).
+Greedy or sampled decoding (temperature, top-k, top-p, repetition penalty, minimum length), stop strings checked
+on decoded text (so they come from the tokenizer, not from hard-coded ids), per-row stopping for left-padded
+batches, and a generator interface that yields each new token for streaming. :func:`partial_answer` is what
+every stream shows while an answer grows: never a piece of a stop string that the final answer
+(:func:`clean_answer`) removes. A cache passed in is extended in place, which is what lets a chat reuse it across
+turns; a new one appends without copying what it holds (:mod:`.kv_cache`). Prefill and every decode step
+project only the last position onto the vocabulary (:func:`lm_head_logits`, column-wise for a few rows on the
+CPU). Beam search goes through ``transformers``' ``generate`` (no streaming, no cache reuse, its own LM head call).
 
 ``GenerationConfig.decode_mode`` chooses the loop: "plain" (above), "static" (a cache allocated once for
 ``max_length`` positions, :mod:`.static_cache`, and one read-back per step: its tokens) or "compiled" ("static"
@@ -47,6 +48,7 @@ class GenerationConfig:
     do_sample: bool = False
     temperature: float = 1.0
     top_p: float = 0.9
+    top_k: int = 0  # sampling keeps the k most likely tokens (0 = no limit)
     repetition_penalty: float = 1.0
     length_penalty: float = 1.0
     min_length: int = 1  # minimum number of new tokens before an end-of-sequence may be chosen
@@ -58,6 +60,10 @@ class GenerationConfig:
     # images); "truncate_left" keeps its last positions whatever they cut through (the original's way).
     overflow: str = "drop_turns"
     decode_mode: str = "plain"  # one of DECODE_MODES; greedy tokens are the same in all three (float32)
+    # A chat's answer is never the stop marker alone: while an answer is still blank, the tokens that would begin
+    # it with a stop string are forbidden, as min_length forbids end-of-sequence (:class:`BlankAnswerGuard`). Off
+    # by default, so evaluation decodes as the original did; the demo and the API turn it on.
+    nonblank_answer: bool = False
 
     def updated(self, **overrides) -> "GenerationConfig":
         unknown = set(overrides) - set(self.__dataclass_fields__)
@@ -113,17 +119,56 @@ def lm_head_logits(lm_head: nn.Linear, hidden: torch.Tensor, *, max_rows: int = 
     return lm_head(hidden)
 
 
-def logits_processors(gen: GenerationConfig):
-    """The warpers applied to one row's logits: repetition penalty; temperature and top-p when sampling."""
+class BlankAnswerGuard:
+    """A logits processor: while a row's answer is blank (only tokens that decode to whitespace so far), the tokens
+    whose text would begin it with a stop string ("#", "##", "###", ... for "###") get no probability.
+
+    A model asked something its training never showed (a text-only "Hello" to the tiny model of ``bash run.sh``)
+    may open its answer with the stop marker, and the answer is then empty. The token tables are made once per
+    tokenizer and stop strings (one decode of the vocabulary)."""
+
+    _tables: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+    def __init__(self, tokenizer, stop_strings: Sequence[str]) -> None:
+        stops = tuple(s for s in stop_strings if s.strip())
+        per_tokenizer = self._tables.setdefault(tokenizer, {})
+        if stops not in per_tokenizer:
+            texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))], skip_special_tokens=True)
+            opening = [i for i, t in enumerate(texts) if t.strip() and
+                       any(s.startswith(t.lstrip()) or t.lstrip().startswith(s) for s in stops)]
+            blank = [i for i, t in enumerate(texts) if not t.strip()]
+            per_tokenizer[stops] = (torch.tensor(opening, dtype=torch.long), torch.tensor(blank, dtype=torch.long))
+        self.opening, self.blank = per_tokenizer[stops]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        blank_rows = torch.isin(input_ids, self.blank.to(input_ids.device)).all(dim=-1)
+        if not bool(blank_rows.any()):
+            return scores
+        scores = scores.clone()
+        rows = blank_rows.nonzero().squeeze(-1).to(scores.device)
+        scores[rows[:, None], self.opening.to(scores.device)[None, :]] = float("-inf")
+        return scores
+
+
+def logits_processors(gen: GenerationConfig, tokenizer=None):
+    """The processors applied to one row's logits: the blank-answer guard (``gen.nonblank_answer``, with a
+    tokenizer) and repetition penalty; temperature, top-k and top-p when sampling (in the order ``transformers``'
+    ``generate`` applies them)."""
     from transformers.generation.logits_process import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor,
-                                                        TemperatureLogitsWarper, TopPLogitsWarper)
+                                                        TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 
     procs = LogitsProcessorList()
+    if gen.nonblank_answer and tokenizer is not None and gen.stop_strings:
+        guard = BlankAnswerGuard(tokenizer, gen.stop_strings)
+        if guard.opening.numel():
+            procs.append(guard)
     if gen.repetition_penalty != 1.0:
         procs.append(RepetitionPenaltyLogitsProcessor(gen.repetition_penalty))
     if gen.do_sample:
         if gen.temperature != 1.0:
             procs.append(TemperatureLogitsWarper(gen.temperature))
+        if gen.top_k > 0:
+            procs.append(TopKLogitsWarper(gen.top_k))
         if gen.top_p < 1.0:
             procs.append(TopPLogitsWarper(gen.top_p))
     return procs
@@ -141,7 +186,7 @@ def _sampling_setup(gen: GenerationConfig, tokenizer, device):
     pad_id = 0 if pad_id is None else pad_id
     checker = StopChecker(tokenizer, gen.stop_strings if tokenizer is not None else (),
                           eos_id=eos_id if gen.stop_on_eos else None)
-    return generator, logits_processors(gen), eos_id, pad_id, checker
+    return generator, logits_processors(gen, tokenizer), eos_id, pad_id, checker
 
 
 class StopChecker:
@@ -164,15 +209,50 @@ class StopChecker:
         return False
 
 
-def clean_answer(tokenizer, generated: Sequence[int], stop_strings: Sequence[str] = ("###",)) -> str:
-    """Decode, cut at the first stop string, keep the text after a stray ``Assistant:``, strip."""
-    text = tokenizer.decode(list(generated), skip_special_tokens=True)
-    for s in stop_strings:
-        if s and s in text:
-            text = text.split(s, 1)[0]
+def _cut_at_stop(text: str, stop_strings: Sequence[str]) -> tuple[str, bool]:
+    """``text`` up to the first complete stop string, and whether there was one."""
+    found = [i for i in (text.find(s) for s in stop_strings if s) if i >= 0]
+    return (text[:min(found)], True) if found else (text, False)
+
+
+def _tidy(text: str) -> str:
+    """Keep the text after a stray ``Assistant:`` (the model wrote a role name), strip."""
     if "Assistant:" in text:
         text = text.rsplit("Assistant:", 1)[1]
     return text.strip()
+
+
+def clean_answer(tokenizer, generated: Sequence[int], stop_strings: Sequence[str] = ("###",)) -> str:
+    """Decode, cut at the first stop string, keep the text after a stray ``Assistant:``, strip."""
+    text, _ = _cut_at_stop(tokenizer.decode(list(generated), skip_special_tokens=True), stop_strings)
+    return _tidy(text)
+
+
+def stream_safe_text(text: str, stop_strings: Sequence[str]) -> str:
+    """The part of a growing decoded ``text`` that a stream may show now.
+
+    A complete stop string ends the answer there. Otherwise the tail is held back while it could still grow into
+    a stop string (the "#" and "##" of "###") and released as soon as a later token shows it cannot; so is a
+    character whose bytes have not all been generated yet (decoded as U+FFFD for now).
+    """
+    text, stopped = _cut_at_stop(text, stop_strings)
+    if stopped:
+        return text
+    text = text.rstrip("\ufffd")
+    held = 0
+    for s in stop_strings:
+        for k in range(min(len(s) - 1, len(text)), held, -1):
+            if text.endswith(s[:k]):
+                held = k
+                break
+    return text[:len(text) - held]
+
+
+def partial_answer(tokenizer, generated: Sequence[int], stop_strings: Sequence[str] = ("###",)) -> str:
+    """The answer so far while generation goes on: :func:`clean_answer` of :func:`stream_safe_text`. Every such
+    snapshot is a prefix of the next one and of the final answer (unless a stray ``Assistant:`` restarts it),
+    so a stream never shows a piece of a stop string that the final answer drops."""
+    return _tidy(stream_safe_text(tokenizer.decode(list(generated), skip_special_tokens=True), stop_strings))
 
 
 @torch.no_grad()
@@ -436,7 +516,15 @@ def beam_search(llm, *, inputs_embeds: torch.Tensor, attention_mask: torch.Tenso
                   pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     if gen.do_sample:
         kwargs.update(temperature=gen.temperature, top_p=gen.top_p)
+        if gen.top_k > 0:
+            kwargs.update(top_k=gen.top_k)
     if gen.stop_strings:
         kwargs.update(stop_strings=list(gen.stop_strings), tokenizer=tokenizer)
+    if gen.nonblank_answer and gen.stop_strings:
+        from transformers.generation.logits_process import LogitsProcessorList
+
+        guard = BlankAnswerGuard(tokenizer, gen.stop_strings)
+        if guard.opening.numel():
+            kwargs.update(logits_processor=LogitsProcessorList([guard]))
     out = llm.generate(**kwargs)
     return [row.tolist() for row in out]

@@ -20,8 +20,9 @@ and columns that have become padding in every remaining row are cut from the lef
 outgrows the longest live row. Joins and leaves copy the cache once; decode steps only append.
 
 Events reach the submitter through a :class:`Handle`: ``started`` (admitted and prefilled), ``text`` after
-every token (the cleaned answer so far, for streaming), then ``done`` (finish reason ``stop``, ``length`` or
-``cancelled``) or ``error``. Greedy requests get the same text as ``ChatSession.answer(do_sample=False)``.
+every token (the answer so far for streaming, never ending in a piece of a stop string), then ``done``
+(finish reason ``stop``, ``length`` or ``cancelled``) or ``error``. Greedy requests get the same text as
+``ChatSession.answer(do_sample=False)``.
 
     scheduler = Scheduler(chat, max_batch=8)
     handle = scheduler.submit([Message("user", "Describe IMAGE#1✨.")], [image], max_new_tokens=64)
@@ -44,7 +45,8 @@ import torch
 from ..conversation.render import Message
 from ..conversation.template import count_slots
 from .chat import Chat, ChatError
-from .decoding import GenerationConfig, StopChecker, clean_answer, forward_last, logits_processors
+from .decoding import (GenerationConfig, StopChecker, clean_answer, forward_last, logits_processors,
+                       partial_answer)
 from .kv_cache import new_kv_cache
 
 log = logging.getLogger(__name__)
@@ -127,7 +129,7 @@ class _Seq:
         self.tokenizer = tok
         self.eos_id = getattr(tok, "eos_token_id", None)
         self.checker = StopChecker(tok, self.gen.stop_strings, eos_id=self.eos_id if self.gen.stop_on_eos else None)
-        self.procs = logits_processors(self.gen)
+        self.procs = logits_processors(self.gen, tok)
         self.generator = None
         self.prompt_tokens = prompt_tokens
         self.position = next_position  # the position id of the next token fed to the decoder
@@ -152,9 +154,12 @@ class _Seq:
             nxt = scores.argmax(dim=-1)
         self.generated.append(int(nxt[0]))
         stopped = self.checker.should_stop(self.generated)
-        self.text = clean_answer(self.tokenizer, self.generated, gen.stop_strings)
+        finished = stopped or len(self.generated) >= gen.max_new_tokens
+        # while it goes on, a tail that may still become a stop string is held back (decoding.partial_answer)
+        answer = clean_answer if finished else partial_answer
+        self.text = answer(self.tokenizer, self.generated, gen.stop_strings)
         self.handle._emit(Event("text", self.text, len(self.generated), self.prompt_tokens))
-        if stopped or len(self.generated) >= gen.max_new_tokens:
+        if finished:
             self.finish("stop" if stopped else "length")
             return True
         return False

@@ -126,6 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ask again for judgements recorded as unparseable (earlier attempts replay from the cache)")
     p.add_argument("--judge-max-tokens", type=int, default=1024)
     p.add_argument("--judge-concurrency", type=int, default=4)
+    p.add_argument("--batch-api", "--batch_api", dest="batch_api", action="store_true",
+                   help="GPT judges rate every pending dialogue through the OpenAI Batch API (one batch per attempt): "
+                        "half price, answers within 24 hours, same cache and scores; a killed run re-attaches")
+    p.add_argument("--batch-poll-interval", type=float, default=30.0,
+                   help="seconds between two looks at a submitted batch (--batch-api)")
     p.add_argument("--gpt-cache", default=None,
                    help="SQLite cache of judge replies (default <root>/evaluation/SparklesEval/results/"
                         "gpt_judge_cache.sqlite)")
@@ -317,9 +322,17 @@ def _judges(args, protocol, root: Optional[Path], default_cache: Path, names=("g
         path = Path(args.gpt_cache) if args.gpt_cache else default_cache
         return GPTClient.from_env(cache=path, concurrency=max(1, args.judge_concurrency))
 
-    return make_judges(args.judge_models or list(names), root=root, client=_LazyClient(client),
+    lazy = _LazyClient(client)
+    ask_many = None
+    if args.batch_api:
+        from ..gpt.batch import BatchRunner
+
+        def ask_many(requests):
+            return BatchRunner(lazy._get(), poll_interval=args.batch_poll_interval).map_chat(requests)
+
+    return make_judges(args.judge_models or list(names), root=root, client=lazy,
                        temperature=protocol.judge_temperature, max_tokens=args.judge_max_tokens,
-                       max_attempts=protocol.judge_attempts, texts=protocol.texts)
+                       max_attempts=protocol.judge_attempts, texts=protocol.texts, ask_many=ask_many)
 
 
 class _LazyClient:
@@ -469,7 +482,8 @@ def run(argv: Optional[Sequence[str]] = None) -> EvalReport:
     if args.merge_results and (_barrier_then_is_rank0() if args.inference else _is_rank0()):
         from .merge import merge_run
 
-        result = merge_run(ctx.run, ctx.evalset, judges=args.judge_models, allow_partial=args.allow_partial)
+        result = merge_run(ctx.run, ctx.evalset, judges=args.judge_models, allow_partial=args.allow_partial,
+                           scope=(args.data_from, args.data_to))
         report.merged, report.result_path = result.metrics, result.result_path
     return report
 

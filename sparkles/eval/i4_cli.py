@@ -27,6 +27,7 @@ from typing import Optional, Sequence
 
 from ..common.config import ConfigError, load_config, resolve_config_root, to_container
 from ..common.io import atomic_write_json, read_json
+from ..common.logging import progress_bar
 from ..common.paths import MissingPathError
 from ..conversation.protocol_file import ProtocolFileError, load_protocol_file
 from .benchmarks import i4
@@ -158,11 +159,8 @@ def _finished(folder: Path, part: ShardFile) -> dict:
 def _answer(samples: list, part: ShardFile, generator, protocol, args, stats: dict) -> None:
     from .generator import Request
 
-    bar = None
-    if not args.no_progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(samples), desc=f"I4 {samples[0][1].dataset}", leave=False)
+    bar = progress_bar(total=len(samples), desc=f"I4 {samples[0][1].dataset}", leave=False,
+                       enabled=not args.no_progress)
     for batch in _batches(samples, generator.batch_size, max(1, args.batch_image)):
         requests = [Request(s.prompt, s.images, item_seed(args.seed, s.sample_id), f"I4 sample {s.sample_id}")
                     for _, s in batch]
@@ -177,10 +175,8 @@ def _answer(samples: list, part: ShardFile, generator, protocol, args, stats: di
             else:
                 stats["answered"] += 1
             part.put(item)
-            if bar is not None:
-                bar.update(1)
-    if bar is not None:
-        bar.close()
+            bar.update(1)
+    bar.close()
 
 
 def _assemble(folder: Path, records: list) -> bool:

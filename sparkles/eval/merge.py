@@ -8,7 +8,9 @@ The manifest lists the shards; their files are read (never deleted), items are j
   an error;
 - gaps: an id inside a registered shard range, or inside the planned slice of ``--shard I/N`` / torchrun
   shards, with no finished item (a shard still running, crashed or never started) is an error unless
-  ``allow_partial``; annotation items outside every range are reported as not covered.
+  ``allow_partial``; annotation items outside every range are reported as not covered, with a warning, except
+  those outside the slice that the merging command names (``--data-from``/``--data-to``): an evaluation of a
+  deliberate slice gets one info line about the rest, while a slice whose shards leave a hole still warns.
 
 Outputs, next to the run directory in ``<root>/evaluation/<dataset>/results/``:
 ``<dataset>_<model>.json`` (SparklesEval) or ``<dataset>_<model>_acc<x.xxx>.json`` (BISON/NLVR2) in the
@@ -73,8 +75,13 @@ def _combine(first: dict, other: dict, dataset: str, eid: Any) -> dict:
     return merged
 
 
-def collect(run: RunDir, evalset: EvalSet, *, allow_partial: bool = False) -> tuple[list[dict], dict]:
-    """The run's items joined by id (in id order) and a report of duplicates, gaps and coverage."""
+def collect(run: RunDir, evalset: EvalSet, *, allow_partial: bool = False,
+            scope: Optional[tuple[int, Optional[int]]] = None) -> tuple[list[dict], dict]:
+    """The run's items joined by id (in id order) and a report of duplicates, gaps and coverage.
+
+    ``scope``: the ``[from, to)`` slice the merging command names (``to`` None: to the end), None for the whole
+    set; annotation items outside it are not expected in any shard.
+    """
     manifest = run.read_manifest()
     shards = manifest.get("shards") or []
     if not shards:
@@ -101,12 +108,16 @@ def collect(run: RunDir, evalset: EvalSet, *, allow_partial: bool = False) -> tu
     requested = sorted({i for lo, hi in spans for i in range(lo, min(hi, len(annotations)))})
     missing = [i for i in requested if eid_key(annotations[i]["evaluation_id"]) not in by_id]
     covered = set(requested)
-    not_covered = [i for i in range(len(annotations)) if i not in covered]
+    first, end = _slice_bounds(scope, len(annotations))
+    not_covered = [i for i in range(first, end) if i not in covered]
+    outside_slice = len(annotations) - (end - first)
     report = {"shards": [{k: s.get(k) for k in ("file", "from", "to", "status")} for s in shards],
               "duplicates": len(duplicates), "duplicate_ids": duplicates,
               "missing": len(missing), "missing_ranges": _ranges(missing),
               "not_covered": len(not_covered), "not_covered_ranges": _ranges(not_covered),
               "complete": not missing and not not_covered}
+    if outside_slice:
+        report.update(slice=[first, end], outside_slice=outside_slice)
     if duplicates:
         log.warning("%d evaluation id(s) found in more than one shard; merged: %s", len(duplicates), duplicates[:10])
     if missing:
@@ -118,35 +129,56 @@ def collect(run: RunDir, evalset: EvalSet, *, allow_partial: bool = False) -> tu
             raise MergeError(msg)
         log.warning("%s", msg)
     if not_covered:
-        log.warning("%d of %d annotation items are outside every shard range: %s", len(not_covered),
-                    len(annotations), _ranges(not_covered))
+        where = f"items of the slice [{first}, {end})" if outside_slice else "annotation items"
+        log.warning("%d of %d %s are outside every shard range: %s", len(not_covered), end - first, where,
+                    _ranges(not_covered))
+    if outside_slice:
+        earlier = sum(1 for k in by_id if not first <= index_of[k] < end)  # finished by earlier commands
+        log.info("merging the slice [%d, %d) of %d annotation items (the other %d were not asked for)%s", first,
+                 end, len(annotations), outside_slice,
+                 f"; {earlier} finished item(s) outside it are merged too" if earlier else "")
     items = [by_id[k] for k in sorted(by_id)]
     if not items:
         raise MergeError(f"no finished items in {run.path}")
     return items, report
 
 
+def _slice_bounds(scope: Optional[tuple[int, Optional[int]]], n: int) -> tuple[int, int]:
+    """``[from, to)`` of ``scope`` clipped to ``n`` annotation items (the whole set for None)."""
+    if scope is None:
+        return 0, n
+    start, stop = scope
+    lo = min(max(0, start), n)
+    return lo, max(lo, n if stop is None else min(stop, n))
+
+
 def merge_run(run: RunDir, evalset: EvalSet, *, judges: Optional[Sequence[str]] = None,
-              allow_partial: bool = False, write_html: bool = True) -> MergeResult:
-    """Merge, score and write the outputs (see the module docstring)."""
-    items, report = collect(run, evalset, allow_partial=allow_partial)
+              allow_partial: bool = False, write_html: bool = True,
+              scope: Optional[tuple[int, Optional[int]]] = None) -> MergeResult:
+    """Merge, score and write the outputs (see the module docstring); ``scope`` as in :func:`collect`."""
+    items, report = collect(run, evalset, allow_partial=allow_partial, scope=scope)
     manifest = run.read_manifest()
     extra = {**report, "settings": manifest.get("settings"), "judge_settings": manifest.get("judges")}
+    # A run of the reference dialogues themselves carries upstream's name (gpt-4); its page names their author.
+    reference_run = (manifest.get("settings") or {}).get("mode") == "reference_dialogues"
     return score_and_write(items, dataset=evalset.dataset, out_dir=run.results_dir, base=run.base,
                            model_name=run.model_name, judges=judges, extra=extra, write_html=write_html,
                            image_url_fn=evalset.image_url, protected=(evalset.annotation_path,),
-                           protected_dirs=(evalset.annotation_path.parent,))
+                           protected_dirs=(evalset.annotation_path.parent,),
+                           page_model_name=viz.reference_dialogues_label(evalset.annotation_path)
+                           if reference_run else None)
 
 
 def score_and_write(items: list, *, dataset: str, out_dir: Path, base: str, model_name: str,
                     judges: Optional[Sequence[str]] = None, extra: Optional[dict] = None, write_html: bool = True,
                     image_url_fn=None, protected: Sequence[Path] = (),
-                    protected_dirs: Sequence[Path] = ()) -> MergeResult:
+                    protected_dirs: Sequence[Path] = (), page_model_name: Optional[str] = None) -> MergeResult:
     """Score finished items and write ``<base>.json`` / ``<base>_acc<x.xxx>.json``, its page and the metrics.
 
     SparklesEval: one score per judge (``judges``, default every judge found, ``gpt-4`` first), the first being
     the headline. BISON/NLVR2: accuracy of the items' ``predict``. ``protected`` / ``protected_dirs``: files and
-    folders never written into (the annotations, a result file being re-scored).
+    folders never written into (the annotations, a result file being re-scored). ``page_model_name``: the model
+    named on the HTML page when it differs from the run's name.
     """
     metrics: dict[str, Any] = {"dataset": dataset, "model_name": model_name, "items": len(items)}
     if dataset == "SparklesEval":
@@ -183,7 +215,8 @@ def score_and_write(items: list, *, dataset: str, out_dir: Path, base: str, mode
     for path in (result_path, metrics_path, result_path.with_suffix(".html")):
         _check_not_input(path, protected, protected_dirs)
     atomic_write_json(result_path, items)
-    html_paths = _write_html(items, result_path, dataset, model_name, metrics, image_url_fn) if write_html else []
+    html_paths = (_write_html(items, result_path, dataset, page_model_name or model_name, metrics, image_url_fn)
+                  if write_html else [])
     if html_paths:
         metrics["files"]["html"] = [p.name for p in html_paths]
     atomic_write_json(metrics_path, metrics)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
 from ..common.io import read_json
+from ..common.logging import progress_bar
 from ..gpt.errors import GPTCallError
 from .benchmarks import CHOICE_BENCHMARKS
 from .benchmarks.sparkleseval import check_dialogue, judge_entry_status, turn2_prompt
@@ -121,10 +122,8 @@ def run_choice_shard(evalset: EvalSet, indices: Sequence[int], shard: ShardFile,
                 stats.unparseable += predict is None
             shard.put(item)
             stats.generated += 1
-            if bar is not None:
-                bar.update(1)
-    if bar is not None:
-        bar.close()
+            bar.update(1)
+    bar.close()
 
 
 # -------------------------------------------------------------------------------------------- SparklesEval
@@ -205,10 +204,8 @@ def run_sparkleseval_generation(evalset: EvalSet, indices: Sequence[int], shard:
                 stats.failed += 1
             shard.put(item)
             stats.generated += 1
-            if bar is not None:
-                bar.update(1)
-    if bar is not None:
-        bar.close()
+            bar.update(1)
+    bar.close()
 
 
 def run_judging(shard: ShardFile, eids: Sequence[Any], judges: Sequence[Any], stats: ShardStats, *,
@@ -238,11 +235,17 @@ def run_judging(shard: ShardFile, eids: Sequence[Any], judges: Sequence[Any], st
             stats.paid_calls += outcome.paid_calls
             stats.judged[name] += 1
             stats.judge_failed[name] += not outcome.ok
-            if bar is not None:
-                bar.update(1)
+            bar.update(1)
 
         workers = max(1, min(concurrency, len(todo))) if judge.kind == "gpt" else 1
-        if workers == 1:
+        if getattr(judge, "ask_many", None) is not None:  # --batch-api: every pending dialogue in one batch
+            outcomes = judge.judge_all([copy.deepcopy(shard.get(e)["dialogue"]) for e in todo])
+            for eid, outcome in zip(todo, outcomes):
+                if isinstance(outcome, GPTCallError):
+                    stats.api_errors.append(f"{name} / evaluation_id {eid}: {outcome}")
+                else:
+                    record(eid, outcome)
+        elif workers == 1:
             for eid in todo:
                 try:
                     record(eid, judge.judge(shard.get(eid)["dialogue"]))
@@ -257,13 +260,8 @@ def run_judging(shard: ShardFile, eids: Sequence[Any], judges: Sequence[Any], st
                         record(eid, fut.result())
                     except GPTCallError as exc:
                         stats.api_errors.append(f"{name} / evaluation_id {eid}: {exc}")
-        if bar is not None:
-            bar.close()
+        bar.close()
 
 
 def _bar(total: int, desc: str, enabled: bool):
-    if not enabled or total == 0:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, leave=False)
+    return progress_bar(total=total, desc=desc, unit="item", enabled=enabled and total > 0, leave=False)

@@ -11,6 +11,10 @@ Finished answers go into the SQLite ``ResponseCache`` before they are returned, 
 them again; every call (paid or cached) is entered in the client's ``UsageLedger``. With a ``SpendingCap`` a
 paid call is sent only if its estimated cost fits under the cap; otherwise it fails with kind ``budget``
 without any HTTP request (cached answers are free and still returned).
+
+The Batch API (:mod:`sparkles.gpt.batch`) sends the same request bodies under the same cache keys
+(``build_request``, ``key_for``) and files its answers through ``finish``, so the two paths share one cache and
+one ledger.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, TypeVar
 
 from .cache import CachedResponse, ResponseCache, request_key
 from .config import GPTConfig
@@ -33,6 +37,7 @@ from .errors import GPTCallError, redact
 log = logging.getLogger("sparkles.gpt")
 
 Messages = list[dict[str, Any]]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,7 @@ class ChatResult:
     attempts: int = 0
     cost_usd: float | None = None
     key: str = ""
+    batch: bool = False  # answered through the Batch API (billed at batch prices)
 
     @property
     def truncated(self) -> bool:
@@ -156,7 +162,8 @@ class GPTClient:
         return cls(GPTConfig.from_env(env, **overrides), cache=cache, ledger=ledger, cap=cap)
 
     # --- SDK --------------------------------------------------------------------------------
-    def _client(self):
+    def sdk(self):
+        """The ``openai`` SDK client (``OpenAI`` or ``AzureOpenAI``), built on first use, without SDK retries."""
         with self._sdk_lock:
             if self._sdk is None:
                 import openai  # imported on first use: keeps `import sparkles.gpt` light
@@ -216,14 +223,11 @@ class GPTClient:
         request = self.build_request(prompt, model=model, temperature=temperature, max_tokens=max_tokens,
                                      top_p=top_p, **params)
         model_name = request["model"]
-        key = request_key(self.config.endpoint_id(model_name), request, cache_tag)
-        if use_cache and self.cache is not None:
-            hit = self.cache.get(key)
+        key = self.key_for(request, cache_tag)
+        if use_cache:
+            hit = self.cached_result(key, model_name)
             if hit is not None:
-                cost = self.ledger.record(model_name, hit.prompt_tokens, hit.completion_tokens, cached=True)
-                return ChatResult(text=hit.text, usage=Usage(hit.prompt_tokens, hit.completion_tokens), cached=True,
-                                  model=model_name, response_model=hit.response_model,
-                                  finish_reason=hit.finish_reason, attempts=0, cost_usd=cost, key=key)
+                return hit
         reserved = 0.0
         if self.cap is not None:
             reserved = self.cap.reserve(request)
@@ -244,34 +248,70 @@ class GPTClient:
             if self.cap is not None:
                 self.cap.settle(reserved, reserved)  # interrupted in flight: it may have been billed
             raise
-        if self.cache is not None:
-            self.cache.put(key, request, answer)
-        cost = self.ledger.record(model_name, answer.prompt_tokens, answer.completion_tokens, cached=False)
+        result = self.finish(key, request, answer, attempts=attempts)
         if self.cap is not None:
-            self.cap.settle(reserved, cost if cost is not None else reserved)
+            self.cap.settle(reserved, result.cost_usd if result.cost_usd is not None else reserved)
+        return result
+
+    def key_for(self, request: Mapping[str, Any], cache_tag: str | None = None) -> str:
+        """The cache key of a request body (``build_request``) with its caller tag."""
+        return request_key(self.config.endpoint_id(request["model"]), dict(request), cache_tag)
+
+    def cached_result(self, key: str, model: str) -> ChatResult | None:
+        """The cached answer under ``key`` (entered in the ledger as a cached call), or None."""
+        hit = self.cache.get(key) if self.cache is not None else None
+        if hit is None:
+            return None
+        cost = self.ledger.record(model, hit.prompt_tokens, hit.completion_tokens, cached=True)
+        return ChatResult(text=hit.text, usage=Usage(hit.prompt_tokens, hit.completion_tokens), cached=True,
+                          model=model, response_model=hit.response_model, finish_reason=hit.finish_reason,
+                          attempts=0, cost_usd=cost, key=key)
+
+    def finish(self, key: str, request: Mapping[str, Any], answer: CachedResponse, *, attempts: int = 1,
+               batch: bool = False) -> ChatResult:
+        """File a paid answer: into the cache (first, so it is never paid for again) and the ledger."""
+        model = request["model"]
+        if self.cache is not None:
+            self.cache.put(key, dict(request), answer)
+        cost = self.ledger.record(model, answer.prompt_tokens, answer.completion_tokens, cached=False, batch=batch)
         return ChatResult(text=answer.text, usage=Usage(answer.prompt_tokens, answer.completion_tokens), cached=False,
-                          model=model_name, response_model=answer.response_model,
-                          finish_reason=answer.finish_reason, attempts=attempts, cost_usd=cost, key=key)
+                          model=model, response_model=answer.response_model, finish_reason=answer.finish_reason,
+                          attempts=attempts, cost_usd=cost, key=key, batch=batch)
+
+    def sdk_model(self, model: str) -> str:
+        """The model name the API expects: on Azure, the deployment that serves ``model``."""
+        return self.config.deployment_for(model) if self.config.is_azure else model
 
     def _call_with_retries(self, request: dict[str, Any]) -> tuple[CachedResponse, int]:
-        c = self.config
         model = request["model"]
-        sdk_request = dict(request)
-        if c.is_azure:
-            sdk_request["model"] = c.deployment_for(model)
+        sdk_request = {**request, "model": self.sdk_model(model)}
+        return self.call_with_retries(
+            lambda: self.read_response(self.sdk().chat.completions.create(**sdk_request), model), model=model)
+
+    def call_with_retries(self, send: Callable[[], T], *, model: str, what: str = "",
+                          repeatable: bool = True) -> tuple[T, int]:
+        """``send()`` with this client's retry rules; returns its value and the attempts made.
+
+        ``what`` names the operation in messages (default: the chat call). ``repeatable=False`` is for a request
+        that must not run twice (creating a batch): only a rate-limit refusal, which the server did not act on,
+        is retried then.
+        """
+        c = self.config
         secrets = (c.api_key,)
         attempt = 0
         while True:
             attempt += 1
             try:
-                response = self._client().chat.completions.create(**sdk_request)
-                return self._read_response(response, model), attempt
+                return send(), attempt
             except GPTCallError as exc:
                 kind, status, retryable, retry_after, message = exc.kind, exc.status, exc.retryable, None, str(exc)
             except Exception as exc:  # the SDK's errors, classified below
                 kind, status, retryable, retry_after = _classify(exc)
                 message = redact(f"{type(exc).__name__}: {exc}", secrets)
-            where = redact(f"model {model!r} at {c.endpoint_id(model).split(':', 1)[1]}", secrets)
+            target = f"model {model!r} at {c.endpoint_id(model).split(':', 1)[1]}"
+            where = redact(f"{what} for {target}" if what else target, secrets)
+            if not repeatable and kind != "rate_limit":
+                retryable = False
             if not retryable:
                 raise GPTCallError(f"{kind} error from {where} (not retried): {message}", model=model, kind=kind,
                                    status=status, retryable=False, attempts=attempt) from None
@@ -280,7 +320,7 @@ class GPTClient:
                                    model=model, kind=kind, status=status, retryable=True,
                                    attempts=attempt) from None
             delay = self.backoff_delay(attempt, retry_after)
-            log.warning("GPT call (%s) failed with %s%s; retry %d/%d in %.2fs", model, kind,
+            log.warning("%s (%s) failed with %s%s; retry %d/%d in %.2fs", what or "GPT call", model, kind,
                         f" {status}" if status else "", attempt, c.max_retries, delay)
             self._sleep(delay)
 
@@ -294,7 +334,8 @@ class GPTClient:
         return delay
 
     @staticmethod
-    def _read_response(response: Any, model: str) -> CachedResponse:
+    def read_response(response: Any, model: str) -> CachedResponse:
+        """The answer of a chat completion (an SDK object); a ``GPTCallError`` when it carries none."""
         choices = getattr(response, "choices", None) or []
         if not choices:
             raise GPTCallError("response has no choices", model=model, kind="bad_response", retryable=True)
@@ -324,7 +365,7 @@ class GPTClient:
         the list; otherwise the first failure cancels the calls not yet started and is raised.
         ``progress``: a tqdm description to show a progress bar.
         """
-        items = [r if isinstance(r, ChatRequest) else _to_request(r) for r in requests]
+        items = [r if isinstance(r, ChatRequest) else to_chat_request(r) for r in requests]
         results: list[Any] = [None] * len(items)
         if not items:
             return results
@@ -359,7 +400,8 @@ class GPTClient:
                          cache_tag=r.cache_tag, **r.params)
 
 
-def _to_request(values: Mapping[str, Any]) -> ChatRequest:
+def to_chat_request(values: Mapping[str, Any]) -> ChatRequest:
+    """A ``ChatRequest`` from a dict of ``chat`` keyword arguments (with ``prompt``; unknown keys are params)."""
     values = dict(values)
     if "prompt" not in values:
         raise ValueError(f"a map_chat request needs 'prompt'; got keys {sorted(values)}")

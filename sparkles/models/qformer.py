@@ -76,8 +76,11 @@ _warned_truncation = False
 def _note_truncation(count: int, longest: int, max_length: int) -> None:
     global _warned_truncation
     _warned_truncation = True  # once per process: training cuts the same long prompts every step
-    log.warning("%d instruction(s) of up to %d tokens cut to the Q-Former's first %d (model.qformer_max_text; "
-                "the decoder still reads the whole message; said once)", count, longest, max_length)
+    # A note, not a warning: reading a message's first qformer_max_text tokens is how such a model is built and
+    # trained (the tiny preset's 64 cover every caption and statement of its ~100-token BISON/NLVR2 prompts), and
+    # the decoder reads the whole message, so no answer loses its input.
+    log.info("%d instruction(s) of up to %d tokens cut to the Q-Former's first %d (model.qformer_max_text; "
+             "the decoder still reads the whole message; said once)", count, longest, max_length)
 
 
 def tokenize_instructions(tokenizer, texts: Sequence[str], max_length: int,
@@ -86,7 +89,7 @@ def tokenize_instructions(tokenizer, texts: Sequence[str], max_length: int,
     ``(ids [N, T], mask [N, T])`` for :class:`QFormerTextEmbeddings`.
 
     A text longer than ``max_length`` tokens keeps its first ``max_length`` (InstructBLIP's Q-Former truncates its
-    instruction the same way), with a warning, so a long chat message still gets an answer. An empty text is one
+    instruction the same way), noted once in the log, so a long chat message still gets an answer. An empty text is one
     padding token that no query attends to.
     """
     rows = [list(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]

@@ -484,7 +484,7 @@ def create_app(chat, *, model_name: str = "sparkleschat", allowed_image_dirs: Se
 
         async def sse():
             stamp = int(time.time())
-            tracker = DeltaTracker(req.stop + list(chat.generation.stop_strings))
+            tracker = DeltaTracker()
 
             def frame(**kw) -> str:
                 return "data: " + json.dumps(chunk_body(id=cid, model=model_name, created=stamp, **kw),
@@ -499,7 +499,7 @@ def create_app(chat, *, model_name: str = "sparkleschat", allowed_image_dirs: Se
                         yield frame(delta={"content": delta})
                 elif item[0] == "done":
                     _, text, count, finish = item
-                    delta = tracker.update(text, final=True)
+                    delta = tracker.update(text)
                     if delta:
                         yield frame(delta={"content": delta})
                     yield frame(delta={}, finish_reason=finish)

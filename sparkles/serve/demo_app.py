@@ -11,7 +11,13 @@ itself. A turn or an upload that fails half-way is undone, so the engine session
 gallery and the saved record always agree. :func:`prune_conversations` and :func:`keep_pruning` enforce the
 retention of saved conversations (``demo.py --keep-days``); the upload cache gets the same age limit from Gradio.
 
-Build the app with :func:`build_demo` (tests drive it through ``gradio_client``); ``demo.py`` launches it.
+What the page offers depends on the model: a config's optional ``demo`` section sets the example prompts, the
+note on what the model does well and where the temperature slider starts (:class:`DemoSettings`; the tiny model
+of ``bash run.sh`` asks greedily about counts, colours, shapes and places), and the page names the model it
+serves (:func:`model_label`).
+
+Build the app with :func:`build_demo` (tests drive it through ``gradio_client`` and headless Chromium,
+:mod:`.screenshot`); ``demo.py`` launches it.
 """
 
 from __future__ import annotations
@@ -24,11 +30,12 @@ import shutil
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Iterator, Optional
+from pathlib import Path, PurePosixPath
+from typing import Iterator, Optional, Sequence
+from urllib.parse import urlparse
 
-from ..conversation.template import count_slots, replace_glyphs
-from .loading import context_limit
+from ..conversation.template import count_glyphs, count_slots, replace_glyphs
+from .loading import chat_mode_of, context_limit, generation_of, make_chat
 from .records import ConversationRecord
 
 TITLE = "Chat with ✨Sparkles✨"
@@ -54,19 +61,60 @@ HOW_TO = """### How to use it
    IMAGE#2, and so on. Writing the label in front, as in `IMAGE#2✨`, lets you and the model refer back to it.
 3. **Forgot a marker?** With *Place unmarked images for me* ticked, images that have no marker yet are put at the
    start of your message, and the app tells you it did so. Untick it to be warned instead.
-4. **Clear** starts a new conversation.
-
-The model can be wrong or make things up; it does best on everyday photographs.
+4. **Send** with Enter; Shift+Enter starts a new line. **Clear** starts a new conversation.
 """
 
 TERMS = """**Terms of use.** This is a research preview, not a product. Conversations on this page — text, uploaded
 images, settings and votes — are saved on the server running it and may be shared for research."""
 
-EXAMPLES = [
+# For the released SparklesChat weights (a config without a ``demo`` section).
+EXAMPLES = (
     "Write a short story that begins in IMAGE#1✨ and ends in IMAGE#2✨.",
     "What do IMAGE#1✨ and IMAGE#2✨ have in common, and how do they differ?",
     "Compose a song verse whose scene moves from IMAGE#1✨ to IMAGE#2✨.",
-]
+)
+NOTE = "The model can be wrong or make things up; it does best on everyday photographs."
+DEFAULT_TEMPERATURE = 1.0
+PLACEHOLDER = "Ask about your images; type ✨ or ⭐ where each one belongs"
+KEYS_HINT = "Enter sends; Shift+Enter starts a new line"
+# Gradio's gallery puts its label over the first thumbnail and cuts captions to "IMAGE…" on a narrow screen;
+# here the gallery has no floating label, as many columns of at least 96 px as fit, and captions shown whole.
+CSS = """
+#sparkles-gallery .grid-container { grid-template-columns: repeat(auto-fill, minmax(96px, 1fr)); }
+#sparkles-gallery .caption-label { max-width: calc(100% - 2 * var(--block-label-margin)); font-size: var(--text-sm);
+  text-overflow: clip; }
+"""
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """What the page offers for the loaded model: example prompts, a note on what it does well, and the
+    temperature the slider starts at. A config's ``demo`` section sets them (:meth:`from_config`); the defaults
+    suit the released weights."""
+
+    examples: Sequence[str] = EXAMPLES
+    note: str = NOTE
+    temperature: float = DEFAULT_TEMPERATURE
+
+    @classmethod
+    def from_config(cls, cfg) -> "DemoSettings":
+        section = cfg.get("demo") if cfg is not None else None
+        if section is None:
+            return cls()
+        return cls(examples=tuple(section.get("examples") or EXAMPLES), note=section.get("note") or NOTE,
+                   temperature=DEFAULT_TEMPERATURE if section.get("temperature") is None
+                   else float(section.temperature))
+
+
+def model_label(cfg) -> str:
+    """The name the page and the saved records give the model: arch and preset, and the checkpoint's folder and
+    file (never a whole server path), e.g. ``sparkleschat:tiny (sparkleschat_tiny/checkpoint_last.pth)``."""
+    name = f"{cfg.model.arch}:{cfg.model.model_type}"
+    ckpt = cfg.model.get("ckpt")
+    if not ckpt:
+        return name
+    tail = PurePosixPath(urlparse(str(ckpt)).path.replace("\\", "/")).parts[-2:]
+    return f"{name} ({'/'.join(tail)})"
 
 START_NOTICE = "Upload one or more images to begin (or just type to chat without images)."
 
@@ -91,20 +139,21 @@ class SliderRange:
         return int(round(x)) if self.integer else x
 
 
-def slider_ranges(max_length: int) -> dict[str, SliderRange]:
+def slider_ranges(max_length: int, *, temperature: float = DEFAULT_TEMPERATURE) -> dict[str, SliderRange]:
     """The decoding sliders for a context of ``max_length`` positions: answers may take at most half of it, so
-    the conversation always keeps the other half."""
+    the conversation always keeps the other half. ``temperature``: where its slider starts."""
     cap = max(16, min(1024, max_length // 2) // 16 * 16)
     return {"beams": SliderRange(1, 5, 1, integer=True),
-            "temperature": SliderRange(0.0, 2.0, 1.0),
+            "temperature": SliderRange(0.0, 2.0, min(2.0, max(0.0, temperature))),
             "top_p": SliderRange(0.1, 1.0, 0.9),
             "max_new_tokens": SliderRange(16, cap, min(512, max(16, cap // 32 * 16)), integer=True)}
 
 
-def generation_options(beams, temperature, top_p, max_new_tokens, *, max_length: int) -> dict:
-    """Slider values → engine options, each clamped to its slider's range (the API can send anything).
-    Temperature 0 means greedy (deterministic) decoding."""
-    ranges = slider_ranges(max_length)
+def generation_options(beams, temperature, top_p, max_new_tokens, *, max_length: int,
+                       default_temperature: float = DEFAULT_TEMPERATURE) -> dict:
+    """Slider values → engine options, each clamped to its slider's range (the API can send anything; a value
+    that is no number gets the slider's start value). Temperature 0 means greedy (deterministic) decoding."""
+    ranges = slider_ranges(max_length, temperature=default_temperature)
     temperature = ranges["temperature"].clamp(temperature)
     options = {"num_beams": ranges["beams"].clamp(beams), "do_sample": temperature > 0,
                "top_p": ranges["top_p"].clamp(top_p), "max_new_tokens": ranges["max_new_tokens"].clamp(max_new_tokens),
@@ -208,8 +257,9 @@ class DemoConversation:
 
 
 def build_demo(chat, *, save_root: str | os.PathLike, model_name: Optional[str] = None, title: str = TITLE,
-               keep_days: float = DEFAULT_KEEP_DAYS):
-    """The Gradio Blocks app for ``chat`` (a :class:`~sparkles.engine.chat.Chat`).
+               keep_days: float = DEFAULT_KEEP_DAYS, settings: Optional[DemoSettings] = None):
+    """The Gradio Blocks app for ``chat`` (a :class:`~sparkles.engine.chat.Chat`), which the page names
+    ``model_name``, with ``settings`` (default: the released weights').
 
     API names (for ``gradio_client``): ``/add_images`` (files), ``/chat`` (message, beams, temperature, top_p,
     max_new_tokens, auto_place; streams), ``/clear``, ``/upvote``, ``/downvote``, ``/flag``. Uploads are deleted
@@ -220,6 +270,8 @@ def build_demo(chat, *, save_root: str | os.PathLike, model_name: Optional[str] 
 
     from ..engine.chat import ChatError
     from ..processors.image import ImageLoadError, load_rgb
+
+    settings = settings or DemoSettings()
 
     def new_conversation() -> DemoConversation:
         return DemoConversation(session=chat.session(), record=ConversationRecord(save_root, model=model_name))
@@ -282,7 +334,8 @@ def build_demo(chat, *, save_root: str | os.PathLike, model_name: Optional[str] 
         if auto_placed:
             notice = (f"Placed {_labels(auto_placed)} at the start of your message, since "
                       f"{'it had' if len(auto_placed) == 1 else 'they had'} no ✨/⭐ marker yet.")
-        options = generation_options(beams, temperature, top_p, max_new_tokens, max_length=context_limit(chat))
+        options = generation_options(beams, temperature, top_p, max_new_tokens, max_length=context_limit(chat),
+                                     default_temperature=settings.temperature)
         # The turn is kept only once its record is saved; anything before that (an engine error, a failed save,
         # a cancelled stream) leaves the session, the transcript and the record as they were before it.
         messages, turns = len(session.messages), len(conv.record.data["turns"])
@@ -324,13 +377,15 @@ def build_demo(chat, *, save_root: str | os.PathLike, model_name: Optional[str] 
         def vote(conv: Optional[DemoConversation], beams, temperature, top_p, max_new_tokens):
             if conv is None or not conv.transcript:
                 return "Nothing to rate yet — ask something first."
-            options = generation_options(beams, temperature, top_p, max_new_tokens, max_length=context_limit(chat))
+            options = generation_options(beams, temperature, top_p, max_new_tokens, max_length=context_limit(chat),
+                                         default_temperature=settings.temperature)
             conv.record.add_feedback(kind, generation=recorded_settings(options))
             return f"Thanks — your {kind} is saved with this conversation."
         vote.__name__ = kind
         return vote
 
-    ranges = slider_ranges(context_limit(chat))
+    ranges = slider_ranges(context_limit(chat), temperature=settings.temperature)
+    images_needed = max((count_glyphs(e) for e in settings.examples), default=0)
     theme = gr.themes.Soft(font=["ui-sans-serif", "system-ui", "sans-serif"],
                            font_mono=["ui-monospace", "monospace"])  # no web fonts: works offline
     # Gradio keeps every upload (the original file, metadata included) in its cache: same age limit as records.
@@ -340,10 +395,12 @@ def build_demo(chat, *, save_root: str | os.PathLike, model_name: Optional[str] 
         demo.sparkles_theme = theme  # launch() takes the theme in Gradio 6; see launch_kwargs()
         state = gr.State(None)
         gr.Markdown(INTRO)
+        gr.Markdown(f"**Model:** {model_name or 'SparklesChat'} — {settings.note}", elem_id="sparkles-model")
         with gr.Row():
             with gr.Column(scale=1):
-                files = gr.File(label="Upload images", file_count="multiple", file_types=["image"],
-                                type="filepath", height=160)
+                # No file_types: Gradio would refuse another file with an error that stays on the upload box;
+                # add_images explains it in the notice instead, which the next action replaces.
+                files = gr.File(label="Upload images", file_count="multiple", type="filepath", height=160)
                 notice = gr.Markdown(START_NOTICE, elem_id="sparkles-notice")
                 with gr.Accordion("Parameters", open=False):
                     r = ranges["beams"]
@@ -363,14 +420,19 @@ def build_demo(chat, *, save_root: str | os.PathLike, model_name: Optional[str] 
                     flag = gr.Button("⚠️ Flag", size="sm")
                 clear_btn = gr.Button("🧹 Clear", variant="stop")
             with gr.Column(scale=2):
-                gallery = gr.Gallery(label="Images", columns=5, height=190, object_fit="contain", fit_columns=False,
-                                     preview=False, interactive=False)
-                chatbot = gr.Chatbot(label="Sparkles", height=420)
+                gallery = gr.Gallery(label="Images", show_label=False, columns=5, height=190, object_fit="contain",
+                                     fit_columns=False, preview=False, interactive=False, buttons=[],
+                                     elem_id="sparkles-gallery")
+                chatbot = gr.Chatbot(label="Sparkles", height=420, elem_id="sparkles-chat")
                 with gr.Row():
-                    textbox = gr.Textbox(label="Me", placeholder="Ask about your images; type ✨ or ⭐ where "
-                                         "each one belongs", scale=5, lines=2)
-                    send = gr.Button("Send", variant="primary", scale=1)
-                gr.Examples(EXAMPLES, inputs=[textbox], label="Example prompts (upload two images first)")
+                    # One line that grows (max_lines): Enter sends, Shift+Enter starts a new line (Gradio's rule for
+                    # lines=1; with lines>1 it is the other way round).
+                    textbox = gr.Textbox(label="Me", info=KEYS_HINT, placeholder=PLACEHOLDER, scale=5, lines=1,
+                                         max_lines=8, elem_id="sparkles-message")
+                    send = gr.Button("Send", variant="primary", scale=0, min_width=80)
+                label = f"Example prompts (upload {images_needed} images first)" if images_needed > 1 else \
+                    "Example prompts"
+                gr.Examples([[e] for e in settings.examples], inputs=[textbox], label=label)
         gr.Markdown(HOW_TO)
         gr.Markdown(TERMS)
 
@@ -388,10 +450,30 @@ def build_demo(chat, *, save_root: str | os.PathLike, model_name: Optional[str] 
     return demo
 
 
+def build_demo_for(model, cfg, **kwargs):
+    """:func:`build_demo` for a model loaded from ``cfg`` (:func:`~.loading.load_model`), as ``demo.py`` serves it:
+    the config's chat mode and decoding, its name on the page, its ``demo`` settings (unless ``settings`` is
+    given). ``kwargs`` go to :func:`build_demo`."""
+    chat = make_chat(model, chat_mode=chat_mode_of(cfg), generation=generation_of(cfg))
+    settings = kwargs.pop("settings", None) or DemoSettings.from_config(cfg)
+    return build_demo(chat, model_name=model_label(cfg), settings=settings, **kwargs)
+
+
 def launch_kwargs(demo, *, host: str = "127.0.0.1", port: Optional[int] = None, share: bool = False,
                   auth: Optional[list[tuple[str, str]]] = None) -> dict:
     """Keyword arguments for ``demo.launch``: loopback and no share link unless asked, a login when ``auth``
-    lists (user, password) pairs, a cap on upload size, and no Node server-side rendering (plain Python
-    serving is enough for this page)."""
+    lists (user, password) pairs, a cap on upload size, the page's theme and style, and no Node server-side
+    rendering (plain Python serving is enough for this page)."""
     return dict(server_name=host, server_port=port, share=share, auth=list(auth) if auth else None,
-                theme=getattr(demo, "sparkles_theme", None), ssr_mode=False, max_file_size="25mb")
+                theme=getattr(demo, "sparkles_theme", None), css=CSS, ssr_mode=False, max_file_size="25mb")
+
+
+def startup_message(local_url: str, share_url: Optional[str], *, shared: bool, loopback: bool) -> str:
+    """What ``demo.py`` logs once the page is up, in the demo's own flags (Gradio's lines, hidden by ``quiet``,
+    would tell the user to edit ``launch()``)."""
+    where = f"{local_url} (this machine only)" if loopback else local_url
+    if share_url:
+        return f"demo running on {where} and publicly on {share_url}"
+    if shared:
+        return f"demo running on {where}; the public link could not be created (Gradio said why above)"
+    return f"demo running on {where}; add --share (with --auth USER:PASSWORD) for a public link"

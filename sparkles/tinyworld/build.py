@@ -1,7 +1,8 @@
 """Builds the synthetic world in memory: configuration, image ids, evaluation sets and training dialogues.
 
 Order matters for train/eval disjointness: the evaluation sets (SparklesEval, BISON, NLVR2) are drawn first and
-their scene signatures are forbidden to every training scene. Every random choice comes from a named stream
+their scene signatures are forbidden to every training scene; the held-out demo chats are drawn last, from scenes
+unlike every other image of the world. Every random choice comes from a named stream
 ``random.Random(f"{seed}:{name}")``, so the same seed gives the same world on any machine.
 """
 
@@ -31,8 +32,9 @@ TRAIN_BISON_ATTRIBUTES = ("colour", "shape", "count", "position", "position")
 # allows (docs/research/tinyworld.md).
 REASONING_KINDS = ("bison", "nlvr2", "caption")
 DEFAULT_REASONING_MIX = {"bison": 1.0, "nlvr2": 1.0, "caption": 0.0}
-# Images in the first user message, per subset (CC: 1–3, VG: 2–3, like the upstream split files).
-TURN1_IMAGES = {"CC": (1, 2, 3), "VG": (2, 3), "SparklesEval": (2, 3)}
+# Images in the first user message, per subset (CC: 1–3, VG: 2–3, like the upstream split files; the held-out
+# demo chats 1–3, as a demo user uploads them).
+TURN1_IMAGES = {"CC": (1, 2, 3), "VG": (2, 3), "SparklesEval": (2, 3), "DemoChat": (1, 2, 3)}
 MAX_TRIES = 500
 
 
@@ -54,6 +56,11 @@ class WorldConfig:
     shapes: tuple = DEFAULT_SHAPES
     max_answer_words: int = 56
     vocab_size: int = 2048
+    # Share of the describe / count / attribute dialogues whose images are named IMAGE#1, IMAGE#2, … in order of
+    # appearance, as the demo and the API number uploads; the rest keep the upstream names (IMAGE#<image id>).
+    order_label_share: float = 0.5
+    # held-out two-turn chats labelled in order (evaluation/DemoChat), the demo's way of talking to the model
+    num_demo_chats: int = 50
 
     def validate(self) -> None:
         if self.num_train < 10:
@@ -62,6 +69,10 @@ class WorldConfig:
             raise ValueError(f"cc_fraction={self.cc_fraction} must be strictly between 0 and 1")
         if self.num_reasoning < 0:
             raise ValueError(f"num_reasoning={self.num_reasoning} must be >= 0")
+        if not 0.0 <= self.order_label_share <= 1.0:
+            raise ValueError(f"order_label_share={self.order_label_share} must be between 0 and 1")
+        if self.num_demo_chats < 0:
+            raise ValueError(f"num_demo_chats={self.num_demo_chats} must be >= 0")
         unknown = set(self.reasoning_mix) - set(REASONING_KINDS)
         if unknown:
             raise ValueError(f"unknown drill kinds in reasoning_mix: {sorted(unknown)}; known: "
@@ -92,7 +103,8 @@ class WorldConfig:
 
 PRESETS: dict[str, dict] = {
     "default": {},
-    "ci": {"num_train": 300, "num_bison": 20, "num_nlvr2": 20, "num_sparkleseval": 20, "num_reasoning": 600},
+    "ci": {"num_train": 300, "num_bison": 20, "num_nlvr2": 20, "num_sparkleseval": 20, "num_reasoning": 600,
+           "num_demo_chats": 20},
 }
 
 
@@ -110,6 +122,7 @@ class World:
     scenes: dict = field(default_factory=dict)                 # key (str id) -> SceneEntry
     dialogues: dict = field(default_factory=lambda: {"CC": [], "VG": []})
     sparkleseval: list = field(default_factory=list)
+    demo_chats: list = field(default_factory=list)             # SparklesEval-format chats labelled in order
     bison: list = field(default_factory=list)
     nlvr2: list = field(default_factory=list)
     reasoning: list = field(default_factory=list)               # text-only drills (Builder.reasoning_item)
@@ -122,7 +135,7 @@ class IdAllocator:
     """
 
     # Short ids keep sequences short (the tiny tokenizer splits digits); the range widens for big worlds.
-    RANGES = {"CC": 99_999, "VG": 99_999, "SparklesEval": 99_999, "BISON": 581_929}
+    RANGES = {"CC": 99_999, "VG": 99_999, "SparklesEval": 99_999, "DemoChat": 99_999, "BISON": 581_929}
 
     def __init__(self, rng: random.Random, expected: int):
         self.rng = rng
@@ -159,8 +172,8 @@ def _balanced(rng: random.Random, values: list, total: int) -> list:
 def image_file(dataset: str, image_id) -> str:
     if dataset in ("CC", "VG"):
         return f"data/SparklesDialogue{dataset}/images/{image_id}.jpg"
-    if dataset == "SparklesEval":
-        return f"evaluation/SparklesEval/images/{image_id}.jpg"
+    if dataset in ("SparklesEval", "DemoChat"):
+        return f"evaluation/{dataset}/images/{image_id}.jpg"
     if dataset == "BISON":
         return f"evaluation/BISON/images/{bison_filename(image_id)}"
     if dataset == "NLVR2":
@@ -315,8 +328,12 @@ class Builder:
         raise RuntimeError(f"could not build an NLVR2 pair for template {template!r} with label {label}")
 
     # --- dialogues --------------------------------------------------------------------------
-    def dialogue(self, rng, sampler: SceneSampler, dataset: str, mix_kind: str, n: int):
-        """One two-turn dialogue: its 4 messages, the (key, image_id, scene) of its images, its two task kinds."""
+    def dialogue(self, rng, sampler: SceneSampler, dataset: str, mix_kind: str, n: int, *, order_labels: bool = False):
+        """One two-turn dialogue: its 4 messages, the (key, image_id, scene) of its images, its two task kinds.
+
+        ``order_labels`` names the images IMAGE#1, IMAGE#2, … in order of appearance (the demo's and the API's
+        numbering) instead of by image id; the scenes and tasks drawn are the same either way.
+        """
         image_ids = [self.ids.new(dataset) for _ in range(n + 1)]
         keys = [str(i) for i in image_ids]
         for _ in range(MAX_TRIES):
@@ -339,7 +356,9 @@ class Builder:
                 qual2 = self._qual(rng, [new_scene, scenes[old_key]]) if kind2 != "describe2" else None
                 task2 = Task(kind2, (new_key, old_key), qual=qual2)
                 names = {k: image_name(k) for k in keys}
-                if mix_kind in ("bison", "nlvr2"):
+                if order_labels:
+                    names = {k: image_name(str(i)) for i, k in enumerate(keys, start=1)}
+                elif mix_kind in ("bison", "nlvr2"):
                     # The evaluation prompts call the two images IMAGE#1 and IMAGE#2 whatever their ids.
                     names[keys[0]], names[keys[1]] = "IMAGE#1", "IMAGE#2"
                 q1, a1 = question(task1, names, set(keys[:n])), answer(task1, scenes, names)
@@ -377,6 +396,7 @@ class Builder:
         self._training("CC", n_cc)
         self._training("VG", self.cfg.num_train - n_cc)
         self._reasoning()
+        self._demo_chats()
         return self.world
 
     def reasoning_item(self, rng: random.Random, sampler: SceneSampler, kind: str) -> dict:
@@ -456,9 +476,13 @@ class Builder:
 
     def _training(self, subset: str, total: int) -> None:
         rng = self._rng(f"train-{subset}")
+        label_rng = self._rng(f"labels-{subset}")  # a stream of its own: the share leaves the scenes as they are
         sampler = self._sampler(rng, self.reserved)
         for kind, n in self._plan(rng, subset, total, MIX_KINDS):
-            messages, images, kinds = self.dialogue(rng, sampler, subset, kind, n)
+            # BISON/NLVR2 dialogues keep their names: their pair is IMAGE#1/IMAGE#2 already, as in the evaluation
+            # prompts, and relabelling their third image too cost NLVR2 most (docs/research/tinyworld.md, E68)
+            order_labels = label_rng.random() < self.cfg.order_label_share and kind not in ("bison", "nlvr2")
+            messages, images, kinds = self.dialogue(rng, sampler, subset, kind, n, order_labels=order_labels)
             for key, image_id, scene in images:
                 self._register(key, image_id, subset, scene)
             self.world.dialogues[subset].append({"dialogue": messages, "raw": self._raw(kinds)})
@@ -472,6 +496,21 @@ class Builder:
             for key, image_id, scene in images:
                 self._register(key, image_id, "SparklesEval", scene)
             self.world.sparkleseval.append({"evaluation_id": i, "dialogue": messages})
+
+    def _demo_chats(self) -> None:
+        """Held-out chats as a demo user has them: images labelled IMAGE#1..k in upload order, scenes unlike any
+        other image of the world. Drawn last, from streams of their own, so the rest of the world is the same
+        with or without them."""
+        if not self.cfg.num_demo_chats:
+            return
+        rng = self._rng("demo-chat")
+        sampler = self._sampler(rng, {e.scene.signature() for e in self.world.scenes.values()})
+        plan = self._plan(rng, "DemoChat", self.cfg.num_demo_chats, ("describe", "count", "attribute"))
+        for i, (kind, n) in enumerate(plan):
+            messages, images, _kinds = self.dialogue(rng, sampler, "DemoChat", kind, n, order_labels=True)
+            for key, image_id, scene in images:
+                self._register(key, image_id, "DemoChat", scene)
+            self.world.demo_chats.append({"evaluation_id": i, "dialogue": messages})
 
     def _bison(self) -> None:
         rng = self._rng("bison")

@@ -144,7 +144,10 @@ def _score(share: float) -> float:
 
 
 def _dialogue_names(dialogue: list) -> tuple[dict, list[list[str]]]:
-    """name -> key for every image slot (k-th slot = k-th image) and the keys introduced per user turn."""
+    """name -> key for every image slot (k-th slot = k-th image) and the keys introduced per user turn.
+
+    Only the names the questions give count: in a chat that labels its images IMAGE#1, IMAGE#2, … an answer that
+    calls one by its image id names an image the user has never heard of."""
     name_to_key: dict[str, str] = {}
     per_turn: list[list[str]] = []
     for idx in (0, 2):
@@ -158,7 +161,6 @@ def _dialogue_names(dialogue: list) -> tuple[dict, list[list[str]]]:
         for name, img in zip(names, images):
             key = str(img["image_id"])
             name_to_key[name] = key
-            name_to_key.setdefault(key, key)
             keys.append(key)
         per_turn.append(keys)
     return name_to_key, per_turn
@@ -183,10 +185,7 @@ def _judge_turn(question: str, reply: str, visible: list[str], name_to_key: dict
             keys = tuple(name_to_key[n] for n in task.ids)
             mapped = Task(task.kind, keys, task.qual, name_to_key.get(task.target) if task.target else None,
                           task.obj, task.text)
-            inv = {}
-            for name, key in name_to_key.items():
-                if name != key or key not in inv:
-                    inv[key] = "IMAGE#" + name
+            inv = {key: "IMAGE#" + name for name, key in name_to_key.items()}
             ref_text = answer(mapped, scenes, inv)
             ref = extract_claims(ref_text, name_to_key)
         except (KeyError, InvalidTask, ValueError):

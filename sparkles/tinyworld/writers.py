@@ -5,6 +5,9 @@ Files (paths from ``SparklesLayout``):
 - ``data/SparklesDialogue{CC,VG}/annotations/SparklesDialogue{CC,VG}.json`` and the turn-split files
   ``SparklesDialogue{CC,VG}_turn{1,2}_{n}img.json``; images ``data/SparklesDialogue{CC,VG}/images/<id>.jpg``
 - ``evaluation/{SparklesEval,BISON,NLVR2}/annotations/sparkles_evaluation_<name>_annotations.json`` + images
+- ``evaluation/DemoChat/annotations/demo_chats.json`` + ``images/``: held-out two-turn chats in the SparklesEval
+  format whose images are labelled IMAGE#1..k in upload order, as the demo and the API label them
+  (``python -m sparkles.tinyworld.demo_chat`` scores a model on them)
 - ``world/scenes.json``: every image's scene record (read with ``load_scenes``)
 - ``data/cc_sbu_align/filter_cap.json`` + ``image/``: the training images with their descriptions, and
   ``data/cc_sbu_align/perception.json``: short count and place questions about them (``perception_samples``),
@@ -31,6 +34,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 from ..common.io import atomic_write_json, read_json
+from ..common.logging import progress_bar
 from ..common.paths import SparklesLayout
 from ..data.caption import load_prompts
 from ..eval.benchmarks import bison, nlvr2
@@ -47,6 +51,7 @@ MANIFEST_FORMAT = "sparkles-synthetic-world-files"
 # Written by the command line after the world (``cli.py``); a world written before the manifest existed owns them.
 TOKENIZER_DIR = "models/tiny_llm"
 REPORT_FILE = "world/generation_report.json"
+DEMO_CHATS_FILE = "evaluation/DemoChat/annotations/demo_chats.json"
 # Split files the upstream training config names; each must be non-empty.
 EXPECTED_SPLITS = {"CC": {(1, 1), (1, 2), (1, 3), (2, 2), (2, 3), (2, 4)},
                    "VG": {(1, 2), (1, 3), (2, 3), (2, 4)}}
@@ -113,6 +118,7 @@ def _world_files(scenes: Iterable[tuple[object, str, str]]) -> set[str]:
         files.add(str(layout.dialogue_file(subset)))
         files.update(str(layout.dialogue_split_file(subset, turn, n)) for turn, n in splits)
     files.update(str(layout.eval_annotations(name)) for name in ("SparklesEval", "BISON", "NLVR2"))
+    files.add(DEMO_CHATS_FILE)
     for image_id, dataset, file in scenes:
         files.add(file)
         if dataset in ("CC", "VG"):
@@ -238,19 +244,16 @@ def write_world(world: World, root: str | os.PathLike, *, workers: int = 1, forc
         path = layout.eval_annotations(name)
         atomic_write_json(path, items)
         summary[str(path.relative_to(root))] = len(items)
+    atomic_write_json(root / DEMO_CHATS_FILE, world.demo_chats)
+    summary[DEMO_CHATS_FILE] = len(world.demo_chats)
 
     atomic_write_json(scenes_file(root), {
         "format": FORMAT, "format_version": FORMAT_VERSION, "generator": "sparkles.tinyworld",
         "config": world.config.to_json(), "vocabulary": vocabulary(world), "scenes": scene_records(world)})
 
     jobs = [(e.scene, str(root / e.file), world.config.image_size) for e in world.scenes.values()]
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=len(jobs), desc="rendering images", unit="img")
-    render_all(jobs, workers=workers, progress=bar.update if bar else None)
-    if bar:
-        bar.close()
+    with progress_bar(total=len(jobs), desc="rendering images", unit="img", enabled=progress) as bar:
+        render_all(jobs, workers=workers, progress=bar.update)
     summary["images"] = len(jobs)
     summary.update(write_caption_set(world, root))
     # The caption checks go to a file of their own: a batch of them is less than half as long as a batch of
@@ -441,5 +444,7 @@ def iter_world_texts(root: str | os.PathLike) -> Iterator[str]:
         yield item["sentence"]
         yield HUMAN + nlvr2.prompt(item["sentence"]) + ASSISTANT
     for rec in load_world_file(root)["scenes"]:
+        if rec["dataset"] == "DemoChat":  # held out in the world's own words: the tokenizer is the same without them
+            continue
         yield rec["description"]
         yield rec["caption"]

@@ -2,7 +2,9 @@
 
 Reads the ``*_metrics.json`` files that ``evaluate.py --merge-results`` writes under
 ``<root>/evaluation/<dataset>/results/`` for one model name, the ``i4-score.json`` that ``i4_score.py`` writes
-for the model (``--i4-results``) and for a baseline (``--i4-baseline``), and the timings ``run.sh`` measured.
+for the model (``--i4-results``) and for a baseline (``--i4-baseline``), the score of chats replayed as the demo
+has them (``--demo-chat``: a result file with ``score``, ``A1``, ``A2`` and ``judge``), and the timings ``run.sh``
+measured.
 """
 
 from __future__ import annotations
@@ -50,7 +52,8 @@ def i4_summary(result_dir: Path) -> Optional[dict]:
 
 def build_summary(root: Path, *, model_name: Optional[str] = None, train_seconds: Optional[float] = None,
                   eval_seconds: Optional[float] = None, extra: Optional[dict] = None,
-                  i4_results: Optional[Path] = None, i4_baseline: Optional[Path] = None) -> dict:
+                  i4_results: Optional[Path] = None, i4_baseline: Optional[Path] = None,
+                  demo_chat: Optional[Path] = None) -> dict:
     summary: dict = {"root": str(root), "model_name": model_name}
     for ds in DATASETS:
         m = _latest_metrics(root, ds, model_name)
@@ -71,6 +74,11 @@ def build_summary(root: Path, *, model_name: Optional[str] = None, train_seconds
     for key, folder in (("i4_score", i4_results), ("i4_baseline", i4_baseline)):
         if folder is not None:
             summary[key] = i4_summary(Path(folder))
+    if demo_chat is not None:
+        data = read_json(Path(demo_chat), what="demo chat result")
+        summary["demo_chat_score"] = data.get("score")
+        summary["demo_chat_A1"], summary["demo_chat_A2"] = data.get("A1"), data.get("A2")
+        summary["demo_chat_judge"] = (data.get("judge") or {}).get("model")
     summary["train_seconds"] = train_seconds
     summary["eval_seconds"] = eval_seconds
     if extra:
@@ -87,6 +95,8 @@ def format_table(summary: dict) -> str:
         ("NLVR2 accuracy", fmt(summary.get("nlvr2_acc"), ".3f"), "chance 0.500"),
         ("SparklesEval score (/10)", fmt(summary.get("sparkleseval_score"), ".2f"),
          f"judge: {summary.get('sparkleseval_judge') or 'n/a'}"),
+        ("demo chat score (/10)", fmt(summary.get("demo_chat_score"), ".2f"),
+         f"judge: {summary.get('demo_chat_judge') or 'n/a'}; images labelled IMAGE#1.. as in the demo"),
         ("I4 score (mean of categories, x100)", fmt((summary.get("i4_score") or {}).get("mean"), ".1f"),
          "baseline " + fmt((summary.get("i4_baseline") or {}).get("mean"), ".1f")),
         ("train time (s)", fmt(summary.get("train_seconds"), ".0f"), ""),
@@ -108,11 +118,12 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="summary.json path (default <root>/summary.json)")
     p.add_argument("--i4-results", default=None, help="the model's I4 result folder (with i4-score.json)")
     p.add_argument("--i4-baseline", default=None, help="a baseline's I4 result folder, reported beside it")
+    p.add_argument("--demo-chat", default=None, help="a demo chat result file (score, A1, A2, judge)")
     args = p.parse_args(argv)
     root = Path(args.root)
     summary = build_summary(root, model_name=args.model_name, train_seconds=args.train_seconds,
                             eval_seconds=args.eval_seconds, extra=json.loads(args.extra) if args.extra else None,
-                            i4_results=args.i4_results, i4_baseline=args.i4_baseline)
+                            i4_results=args.i4_results, i4_baseline=args.i4_baseline, demo_chat=args.demo_chat)
     out = Path(args.out) if args.out else root / "summary.json"
     atomic_write_json(out, summary)
     print(format_table(summary))

@@ -35,8 +35,13 @@ judge, and any further keys (``generations``, ``warnings``, ``model_input``, ...
     linked from each other); return the written paths. Writes are atomic (temp file + rename).
 
 ``relative_image_url(relative_dir="../images", ext=".jpg")``, ``relative_path_url(relative_dir="../images")``,
-``choice_accuracy(items) -> float``, ``judge_summary(items) -> dict``, ``failure_of(item) -> str | None`` are
-public helpers.
+``choice_accuracy(items) -> float``, ``judge_summary(items) -> dict``, ``failure_of(item) -> str | None``,
+``choice_text(value) -> str`` (labels and predictions are written alike: ``IMAGE#2``, ``True``) and
+``reference_dialogues_label(annotation_path) -> str`` (who wrote a file's reference dialogues: GPT-4 for upstream's
+data, the templates of a generated world whose ``world/manifest.json`` lists the file) are public helpers.
+
+Clicking an image opens it in a viewer, never below its natural size; small images are enlarged by whole factors
+with square pixels (``image-rendering: pixelated``).
 """
 
 from __future__ import annotations
@@ -53,7 +58,7 @@ from functools import lru_cache
 from pathlib import Path, PurePath
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from ..common.io import atomic_write
+from ..common.io import atomic_write, read_json
 from ..conversation.template import IMAGE_MARKER as SLOT
 
 CAPTION_PREVIEW_CHARS = 100
@@ -70,6 +75,7 @@ _OK_STATUSES = ("ok", "done", "success")
 __all__ = [
     "render_dialogue_page", "render_choice_results_page", "write_dialogue_page", "write_choice_results_page",
     "relative_image_url", "relative_path_url", "choice_accuracy", "judge_summary", "page_paths", "failure_of",
+    "choice_text", "world_author", "reference_dialogues_label",
 ]
 
 
@@ -97,6 +103,49 @@ def relative_path_url(relative_dir: str = "../images") -> Callable[[str], str]:
         return f"{base}/{name}" if base else name
 
     return url
+
+
+# --------------------------------------------------------------------------------------------------------
+# Who wrote the dialogues of a file
+# --------------------------------------------------------------------------------------------------------
+# A generated synthetic world lists every file it wrote in <root>/world/manifest.json (this format). Its dialogues
+# and reference answers come from the world's templates; only the upstream formats it mimics say "gpt-4".
+WORLD_MANIFEST = Path("world") / "manifest.json"
+WORLD_MANIFEST_FORMAT = "sparkles-synthetic-world-files"
+WORLD_REPORT = Path("world") / "generation_report.json"
+UPSTREAM_AUTHOR = "gpt-4"  # SparklesDialogue and SparklesEval's reference dialogues were written by GPT-4
+
+
+def world_author(path: str | os.PathLike) -> str | None:
+    """Who wrote a generated world's file: ``the synthetic world's templates (seed <s>), no language model`` when
+    the world manifest of a folder above ``path`` lists the file, else None. The manifest (and the world's
+    generation report, for the seed) is read as data."""
+    target = Path(path).resolve()
+    for root in target.parents:
+        manifest = root / WORLD_MANIFEST
+        if not manifest.is_file():
+            continue
+        try:
+            data = read_json(manifest, what="world manifest")
+            listed = data.get("format") == WORLD_MANIFEST_FORMAT and target.relative_to(root).as_posix() in set(
+                data.get("files") or [])
+        except (ValueError, OSError, AttributeError, TypeError):
+            return None  # an unreadable manifest proves nothing either way
+        if not listed:
+            return None
+        try:
+            seed = read_json(root / WORLD_REPORT, what="world report")["config"]["seed"]
+        except (ValueError, OSError, KeyError, TypeError):
+            seed = None
+        return "the synthetic world's templates" + (f" (seed {seed})" if seed is not None else "") + \
+            ", no language model"
+    return None
+
+
+def reference_dialogues_label(path: str | os.PathLike) -> str:
+    """The page's name for the author of a SparklesDialogue/SparklesEval annotation file's dialogues (``path``):
+    ``gpt-4 (reference dialogues)`` for upstream's data, the world's templates for a generated world's."""
+    return f"{world_author(path) or UPSTREAM_AUTHOR} (reference dialogues)"
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -272,6 +321,23 @@ def _prepare_dialogue(index: int, item: Any, image_url_fn: Callable[[str], str |
             "messages": messages, "judges": judges, "failure": failure, "extras": _extras(item, DIALOGUE_FIELDS)}
 
 
+_IMAGE_CHOICE = re.compile(r"image\s*#\s*(\d+)", re.IGNORECASE)
+
+
+def choice_text(value: Any) -> str:
+    """A BISON/NLVR2 label or prediction as the page writes both: ``IMAGE#<k>``, ``True``/``False``.
+
+    Result files hold the gold label as the annotations spell it (``IMAGE#2``, ``True``) and the prediction as the
+    answer reader returns it (``image#2``, ``true``); the page writes the two alike so that they compare at a glance.
+    Any other text is shown as it is.
+    """
+    text = str(value).strip()
+    image = _IMAGE_CHOICE.fullmatch(text)
+    if image:
+        return f"IMAGE#{image.group(1)}"
+    return text.capitalize() if text.lower() in ("true", "false") else text
+
+
 def _is_correct(item: Mapping[str, Any]) -> bool:
     predict, label = item.get("predict"), item.get("label")
     if predict is None or label is None:
@@ -299,8 +365,8 @@ def _prepare_choice(index: int, item: Any, image_url_fn: Callable[[str], str | N
         return "" if value is None else str(value)
     return {
         "index": index, "evaluation_id": item.get("evaluation_id"), "correct": _is_correct(item),
-        "sentence": text("sentence"), "label": text("label"),
-        "predict": "(none)" if item.get("predict") is None else text("predict"),
+        "sentence": text("sentence"), "label": choice_text(text("label")),
+        "predict": "(none)" if item.get("predict") is None else choice_text(text("predict")),
         "prompt": split_text(text("prompt"), slot_images, mention_urls),
         "response": split_text(text("response"), [], mention_urls),
         "images": [{"url": u, "name": PurePath(str(p).replace("\\", "/")).name, "path": str(p), "position": k + 1}
