@@ -79,7 +79,10 @@ class _SparklesModel(lmms):
         return self.answerer.answer(self._conversations(requests, True))
 
     def loglikelihood(self, requests):
-        raise NotImplementedError("SparklesChat answers generation tasks; likelihood requests are not served")
+        # Required by lmms' abstract base, never reached: lmms-eval sends chat models no likelihood requests, and an
+        # OpenAI-compatible server returns no prompt log-probabilities to score them with.
+        raise NotImplementedError("sparkles_chat and sparkles_api answer generate_until tasks only; a task with "
+                                  "output_type loglikelihood is not served (docs/lmms_eval.md)")
 
 
 class SparklesChatModel(_SparklesModel):
