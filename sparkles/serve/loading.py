@@ -166,17 +166,16 @@ def load_model(cfg_path: Optional[str] = None, *, options: Optional[Sequence[str
     A ``protocol_file`` with a ``system_text`` replaces the config's system text."""
     import sparkles.models  # noqa: F401  (registers the sparkleschat arch)
     from ..common.config import ConfigError, load_config, resolve_config_root
-    from ..common.paths import MissingPathError
+    from ..common.paths import MissingPathError, project_path
     from ..conversation.protocol_file import ProtocolFileError, load_protocol_file
     from ..models.loaders import CheckpointError
     from ..models.sparkleschat import SparklesChat
 
-    from ..common.paths import project_path
-
     given = cfg_path or DEFAULT_CFG_PATH
     cfg_path = project_path(given)
     if not cfg_path.is_file():
-        tried = sorted({str(Path(given).expanduser().absolute()), str(cfg_path.absolute())})
+        # the current folder first, then the repository: the order project_path looks in
+        tried = list(dict.fromkeys([str(Path(given).expanduser().absolute()), str(cfg_path.absolute())]))
         raise LoadError(f"config file not found: {given} (looked for {' and '.join(tried)}); pass --cfg-path")
     device = resolve_devices(gpu_ids)
     try:
