@@ -27,10 +27,6 @@ from sparkles.serve.demo_app import (EXAMPLES, DemoSettings, build_demo, launch_
                                      place_images, slider_ranges)
 from sparkles.serve.loading import LoadError, context_limit, load_model, make_chat, parse_gpu_ids  # noqa: E402
 
-# Gradio's own queue code trips pandas deprecation warnings; they are not ours to fix.
-pytestmark = [pytest.mark.filterwarnings("ignore:.*no_silent_downcasting"),
-              pytest.mark.filterwarnings("ignore:The copy keyword is deprecated")]
-
 ROOT = Path(__file__).resolve().parents[1]
 QUESTION = "Compare IMAGE#1✨ with IMAGE#2⭐."
 GREEDY = dict(beams=1, temperature=0.0, top_p=0.9, max_new_tokens=32)

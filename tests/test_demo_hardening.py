@@ -23,9 +23,6 @@ from sparkles.serve.loading import context_limit, make_chat  # noqa: E402
 from sparkles.testing.serving import free_port  # noqa: E402
 from sparkles.testing.tiny import build_tiny_model  # noqa: E402
 
-pytestmark = [pytest.mark.filterwarnings("ignore:.*no_silent_downcasting"),
-              pytest.mark.filterwarnings("ignore:The copy keyword is deprecated")]
-
 ROOT = Path(__file__).resolve().parents[1]
 GREEDY = dict(beams=1, temperature=0.0, top_p=0.9, max_new_tokens=16)
 LOGIN = ("ann", "correct horse")
