@@ -79,8 +79,10 @@ class _SparklesModel(lmms):
         return self.answerer.answer(self._conversations(requests, True))
 
     def loglikelihood(self, requests):
-        # Required by lmms' abstract base, never reached: lmms-eval sends chat models no likelihood requests, and an
-        # OpenAI-compatible server returns no prompt log-probabilities to score them with.
+        # lmms' abstract base requires it; lmms-eval cannot call it on a chat model: a chat model's tasks are built as
+        # messages tasks, whose request builder admits generation output types only (lmms-eval 0.7.3,
+        # api/task.py, ConfigurableMessagesTask.construct_requests), and an OpenAI-compatible server returns no
+        # prompt log-probabilities to score a continuation with.
         raise NotImplementedError("sparkles_chat and sparkles_api answer generate_until tasks only; a task with "
                                   "output_type loglikelihood is not served (docs/lmms_eval.md)")
 
