@@ -144,6 +144,14 @@ def test_batches_are_split_at_the_request_and_size_limits(tmp_path):
         files = srv.uploads[3:]
         assert all(len(srv.file_content(f)) <= limit for f in files) and len(files) == 3
         assert sum(len(upload_lines(srv, f)) for f in files) == 5 and all(not isinstance(r, Exception) for r in results)
+        # a batch input file names one model: requests for two models go in two files
+        mixed = [{"prompt": f"m{i}", "model": "gpt-4" if i % 2 else "gpt-3.5-turbo"} for i in range(4)]
+        with make_client(srv, tmp_path / "m.sqlite") as gpt:
+            results = runner(gpt).map_chat(mixed)
+        models = [{line["body"]["model"] for line in upload_lines(srv, f)} for f in srv.uploads[6:]]
+        assert sorted(models, key=sorted) == [{"gpt-3.5-turbo"}, {"gpt-4"}]
+        assert [(r.text, r.model) for r in results] == [(f"answer to: m{i} (1.0)", m["model"])
+                                                        for i, m in enumerate(mixed)]
 
 
 def test_spending_cap_holds_back_requests_at_their_batch_estimate(tmp_path):
@@ -232,6 +240,27 @@ def test_an_interrupted_run_reattaches_and_resubmits_what_an_expired_batch_left(
         # one upload for the first try, one for the two requests the expired batch did not run
         assert [len(upload_lines(srv, f)) for f in srv.uploads] == [3, 2] and batch_creations(srv) == 2
         assert [r.batch for r in results] == [True, True, True] and not state_file.exists()
+
+
+def test_a_restarted_run_submits_its_new_requests_while_the_earlier_batch_runs(tmp_path):
+    first = [{"prompt": f"q{i}", "model": "gpt-4"} for i in range(2)]
+    with OpenAICompatServer(echo) as srv, make_client(srv, tmp_path / "c.sqlite") as gpt:
+        srv.hold_batches()
+        with pytest.raises(KeyboardInterrupt):
+            BatchRunner(gpt, poll_interval=1.0, sleep=interrupt).map_chat(first)
+
+        batches_at_first_wait: list[int] = []
+
+        def wait(_seconds):
+            batches_at_first_wait.append(batch_creations(srv))
+            srv.release_batches()
+
+        requests = first + [{"prompt": "q2", "model": "gpt-4"}]
+        results = BatchRunner(gpt, poll_interval=1.0, sleep=wait).map_chat(requests)
+        assert [r.text for r in results] == [f"answer to: q{i} (1.0)" for i in range(3)]
+        # the new request was submitted before the run waited for the earlier batch, and only it
+        assert batches_at_first_wait[0] == 2
+        assert [len(upload_lines(srv, f)) for f in srv.uploads] == [2, 1] and not list(tmp_path.glob("*.batch-*"))
 
 
 # ------------------------------------------------------------------------------------------------ generation

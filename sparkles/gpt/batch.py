@@ -174,11 +174,14 @@ class BatchRunner:
                 deliver(index, hit or result)
 
         attached = self._attach(set(todo))
-        if attached:
-            self._wait(attached, todo, settle)  # what they leave unanswered stays in ``todo``
-        submitted = self._submit(self._reserve(list(todo.values()), settle), settle)
-        if submitted:
-            self._wait(submitted, todo, settle)
+        covered = {key for b in attached for key in b.keys}
+        fresh = self._submit(self._reserve([r for k, r in todo.items() if k not in covered], settle), settle)
+        if attached or fresh:  # the new requests run while earlier runs' batches finish
+            self._wait(attached + fresh, todo, settle)
+        # what re-attached batches that ended early (or an endpoint no longer knows) left unanswered
+        again = self._submit(self._reserve(list(todo.values()), settle), settle)
+        if again:
+            self._wait(again, todo, settle)
 
     def _attach(self, wanted: set[str]) -> list[_Batch]:
         """The batches of earlier runs' state files that hold keys of ``wanted``; finished state files removed."""
@@ -219,11 +222,12 @@ class BatchRunner:
         return allowed
 
     def _chunks(self, requests: list[_Request], settle: Callable) -> list[list[tuple[_Request, bytes]]]:
-        """The Batch API lines of ``requests``, split to stay within the request and size limits."""
+        """The Batch API lines of ``requests``, one model per chunk (a batch input file may name one model only),
+        split to stay within the request and size limits."""
         endpoint = self._endpoint()
         chunks: list[list[tuple[_Request, bytes]]] = [[]]
         size = 0
-        for r in requests:
+        for r in sorted(requests, key=lambda r: r.body["model"]):  # stable: input order within a model
             body = {**r.body, "model": self.client.sdk_model(r.body["model"])}
             line = (json.dumps({"custom_id": r.key, "method": "POST", "url": endpoint, "body": body},
                                ensure_ascii=False) + "\n").encode("utf-8")
@@ -231,7 +235,8 @@ class BatchRunner:
                 settle(r.key, GPTCallError(f"the request is {len(line)} bytes, more than a batch input file may hold "
                                            f"({self.max_bytes})", model=r.body["model"], kind="bad_request"))
                 continue
-            if len(chunks[-1]) >= self.max_requests or size + len(line) > self.max_bytes:
+            if chunks[-1] and (len(chunks[-1]) >= self.max_requests or size + len(line) > self.max_bytes
+                               or chunks[-1][-1][0].body["model"] != r.body["model"]):
                 chunks.append([])
                 size = 0
             chunks[-1].append((r, line))
@@ -326,10 +331,11 @@ class BatchRunner:
 
         answers: dict[str, CachedResponse] = {}
         failures: dict[str, GPTCallError] = {}
+        keys = set(b.keys)
         for file_id in (batch.output_file_id, batch.error_file_id):
             for line in self._download(file_id, b.model) if file_id else []:
                 key = line.get("custom_id")
-                if key not in b.keys or key in answers:
+                if key not in keys or key in answers:
                     continue
                 model = (todo[key].body["model"] if key in todo else b.model)
                 response = line.get("response") or {}
