@@ -86,8 +86,6 @@ class GPTJudge:
     def judge(self, dialogue: Sequence[Mapping[str, Any]]) -> JudgeOutcome:
         """Judge one dialogue. A ``GPTCallError`` (API failure) propagates: nothing is recorded then."""
         (outcome,) = self._rate([dialogue], lambda requests: [self.client.chat(**r) for r in requests])
-        if isinstance(outcome, GPTCallError):
-            raise outcome
         return outcome
 
     def judge_all(self, dialogues: Sequence[Sequence[Mapping[str, Any]]]) -> list["JudgeOutcome | GPTCallError"]:

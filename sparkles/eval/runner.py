@@ -227,10 +227,10 @@ def run_judging(shard: ShardFile, eids: Sequence[Any], judges: Sequence[Any], st
             continue
         bar = _bar(len(todo), f"judge {name}", progress)
 
-        def record(eid: Any, outcome: JudgeOutcome) -> None:
+        def record(eid: Any, outcome: JudgeOutcome, *, save: bool = True) -> None:
             item = shard.get(eid)
             item[name] = outcome.entry
-            shard.put(item)
+            shard.put(item, save=save)
             stats.judge_calls += outcome.calls
             stats.paid_calls += outcome.paid_calls
             stats.judged[name] += 1
@@ -239,12 +239,13 @@ def run_judging(shard: ShardFile, eids: Sequence[Any], judges: Sequence[Any], st
 
         workers = max(1, min(concurrency, len(todo))) if judge.kind == "gpt" else 1
         if getattr(judge, "ask_many", None) is not None:  # --batch-api: every pending dialogue in one batch
-            outcomes = judge.judge_all([copy.deepcopy(shard.get(e)["dialogue"]) for e in todo])
+            outcomes = judge.judge_all([shard.get(e)["dialogue"] for e in todo])
             for eid, outcome in zip(todo, outcomes):
                 if isinstance(outcome, GPTCallError):
                     stats.api_errors.append(f"{name} / evaluation_id {eid}: {outcome}")
                 else:
-                    record(eid, outcome)
+                    record(eid, outcome, save=False)  # all at once: the shard is written once below
+            shard.save()
         elif workers == 1:
             for eid in todo:
                 try:

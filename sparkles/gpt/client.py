@@ -29,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, TypeVar
 
+from ..common.logging import progress_bar
 from .cache import CachedResponse, ResponseCache, request_key
 from .config import GPTConfig
 from .cost import PriceTable, SpendingCap, UsageLedger
@@ -370,10 +371,7 @@ class GPTClient:
         if not items:
             return results
         workers = max(1, min(concurrency or self.config.concurrency, len(items)))
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-            bar = tqdm(total=len(items), desc=progress)
+        bar = progress_bar(total=len(items), desc=progress, unit="call", enabled=bool(progress))
         pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gpt")
         try:
             futures = {pool.submit(self._run_request, r): i for i, r in enumerate(items)}
@@ -387,12 +385,10 @@ class GPTClient:
                     results[i] = exc
                 if on_result is not None:
                     on_result(i, results[i])
-                if bar is not None:
-                    bar.update(1)
+                bar.update(1)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
-            if bar is not None:
-                bar.close()
+            bar.close()
         return results
 
     def _run_request(self, r: ChatRequest) -> ChatResult:

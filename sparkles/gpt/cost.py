@@ -174,8 +174,8 @@ class UsageLedger:
             if price is not None:
                 synchronous = price.cost(u.prompt_tokens - u.batch_prompt_tokens,
                                          u.completion_tokens - u.batch_completion_tokens)
-                cost = synchronous + self.prices.cost(model, u.batch_prompt_tokens, u.batch_completion_tokens,
-                                                      batch=True)
+                batch = price.cost(u.batch_prompt_tokens, u.batch_completion_tokens) * self.prices.batch_factor
+                cost = synchronous + batch
                 saved = price.cost(u.cached_prompt_tokens, u.cached_completion_tokens)
             per_model[model] = {**vars(u), "cost_usd": cost, "saved_usd": saved,
                                 "price_per_1m": self.prices.to_dict([model]).get(model)}
