@@ -8,6 +8,7 @@ from pathlib import Path
 from sparkles.common.config import load_config, resolve_config_root
 from sparkles.common.paths import project_path, repository_root
 from sparkles.serve.loading import LoadError, load_model
+from sparkles.testing.tiny import write_tiny_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,6 +43,16 @@ def test_a_missing_model_names_the_path_tried_and_the_command_that_writes_it(tmp
         raise AssertionError("an empty root loaded a model")
     assert str(root / "models") in message
     assert f"`bash run.sh` writes them (into outputs/tiny; this run reads {root})" in message
+    # every file the config names is there, but the checkpoints are empty: what is wrong is not what writes them
+    write_tiny_tokenizer(root / "models" / "tiny_llm")
+    for name in ("sparkleschat_tiny_towers/blip2_towers.pth", "sparkleschat_tiny/checkpoint_last.pth"):
+        (root / "models" / name).parent.mkdir(parents=True)
+        (root / "models" / name).write_bytes(b"")
+    try:
+        load_model(None, sparkles_root=str(root))
+    except LoadError as exc:
+        message = str(exc)
+    assert "the file is empty" in message and "bash run.sh" not in message
     try:
         load_model(str(REPO / "eval_configs" / "sparkles_eval.yaml"), options=["model.low_resource=False"],
                    sparkles_root=str(root))

@@ -17,6 +17,7 @@ measured slower). Greedy tokens are the same in all three in float32.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 import logging
 import weakref
@@ -124,30 +125,61 @@ class BlankAnswerGuard:
     whose text would begin it with a stop string ("#", "##", "###", ... for "###") get no probability.
 
     A model asked something its training never showed (a text-only "Hello" to the tiny model of ``bash run.sh``)
-    may open its answer with the stop marker, and the answer is then empty. The token tables are made once per
-    tokenizer and stop strings (one decode of the vocabulary)."""
+    may open its answer with the stop marker, and the answer is then empty. The vocabulary is decoded once per
+    tokenizer; the table of opening tokens is kept for the last few stop-string sets (an API request may bring
+    its own); each step is two mask look-ups on the logits' device, with no read-back."""
 
-    _tables: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+    MAX_STOP_SETS = 8  # tables kept per tokenizer: the chat's own stops and a few request-specific ones
+
+    _vocabularies: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+    _opening_tables: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
     def __init__(self, tokenizer, stop_strings: Sequence[str]) -> None:
         stops = tuple(s for s in stop_strings if s.strip())
-        per_tokenizer = self._tables.setdefault(tokenizer, {})
-        if stops not in per_tokenizer:
-            texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))], skip_special_tokens=True)
-            opening = [i for i, t in enumerate(texts) if t.strip() and
-                       any(s.startswith(t.lstrip()) or t.lstrip().startswith(s) for s in stops)]
-            blank = [i for i, t in enumerate(texts) if not t.strip()]
-            per_tokenizer[stops] = (torch.tensor(opening, dtype=torch.long), torch.tensor(blank, dtype=torch.long))
-        self.opening, self.blank = per_tokenizer[stops]
+        if tokenizer not in self._vocabularies:
+            texts = [t.lstrip() for t in tokenizer.batch_decode([[i] for i in range(len(tokenizer))],
+                                                                skip_special_tokens=True)]
+            self._vocabularies[tokenizer] = (texts, torch.tensor([not t.strip() for t in texts], dtype=torch.bool))
+        texts, self.blank = self._vocabularies[tokenizer]
+        tables = self._opening_tables.setdefault(tokenizer, OrderedDict())
+        if stops not in tables:
+            tables[stops] = torch.tensor([bool(t.strip()) and any(s.startswith(t) or t.startswith(s) for s in stops)
+                                          for t in texts], dtype=torch.bool)
+            if len(tables) > self.MAX_STOP_SETS:
+                tables.popitem(last=False)
+        tables.move_to_end(stops)
+        self.opening = tables[stops]
+        self._masks: dict = {}
+
+    @property
+    def active(self) -> bool:
+        """Whether any token could open an answer with a stop string (else the guard has nothing to do)."""
+        return bool(self.opening.any())
+
+    def _device_masks(self, device: torch.device, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The blank and opening masks on ``device``, as wide as the logits (a padded vocabulary adds ids)."""
+        key = (str(device), width)
+        if key not in self._masks:
+            def fit(mask: torch.Tensor) -> torch.Tensor:
+                out = torch.zeros(width, dtype=torch.bool)
+                n = min(width, mask.numel())
+                out[:n] = mask[:n]
+                return out.to(device)
+            self._masks[key] = (fit(self.blank), fit(self.opening))
+        return self._masks[key]
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        blank_rows = torch.isin(input_ids, self.blank.to(input_ids.device)).all(dim=-1)
-        if not bool(blank_rows.any()):
-            return scores
-        scores = scores.clone()
-        rows = blank_rows.nonzero().squeeze(-1).to(scores.device)
-        scores[rows[:, None], self.opening.to(scores.device)[None, :]] = float("-inf")
-        return scores
+        is_blank, is_opening = self._device_masks(scores.device, scores.shape[-1])
+        blank_rows = is_blank[input_ids.to(scores.device)].all(dim=-1)  # true for a row with no tokens yet
+        return scores.masked_fill(blank_rows[:, None] & is_opening[None, :], float("-inf"))
+
+
+def blank_answer_guard(gen: GenerationConfig, tokenizer) -> Optional[BlankAnswerGuard]:
+    """The :class:`BlankAnswerGuard` ``gen`` asks for (``nonblank_answer`` with stop strings), or None."""
+    if not (gen.nonblank_answer and gen.stop_strings and tokenizer is not None):
+        return None
+    guard = BlankAnswerGuard(tokenizer, gen.stop_strings)
+    return guard if guard.active else None
 
 
 def logits_processors(gen: GenerationConfig, tokenizer=None):
@@ -158,10 +190,9 @@ def logits_processors(gen: GenerationConfig, tokenizer=None):
                                                         TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 
     procs = LogitsProcessorList()
-    if gen.nonblank_answer and tokenizer is not None and gen.stop_strings:
-        guard = BlankAnswerGuard(tokenizer, gen.stop_strings)
-        if guard.opening.numel():
-            procs.append(guard)
+    guard = blank_answer_guard(gen, tokenizer)
+    if guard is not None:
+        procs.append(guard)
     if gen.repetition_penalty != 1.0:
         procs.append(RepetitionPenaltyLogitsProcessor(gen.repetition_penalty))
     if gen.do_sample:
@@ -520,11 +551,10 @@ def beam_search(llm, *, inputs_embeds: torch.Tensor, attention_mask: torch.Tenso
             kwargs.update(top_k=gen.top_k)
     if gen.stop_strings:
         kwargs.update(stop_strings=list(gen.stop_strings), tokenizer=tokenizer)
-    if gen.nonblank_answer and gen.stop_strings:
+    guard = blank_answer_guard(gen, tokenizer)
+    if guard is not None:
         from transformers.generation.logits_process import LogitsProcessorList
 
-        guard = BlankAnswerGuard(tokenizer, gen.stop_strings)
-        if guard.opening.numel():
-            kwargs.update(logits_processor=LogitsProcessorList([guard]))
+        kwargs.update(logits_processor=LogitsProcessorList([guard]))
     out = llm.generate(**kwargs)
     return [row.tolist() for row in out]

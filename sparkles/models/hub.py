@@ -36,7 +36,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 from ..common.io import atomic_write, atomic_write_json, read_json
 from ..common.paths import MissingPathError
-from .loaders import CheckpointError
+from .loaders import CheckpointError, CheckpointMissing
 from .weights import is_url
 
 CONFIG_NAME = "config.json"
@@ -321,7 +321,7 @@ def load_weights(model, path: str | os.PathLike) -> set[str]:
 
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"weights not found: {path}")
+        raise CheckpointMissing(f"weights not found: {path}")
     tensors = load_file(str(path), device="cpu")
     own = model.state_dict()
     stray = sorted(k for k in tensors if k not in own)

@@ -32,6 +32,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint does not fit the model; the message names the key(s) and the file."""
 
 
+class CheckpointMissing(CheckpointError, FileNotFoundError):
+    """A checkpoint file or folder is not there (as opposed to one that is there but does not fit)."""
+
+
 @dataclass
 class LoadReport:
     """What one file contributed: loaded keys, keys ignored on purpose (with the reason), and the model's
@@ -58,7 +62,7 @@ def read_state_dict(path: str | os.PathLike, *, wrapper_key: str | None = None) 
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
+        raise CheckpointMissing(f"checkpoint not found: {path}")
     size = path.stat().st_size
     if size == 0:
         raise CheckpointError(f"{path}: the file is empty (0 bytes), e.g. from a copy or download that did not "
@@ -320,6 +324,8 @@ def load_llama(path: str | os.PathLike | None, *, dtype: torch.dtype = torch.flo
     if path is None:
         raise CheckpointError("model.llama_model is not set")
     path = Path(path)
+    if not path.exists():
+        raise CheckpointMissing(f"model directory not found: {path}")
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path}: not a Hugging Face model directory (config.json missing)")
     weights = [p for p in path.iterdir() if p.suffix in (".bin", ".safetensors") or p.name.endswith(".index.json")]

@@ -166,7 +166,7 @@ def load_model(cfg_path: Optional[str] = None, *, options: Optional[Sequence[str
     A ``protocol_file`` with a ``system_text`` replaces the config's system text."""
     import sparkles.models  # noqa: F401  (registers the sparkleschat arch)
     from ..common.config import ConfigError, load_config, resolve_config_root
-    from ..common.paths import MissingPathError, project_path
+    from ..common.paths import project_path
     from ..conversation.protocol_file import ProtocolFileError, load_protocol_file
     from ..models.loaders import CheckpointError
     from ..models.sparkleschat import SparklesChat
@@ -192,8 +192,10 @@ def load_model(cfg_path: Optional[str] = None, *, options: Optional[Sequence[str
         multi = bool(gpu_ids) and len(gpu_ids) > 1
         # Several GPUs: build on the CPU, then dispatch; one device: build there directly.
         model = SparklesChat.from_config(cfg.model, root=root, device="cpu" if multi else device)
-    except (ConfigError, MissingPathError, CheckpointError) as exc:
-        raise LoadError(f"{exc}.{hint}" if hint else str(exc)) from exc
+    except (ConfigError, FileNotFoundError, CheckpointError) as exc:
+        # what writes the files helps only when a file is missing, not when one is there and does not fit
+        missing = isinstance(exc, FileNotFoundError)
+        raise LoadError(f"{exc}.{hint}" if hint and missing else str(exc)) from exc
     if multi:
         split_decoder(model, gpu_ids)
     model.eval()
