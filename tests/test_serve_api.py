@@ -344,6 +344,9 @@ def test_stream_safe_text_holds_back_what_may_become_a_stop_string():
     assert stream_safe_text("the EN", stops) == "the " and stream_safe_text("the ENDING", stops) == "the "
     assert stream_safe_text("caf\ufffd", stops) == "caf", "an incomplete character waits for its last byte"
     assert stream_safe_text("a #", ()) == "a #"
+    # a role name the answer restarts after is held back while it forms, but does not end the answer
+    assert stream_safe_text("two red Assist", stops, hold=("Assistant:",)) == "two red "
+    assert stream_safe_text("two red Assistant: one", stops, hold=("Assistant:",)) == "two red Assistant: one"
 
 
 def _step_texts(chat, question: str, images: list[bytes], max_new_tokens: int) -> list[str]:

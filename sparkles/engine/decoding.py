@@ -246,10 +246,13 @@ def _cut_at_stop(text: str, stop_strings: Sequence[str]) -> tuple[str, bool]:
     return (text[:min(found)], True) if found else (text, False)
 
 
+ROLE_MARK = "Assistant:"  # a role name the model wrote inside its answer; the answer restarts after it
+
+
 def _tidy(text: str) -> str:
     """Keep the text after a stray ``Assistant:`` (the model wrote a role name), strip."""
-    if "Assistant:" in text:
-        text = text.rsplit("Assistant:", 1)[1]
+    if ROLE_MARK in text:
+        text = text.rsplit(ROLE_MARK, 1)[1]
     return text.strip()
 
 
@@ -259,19 +262,20 @@ def clean_answer(tokenizer, generated: Sequence[int], stop_strings: Sequence[str
     return _tidy(text)
 
 
-def stream_safe_text(text: str, stop_strings: Sequence[str]) -> str:
+def stream_safe_text(text: str, stop_strings: Sequence[str], hold: Sequence[str] = ()) -> str:
     """The part of a growing decoded ``text`` that a stream may show now.
 
     A complete stop string ends the answer there. Otherwise the tail is held back while it could still grow into
-    a stop string (the "#" and "##" of "###") and released as soon as a later token shows it cannot; so is a
-    character whose bytes have not all been generated yet (decoded as U+FFFD for now).
+    a stop string (the "#" and "##" of "###") or into one of ``hold`` (strings that change the answer without
+    ending it), and released as soon as a later token shows it cannot; so is a character whose bytes have not
+    all been generated yet (decoded as U+FFFD for now).
     """
     text, stopped = _cut_at_stop(text, stop_strings)
     if stopped:
         return text
     text = text.rstrip("\ufffd")
     held = 0
-    for s in stop_strings:
+    for s in (*stop_strings, *hold):
         for k in range(min(len(s) - 1, len(text)), held, -1):
             if text.endswith(s[:k]):
                 held = k
@@ -283,7 +287,8 @@ def partial_answer(tokenizer, generated: Sequence[int], stop_strings: Sequence[s
     """The answer so far while generation goes on: :func:`clean_answer` of :func:`stream_safe_text`. Every such
     snapshot is a prefix of the next one and of the final answer (unless a stray ``Assistant:`` restarts it),
     so a stream never shows a piece of a stop string that the final answer drops."""
-    return _tidy(stream_safe_text(tokenizer.decode(list(generated), skip_special_tokens=True), stop_strings))
+    text = tokenizer.decode(list(generated), skip_special_tokens=True)
+    return _tidy(stream_safe_text(text, stop_strings, hold=(ROLE_MARK,)))
 
 
 @torch.no_grad()
