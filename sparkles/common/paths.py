@@ -56,6 +56,12 @@ def resolve_path(path: str | os.PathLike, root: str | os.PathLike | None = None,
     return p
 
 
+# A generated synthetic world lists every file it wrote in its manifest and its settings in its report; the
+# world's writer and the pages that say who wrote a file both read these names, so they live with the layout.
+WORLD_MANIFEST = "world/manifest.json"
+WORLD_MANIFEST_FORMAT = "sparkles-synthetic-world-files"
+WORLD_REPORT = "world/generation_report.json"
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")  # the image files an evaluation set may hold
 
 

@@ -18,8 +18,7 @@ import sys
 from typing import Optional, Sequence
 
 from .api import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_IMAGES, DEFAULT_MAX_QUEUE, is_loopback, loopback_hosts
-from .loading import (LoadError, add_model_arguments, chat_mode_of, generation_of, load_model,
-                      make_chat)
+from .loading import LoadError, add_model_arguments, load_model, make_chat
 from .openai_format import DEFAULT_MAX_TEXT_CHARS
 
 API_KEY_ENV = "SPARKLES_API_KEY"
@@ -106,7 +105,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     from .api import create_app
 
-    chat = make_chat(model, chat_mode=chat_mode_of(cfg), generation=generation_of(cfg))
+    chat = make_chat(model, cfg)
     app = create_app(chat, **app_options(args))
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0

@@ -35,7 +35,7 @@ from typing import Iterator, Optional, Sequence
 from urllib.parse import urlparse
 
 from ..conversation.template import count_glyphs, count_slots, replace_glyphs
-from .loading import chat_mode_of, context_limit, generation_of, make_chat
+from .loading import context_limit, make_chat
 from .records import ConversationRecord
 
 TITLE = "Chat with ✨Sparkles✨"
@@ -454,7 +454,7 @@ def build_demo_for(model, cfg, **kwargs):
     """:func:`build_demo` for a model loaded from ``cfg`` (:func:`~.loading.load_model`), as ``demo.py`` serves it:
     the config's chat mode and decoding, its name on the page, its ``demo`` settings (unless ``settings`` is
     given). ``kwargs`` go to :func:`build_demo`."""
-    chat = make_chat(model, chat_mode=chat_mode_of(cfg), generation=generation_of(cfg))
+    chat = make_chat(model, cfg)
     settings = kwargs.pop("settings", None) or DemoSettings.from_config(cfg)
     return build_demo(chat, model_name=model_label(cfg), settings=settings, **kwargs)
 

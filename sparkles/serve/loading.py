@@ -67,20 +67,20 @@ def context_limit(chat) -> int:
     return min(chat.generation.max_length, n) if n else chat.generation.max_length
 
 
-def make_chat(model, *, generation=None, chat_mode: Optional[str] = None):
-    """A chat engine for ``model`` with the eval image transform at the model's image size; ``chat_mode`` as
-    :class:`~sparkles.engine.chat.Chat` takes it (a config's ``run.chat_mode``). Its answers are never blank
-    (``GenerationConfig.nonblank_answer``): a served model asked "Hello" says something."""
+def make_chat(model, cfg=None, *, generation=None, chat_mode: Optional[str] = None, nonblank_answer: bool = True):
+    """A chat engine for ``model`` with the eval image transform at the model's image size. With the ``cfg`` the
+    model was loaded from (:func:`load_model`), its ``run.chat_mode`` and ``run.decode_mode`` apply; ``generation``
+    and ``chat_mode`` given here win. Answers are never blank (``GenerationConfig.nonblank_answer``) unless
+    ``nonblank_answer`` is False: a served model asked "Hello" says something."""
     from ..engine.chat import Chat
-    from ..engine.decoding import GenerationConfig
     from ..processors.image import build_processor
 
     processor = build_processor({"name": "blip2_image_eval", "image_size": model.cfg.image_size})
-    generation = (generation or GenerationConfig()).updated(nonblank_answer=True)
+    generation = (generation or generation_of(cfg)).updated(nonblank_answer=nonblank_answer)
     n = context_length(model)
     if n and generation.max_length > n:
         generation = generation.updated(max_length=n)
-    return Chat(model, processor, generation=generation, chat_mode=chat_mode or "sparkles")
+    return Chat(model, processor, generation=generation, chat_mode=chat_mode or chat_mode_of(cfg) or "sparkles")
 
 
 def chat_mode_of(cfg) -> Optional[str]:
@@ -214,9 +214,3 @@ def missing_model_hint(cfg, root: Path) -> str:
         return f" `{made_by}` writes them" + (f" (into {own}; this run reads {root})." if elsewhere else ".")
     return (" Lay out the released weights under the Sparkles root as README.md's \"Using the released weights\" "
             "shows, or pass --sparkles_root.")
-
-
-def load_chat(cfg_path: Optional[str] = None, **kwargs):
-    """:func:`load_model` + :func:`make_chat`."""
-    model, _ = load_model(cfg_path, **kwargs)
-    return make_chat(model)

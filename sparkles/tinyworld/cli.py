@@ -15,11 +15,12 @@ import time
 from pathlib import Path
 
 from ..common.io import atomic_write_json
+from ..common.paths import WORLD_REPORT
 from ..models.tokenizer import train_tokenizer
 from .build import MIX_KINDS, PRESETS, REASONING_KINDS, WorldConfig, build_world
 from .i4 import (PER_DATASET as I4_PER_DATASET, build_i4_for_root, build_i4_for_world, write_baseline_predictions,
                  write_i4)
-from .writers import REPORT_FILE, TOKENIZER_DIR, iter_world_texts, record_written, scenes_file, write_world
+from .writers import TOKENIZER_DIR, iter_world_texts, record_written, scenes_file, write_world
 
 
 def _weights_parser(flag: str, kinds: tuple[str, ...]):
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     t_build = time.perf_counter() - t0
     # What this command writes after the world is checked with it and listed in its manifest (I4 stays apart:
     # its split has its own replacement rule, and the world's files do not depend on it).
-    then = [REPORT_FILE] if args.no_tokenizer else [TOKENIZER_DIR, REPORT_FILE]
+    then = [WORLD_REPORT] if args.no_tokenizer else [TOKENIZER_DIR, WORLD_REPORT]
     try:
         summary = write_world(world, root, workers=args.workers, force=args.force, progress=not args.quiet,
                               then=then)
@@ -156,8 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     report = {"config": config.to_json(), "files": summary,
               "tokenizer": TOKENIZER_DIR if tok_dir else None}
     # Timings vary run to run, so they stay out of the (byte-deterministic) world files.
-    atomic_write_json(root / REPORT_FILE, report)
-    record_written(root, [REPORT_FILE])
+    atomic_write_json(root / WORLD_REPORT, report)
+    record_written(root, [WORLD_REPORT])
     return 0
 
 

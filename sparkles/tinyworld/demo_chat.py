@@ -76,7 +76,7 @@ def evaluate(chat, root: Path, *, model_name: str, max_new_tokens: int = 120, pr
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from ..eval.cli import model_name_from_ckpt
-    from ..serve.loading import DEFAULT_CFG_PATH, LoadError, chat_mode_of, generation_of, load_model, make_chat
+    from ..serve.loading import DEFAULT_CFG_PATH, LoadError, load_model, make_chat
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cfg-path", default=DEFAULT_CFG_PATH, help=f"the model's config (default: {DEFAULT_CFG_PATH})")
@@ -95,7 +95,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"demo_chat: {exc}", file=sys.stderr)
         return 2
     root = Path(resolve_config_root(cfg, args.sparkles_root))
-    chat = make_chat(model, chat_mode=chat_mode_of(cfg), generation=generation_of(cfg))
+    chat = make_chat(model, cfg)
     ckpt = Path(cfg.model.ckpt).expanduser()
     name = model_name_from_ckpt(ckpt if ckpt.is_absolute() else root / ckpt)  # evaluate.py's name for the run
     try:

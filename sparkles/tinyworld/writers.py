@@ -35,7 +35,7 @@ from typing import Iterable, Iterator, Sequence
 
 from ..common.io import atomic_write_json, read_json
 from ..common.logging import progress_bar
-from ..common.paths import SparklesLayout
+from ..common.paths import WORLD_MANIFEST, WORLD_MANIFEST_FORMAT, WORLD_REPORT, SparklesLayout
 from ..data.caption import load_prompts
 from ..eval.benchmarks import bison, nlvr2
 
@@ -46,11 +46,9 @@ from .tasks import Task, answer, fact_spans, image_name, parse_question, questio
 
 FORMAT = "sparkles-synthetic-world"
 FORMAT_VERSION = 1
-MANIFEST = "world/manifest.json"
-MANIFEST_FORMAT = "sparkles-synthetic-world-files"
-# Written by the command line after the world (``cli.py``); a world written before the manifest existed owns them.
+# Written by the command line after the world (``cli.py``), as is its report (WORLD_REPORT); a world written before
+# the manifest existed owns both.
 TOKENIZER_DIR = "models/tiny_llm"
-REPORT_FILE = "world/generation_report.json"
 DEMO_CHATS_FILE = "evaluation/DemoChat/annotations/demo_chats.json"
 # Split files the upstream training config names; each must be non-empty.
 EXPECTED_SPLITS = {"CC": {(1, 1), (1, 2), (1, 3), (2, 2), (2, 3), (2, 4)},
@@ -67,7 +65,7 @@ def scenes_file(root: str | os.PathLike) -> Path:
 
 
 def manifest_file(root: str | os.PathLike) -> Path:
-    return Path(root) / MANIFEST
+    return Path(root) / WORLD_MANIFEST
 
 
 def turn_instruction(q1: str, a1: str | None = None, q2: str | None = None) -> str:
@@ -154,8 +152,9 @@ def _previous_files(root: Path) -> set[str]:
     if manifest.exists():
         try:
             data = read_json(manifest, what="world manifest")
-            if data["format"] != MANIFEST_FORMAT or not all(isinstance(f, str) for f in data["files"]):
-                raise ValueError(f"field 'format' is not {MANIFEST_FORMAT!r} or 'files' is not a list of paths")
+            if data["format"] != WORLD_MANIFEST_FORMAT or not all(isinstance(f, str) for f in data["files"]):
+                raise ValueError(f"field 'format' is not {WORLD_MANIFEST_FORMAT!r} or 'files' is not a list of "
+                                 "paths")
         except (ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"{manifest}: existing world manifest is unreadable ({exc}); remove the folder's "
                              "world by hand") from exc
@@ -168,11 +167,11 @@ def _previous_files(root: Path) -> set[str]:
         owned = _world_files((rec["image_id"], rec["dataset"], rec["file"]) for rec in data["scenes"])
     except (ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"{path}: existing world file is unreadable ({exc}); remove it by hand") from exc
-    return owned | {REPORT_FILE} | _files_under(root, TOKENIZER_DIR)
+    return owned | {WORLD_REPORT} | _files_under(root, TOKENIZER_DIR)
 
 
 def _write_manifest(root: Path, files: Iterable[str]) -> None:
-    atomic_write_json(manifest_file(root), {"format": MANIFEST_FORMAT, "files": sorted(set(files))})
+    atomic_write_json(manifest_file(root), {"format": WORLD_MANIFEST_FORMAT, "files": sorted(set(files))})
 
 
 def record_written(root: str | os.PathLike, paths: Sequence[str]) -> None:

@@ -59,6 +59,7 @@ from pathlib import Path, PurePath
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from ..common.io import atomic_write, read_json
+from ..common.paths import WORLD_MANIFEST, WORLD_MANIFEST_FORMAT, WORLD_REPORT
 from ..conversation.template import IMAGE_MARKER as SLOT
 
 CAPTION_PREVIEW_CHARS = 100
@@ -108,11 +109,8 @@ def relative_path_url(relative_dir: str = "../images") -> Callable[[str], str]:
 # --------------------------------------------------------------------------------------------------------
 # Who wrote the dialogues of a file
 # --------------------------------------------------------------------------------------------------------
-# A generated synthetic world lists every file it wrote in <root>/world/manifest.json (this format). Its dialogues
-# and reference answers come from the world's templates; only the upstream formats it mimics say "gpt-4".
-WORLD_MANIFEST = Path("world") / "manifest.json"
-WORLD_MANIFEST_FORMAT = "sparkles-synthetic-world-files"
-WORLD_REPORT = Path("world") / "generation_report.json"
+# A generated synthetic world lists every file it wrote in its manifest (common.paths.WORLD_MANIFEST). Its
+# dialogues and reference answers come from the world's templates; only the upstream formats it mimics say "gpt-4".
 UPSTREAM_AUTHOR = "gpt-4"  # SparklesDialogue and SparklesEval's reference dialogues were written by GPT-4
 
 
