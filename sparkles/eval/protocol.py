@@ -28,6 +28,8 @@ from ..conversation.protocol_file import ProtocolTexts
 log = logging.getLogger(__name__)
 
 PROTOCOLS = ("default", "upstream")
+DEFAULT_MAX_NEW_TOKENS = 1000  # both protocols' answer budget, as upstream's evaluation scripts set it
+DEFAULT_MAX_LENGTH = 2000  # both protocols' context window (prompt + answer), as upstream's
 
 
 @dataclass(frozen=True)
@@ -79,8 +81,8 @@ def make_protocol(name: str, *, num_beams: int = 1, temperature: Optional[float]
         # sampling-only settings are blanked under greedy decoding, so an ignored flag changes nothing
         temperature=(1.0 if temperature is None else float(temperature)) if upstream else None,
         top_p=0.9 if upstream else None,
-        max_new_tokens=1000 if max_new_tokens is None else int(max_new_tokens),
-        max_length=2000 if max_length is None else int(max_length),
+        max_new_tokens=DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else int(max_new_tokens),
+        max_length=DEFAULT_MAX_LENGTH if max_length is None else int(max_length),
         num_beams=int(num_beams),
         max_retries=(10 if upstream else 0) if max_retries is None else int(max_retries),
         judge_temperature=(1.0 if upstream else 0.0) if judge_temperature is None else float(judge_temperature),

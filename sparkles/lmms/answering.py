@@ -25,13 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from ..eval.protocol import item_seed, make_protocol
+from ..common.logging import progress_bar
+from ..eval.protocol import DEFAULT_MAX_LENGTH, DEFAULT_MAX_NEW_TOKENS, item_seed, make_protocol
 from .messages import to_turns
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_NEW_TOKENS = 1000  # the project's default protocol
-DEFAULT_MAX_LENGTH = 2000
 MAX_ROUNDS = 100  # a task whose rounds never end is an error, not a hang
 
 
@@ -125,11 +124,8 @@ class Answerer:
     def _answer_round(self, conversations: Sequence[Conversation], pending: dict, round_idx: int) -> dict:
         from ..eval.generator import Request
 
-        bar = None
-        if self.progress and len(pending) > 1:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=len(pending), desc=f"SparklesChat answers, round {round_idx + 1}", leave=False)
+        bar = progress_bar(total=len(pending), desc=f"SparklesChat answers, round {round_idx + 1}", unit="answer",
+                           enabled=self.progress and len(pending) > 1, leave=False)
         groups: dict[str, tuple[dict, tuple, list]] = {}
         with tempfile.TemporaryDirectory(prefix="sparkles_lmms_") as tmp:
             for i, messages in pending.items():
@@ -151,10 +147,8 @@ class Answerer:
                         if answer.error:
                             log.warning("%s", answer.error)
                         texts[i] = cut_at(answer.text or "", until)
-                    if bar is not None:
-                        bar.update(len(chunk))
-        if bar is not None:
-            bar.close()
+                    bar.update(len(chunk))
+        bar.close()
         return texts
 
 

@@ -30,12 +30,12 @@ from ..common.paths import EVAL_DATASETS, MissingPathError, resolve_root
 from ..eval.benchmarks import CHOICE_BENCHMARKS
 from ..eval.benchmarks.sparkleseval import DialogueFormatError, check_dialogue
 from ..eval.data import AnnotationError, EvalSet
+from ..eval.protocol import DEFAULT_MAX_NEW_TOKENS
 from .messages import LAYOUTS
 
 log = logging.getLogger(__name__)
 
 TASK_NAMES = {"BISON": "sparkles_bison", "NLVR2": "sparkles_nlvr2", "SparklesEval": "sparkles_sparkleseval"}
-DEFAULT_MAX_NEW_TOKENS = 1000  # the project's default protocol; run.sh evaluates the tiny model with 120
 
 
 def _image(path: Path, where: str) -> str:

@@ -25,7 +25,8 @@ from typing import Any, Optional
 
 from lmms_eval.api.model import lmms
 
-from .answering import DEFAULT_MAX_LENGTH, Answerer, Conversation, TaskRounds, endpoint_answerer, load_answerer
+from ..eval.protocol import DEFAULT_MAX_LENGTH
+from .answering import Answerer, Conversation, TaskRounds, endpoint_answerer, load_answerer
 
 log = logging.getLogger(__name__)
 
