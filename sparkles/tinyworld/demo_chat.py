@@ -23,6 +23,7 @@ from ..common.io import atomic_write_json, read_json
 from ..common.logging import progress_bar
 from ..conversation.template import IMAGE_MARKER
 from ..eval.benchmarks.sparkleseval import score
+from .build import image_file
 from .judge import ReferenceJudge
 from .writers import DEMO_CHATS_FILE
 
@@ -44,8 +45,8 @@ def replay(chat, root: Path, record: dict, *, max_new_tokens: int) -> list[dict]
     session = chat.session()
     out = []
     for user in record["dialogue"][0::2]:
-        for image in user.get("images", []):
-            session.add_image(open_image(root / "evaluation" / "DemoChat" / "images" / f"{image['image_id']}.jpg"))
+        for image in user.get("images", []):  # one at a time, as the demo adds each uploaded file
+            session.add_image(open_image(root / image_file("DemoChat", image["image_id"])))
         session.ask(as_typed(user["content"]))
         reply = session.answer(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
         out += [dict(user), {"role": "assistant", "content": reply}]
