@@ -15,8 +15,9 @@ without changing anything else:
 4. an ended batch's output and error files are downloaded, every answer is filed into the cache and the ledger
    (at batch prices, ``PriceTable.batch_factor``), and the state file is removed.
 
-**Resuming.** A run that is killed while it waits leaves its state files. Started again, it first re-attaches
-to every batch whose state file holds keys it needs, instead of uploading and paying again. A state file whose
+**Resuming.** A run that is killed while it waits leaves its state files. Started again, it re-attaches to
+every batch whose state file holds keys it needs, instead of uploading and paying again, and submits the
+requests no such batch holds at once, so they run while those batches finish. A state file whose
 batch ended ``failed``, ``expired`` or ``cancelled`` is reported, what that batch answered is kept, and its other
 requests are submitted again. A state file whose keys are all in the cache (a run killed after filing the
 answers) is removed.
